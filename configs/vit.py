@@ -1,0 +1,133 @@
+"""ViT classification.
+
+Presets:
+  tiny      ViT on the 5,000 embedded MNIST digits (4,000 train / 1,000 held out); CPU, minutes.
+  i1k_b16   ViT-B/16 on ImageNet-1k (tfds imagenet2012), 300 epochs at batch 4096 (DeiT-style
+            recipe, Touvron et al. 2021); TPU/GPU pods, bf16 compute, FSDP.
+
+    python -m vitok.train --config=configs/vit.py:tiny --workdir=/tmp/vit_tiny
+"""
+
+import ml_collections
+
+from vitok.config import unknown_preset
+from vitok.sharding import DEFAULT_RULES
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "classification"
+    c.total_steps = 1000
+    c.batch_size = 128
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.peak_flops_per_device = 0.0  # 0: measure a matmul at start-up
+    c.label_smoothing = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "vit"
+    c.model.image_size = (28, 28)
+    c.model.channels = 1
+    c.model.patch_size = 4
+    c.model.width = 64
+    c.model.depth = 4
+    c.model.mlp_dim = 128
+    c.model.num_heads = 4
+    c.model.num_classes = 10
+    c.model.posemb = "sincos2d"
+    c.model.pool = "cls"
+    c.model.dropout = 0.0
+    c.model.attention_backend = "dense"
+    c.model.remat = False
+    c.model.dtype = "float32"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "mnist5k"
+    c.data.split = "train"
+    c.data.pp = "decode(channels=1)|resize(32)|random_crop(28)|value_range(0, 1)"
+    c.data.skip_bad = False
+    c.data.num_threads = 4
+    c.data.prefetch = 32
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.test = ml_collections.ConfigDict()
+    c.evals.test.type = "classification"
+    c.evals.test.prefix = "eval"
+    c.evals.test.batch_size = 256
+    c.evals.test.data = ml_collections.ConfigDict()
+    c.evals.test.data.source = "mnist5k"
+    c.evals.test.data.split = "test"
+    c.evals.test.data.pp = "decode(channels=1)|resize(32)|central_crop(28)|value_range(0, 1)"
+    c.evals.test.data.num_threads = 4
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.05
+    c.optim.clip_norm = 1.0
+    c.optim.ema_decay = 0.0
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    return base()
+
+
+def i1k_b16() -> ml_collections.ConfigDict:
+    c = base()
+    c.total_steps = 300 * 1_281_167 // 4096
+    c.batch_size = 4096
+    c.log_every = 100
+    c.eval_every = 2500
+    c.checkpoint_every = 2500
+    c.peak_flops_per_device = 0.0
+    c.label_smoothing = 0.1
+    c.model.image_size = (224, 224)
+    c.model.channels = 3
+    c.model.patch_size = 16
+    c.model.width, c.model.depth, c.model.mlp_dim, c.model.num_heads = 768, 12, 3072, 12
+    c.model.num_classes = 1000
+    c.model.posemb = "learn"
+    c.model.dropout = 0.0
+    c.model.dtype = "bfloat16"
+    c.data.source = "tfds"
+    c.data.name = "imagenet2012"
+    c.data.split = "train"
+    c.data.data_dir = ""
+    c.data.pp = "decode(channels=3)|resize(256)|random_crop(224)|flip_lr|value_range(-1, 1)"
+    c.data.num_threads = 32
+    c.data.prefetch = 256
+    c.evals.test.data.source = "tfds"
+    c.evals.test.data.name = "imagenet2012"
+    c.evals.test.data.split = "validation"
+    c.evals.test.data.data_dir = ""
+    c.evals.test.data.pp = "decode(channels=3)|resize(256)|central_crop(224)|value_range(-1, 1)"
+    c.evals.test.batch_size = 1024
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 10_000
+    c.optim.weight_decay = 0.05
+    c.optim.b2 = 0.999
+    c.optim.ema_decay = 0.0
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    return c
+
+
+PRESETS = {"tiny": tiny, "i1k_b16": i1k_b16}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise unknown_preset("vit", preset, PRESETS)
+    return PRESETS[preset]()

@@ -1,0 +1,132 @@
+"""Orbax checkpoints of the train state and the grain iterator, with fallback past broken steps.
+
+A step directory holds ``state`` (params, optimizer state, step, RNG), ``data`` (the grain
+iterator position, one file per process) and ``meta`` (a fingerprint of the state). Orbax writes
+into a temporary directory and renames it when complete, so a half-written step is never taken
+for a finished one. On restore, a step that fails to load or whose fingerprint does not match is
+reported, moved aside to ``<workdir>/checkpoints_corrupt/`` (never deleted) and the previous step
+is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+_RTOL = 1e-4
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@jax.jit
+def fingerprint(tree: Any) -> jax.Array:
+    """Per-leaf (sum, sum |x|) in float32: [num_leaves, 2]. Detects corrupted bytes."""
+    leaves = jax.tree.leaves(tree)
+    rows = [jnp.stack([x.astype(jnp.float32).sum(), jnp.abs(x.astype(jnp.float32)).sum()]) for x in leaves]
+    return jnp.stack(rows) if rows else jnp.zeros((0, 2))
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
+
+
+class Checkpointer:
+    """Saves every ``checkpoint_every`` steps (asynchronously), keeps the last ``max_to_keep``."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.corrupt_dir = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt")
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory, item_names=("state", "data", "meta"), options=self._options
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None) -> None:
+        """Starts an (async) save of ``state`` and the iterator position at ``step``."""
+        meta = {"step": int(step), "fingerprint": np.asarray(fingerprint(state)).tolist()}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore(
+        self, abstract_state: Any, data_iterator: grain.DatasetIterator | None
+    ) -> tuple[Any, int] | None:
+        """Restores the newest good step into shardings given by ``abstract_state``
+        (ShapeDtypeStructs); sets ``data_iterator`` to its position. None if there is none."""
+        for step in reversed(self.all_steps()):
+            try:
+                state = self._restore_step(step, abstract_state, data_iterator)
+            except Exception as e:  # any failure to read a step means: fall back to an older one
+                logging.error(
+                    "checkpoint at step %d in %s is unreadable or corrupt: %s: %s; "
+                    "moving it to %s and falling back to the previous checkpoint",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e)[:500],
+                    self.corrupt_dir,
+                )
+                self._quarantine(step)
+                continue
+            logging.info("restored checkpoint at step %d from %s", step, self.directory)
+            return state, step
+        return None
+
+    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        expected = np.asarray(restored["meta"]["fingerprint"], np.float64).reshape(-1, 2)
+        actual = np.asarray(fingerprint(restored["state"]), np.float64)
+        if expected.shape != actual.shape or not np.allclose(actual, expected, rtol=_RTOL, atol=1e-6):
+            raise CheckpointError(f"fingerprint mismatch at step {step}: the arrays are corrupted")
+        return restored["state"]
+
+    def _quarantine(self, step: int) -> None:
+        """Moves a broken step out of the manager's way, so it is neither used nor overwritten."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            os.makedirs(self.corrupt_dir, exist_ok=True)
+            target = os.path.join(self.corrupt_dir, f"{step}-{int(time.time() * 1000)}")
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"vitok_quarantine_{step}")
+        self._manager.close()
+        self._manager = self._open()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

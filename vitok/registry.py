@@ -1,0 +1,42 @@
+"""Name -> constructor registries, so a config string picks models, tasks and evaluators."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+class Registry:
+    """A named table of constructors; ``lookup`` imports ``package.<name>`` on first use."""
+
+    def __init__(self, kind: str, package: str):
+        self.kind = kind
+        self.package = package
+        self._table: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._table:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._table[name] = fn
+            return fn
+
+        return wrap
+
+    def lookup(self, name: str) -> Callable[..., Any]:
+        if name not in self._table:
+            module = name.split(".")[0]
+            try:
+                importlib.import_module(f"{self.package}.{module}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{self.package}.{module}":
+                    raise
+        if name not in self._table:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {sorted(self._table)}")
+        return self._table[name]
+
+
+MODELS = Registry("model", "vitok.models")
+TASKS = Registry("task", "vitok.tasks")
+EVALUATORS = Registry("evaluator", "vitok.evaluators")

@@ -1,0 +1,310 @@
+"""The one trainer: every model family trains through ``train_and_evaluate``.
+
+    python -m vitok.train --config=configs/vit.py:tiny --workdir=/tmp/vit \
+        --config.optim.lr=1e-3
+
+Sections: 1 set-up (processes, mesh) -> 2 data -> 3 model, optimizer and sharded state ->
+4 checkpoint restore -> 5 the jitted step -> 6 the loop (log, evaluate, checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from vitok import checkpoint, config as config_lib, perf, sharding
+from vitok.data import pipeline
+from vitok.models import ModelHandle, init_variables
+from vitok.optim import make_optimizer
+from vitok.registry import EVALUATORS, TASKS
+from vitok.writer import MetricWriter, Progress
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What an evaluator needs from the trainer: the model, mesh and data helpers."""
+
+    config: ml_collections.ConfigDict
+    model: ModelHandle
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    workdir: str
+
+    def eval_batches(self, eval_config: Any) -> Iterator[dict]:
+        """Global (sharded) batches of an evaluator's data, with a ``mask`` for padding."""
+        batch_size = int(eval_config.get("batch_size", self.config.batch_size))
+        for local in pipeline.eval_batches(
+            eval_config.data,
+            global_batch_size=batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            max_examples=eval_config.get("max_examples", None),
+        ):
+            yield sharding.global_batch(local, self.mesh, self.rules)
+
+
+def _state_shardings(abstract_state, model: ModelHandle, tx, mesh, rules):
+    replicated = sharding.replicated(mesh)
+    params = sharding.tree_shardings(abstract_state["params"], model.logical_axes, mesh, rules)
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_state["opt_state"],
+        params,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
+    out["params"], out["opt_state"] = params, opt
+    if "ema" in out:
+        out["ema"] = params
+    return out
+
+
+def _peak_flops(config) -> float:
+    per_device = float(config.get("peak_flops_per_device", 0.0))
+    if per_device > 0:
+        return per_device * jax.device_count()
+    measured = perf.measure_matmul_peak()
+    # Host-platform devices share the same cores, so one measurement is the host's peak.
+    return measured * (jax.process_count() if jax.default_backend() == "cpu" else jax.device_count())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its checkpoints); returns final metrics."""
+    # --- 1. set-up ------------------------------------------------------------------------------
+    config_lib.validate(config)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    writer = MetricWriter(workdir, enabled=is_main)
+    logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+
+    # --- 2. data --------------------------------------------------------------------------------
+    skipped = pipeline.SkipCounter()
+    train_iter = iter(
+        pipeline.train_dataset(
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            counter=skipped,
+        )
+    )
+
+    # --- 3. model, optimizer, sharded state -----------------------------------------------------
+    task = TASKS.lookup(config.task)(config)
+    model = ModelHandle.abstract(config.model, config.seed)
+    tx, lr_schedule = make_optimizer(config.optim, config.total_steps)
+    ema_decay = float(config.optim.get("ema_decay", 0.0))
+
+    def init_state(rng: jax.Array) -> dict:
+        params, extra = init_variables(config.model, rng)
+        state = {
+            "params": params,
+            "extra": extra,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+        }
+        if ema_decay:
+            state["ema"] = params
+        return state
+
+    init_rng = jax.random.key(config.seed)
+    abstract_state = jax.eval_shape(init_state, init_rng)
+    state_shardings = _state_shardings(abstract_state, model, tx, mesh, rules)
+
+    # --- 4. restore or initialise ----------------------------------------------------------------
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=int(config.get("keep_checkpoints", 3)),
+        async_save=bool(config.get("async_checkpoints", True)),
+    )
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+    )
+    restored = ckpt.restore(target, train_iter)
+    if restored is None:
+        state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        start_step = 0
+    else:
+        state, start_step = restored
+    writer.truncate_after(start_step)
+    if is_main:
+        print(f"vitok: {'resuming at step ' + str(start_step) if start_step else 'starting'} "
+              f"in {workdir}", file=sys.stderr, flush=True)
+
+    # --- 5. the jitted step ------------------------------------------------------------------------
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_fn(params):
+            loss, aux = task.loss(model.merge(params, state["extra"]), batch, rng)
+            return loss.astype(jnp.float32), aux
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = state | {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if ema_decay:
+            new_state["ema"] = optax.incremental_update(params, state["ema"], 1.0 - ema_decay)
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": optax.global_norm(grads),
+            "train/lr": lr_schedule(state["step"]),
+            **aux,
+        }
+        return new_state, metrics
+
+    batch_shardings = None
+    step_fn = None
+
+    # --- 6. evaluators ----------------------------------------------------------------------------
+    context = EvalContext(config, model, mesh, rules, workdir)
+    evaluators = {
+        name: EVALUATORS.lookup(ev.type)(ev, context) for name, ev in config.get("evals", {}).items()
+    }
+
+    def run_evals(step: int) -> dict[str, float]:
+        params = state["ema"] if ema_decay else state["params"]
+        results = {}
+        for name, evaluator in evaluators.items():
+            t0 = time.perf_counter()
+            results.update(evaluator.evaluate(params, state["extra"]))
+            logging.info("evaluator %s took %.1fs", name, time.perf_counter() - t0)
+        return results
+
+    # --- 7. the loop ------------------------------------------------------------------------------
+    flops_per_step = 3 * _model_flops(model) * config.batch_size
+    peak = _peak_flops(config) if flops_per_step else 0.0
+    progress = Progress(config.total_steps, start_step, enabled=is_main)
+    log_every = int(config.get("log_every", 50))
+    last_metrics: dict[str, float] = {}
+    pending_loss = None  # the previous step's loss, checked one step late to keep dispatch async
+
+    with sharding.mesh_rules(mesh, rules):
+        for step in range(start_step + 1, config.total_steps + 1):
+            local = next(train_iter)
+            batch = sharding.global_batch(local, mesh, rules)
+            if step_fn is None:
+                batch_shardings = {k: v.sharding for k, v in batch.items()}
+                step_fn = jax.jit(
+                    train_step,
+                    in_shardings=(state_shardings, batch_shardings),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=0,
+                )
+            state, metrics = step_fn(state, batch)
+            if pending_loss is not None:
+                _check_finite(pending_loss, step - 1, ckpt)
+            pending_loss = metrics["train/loss"]
+
+            is_last = step == config.total_steps
+            if step % log_every == 0 or is_last:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(values["train/loss"], step, ckpt)
+                rate = progress.rate(step)
+                values["perf/steps_per_sec"] = rate
+                values["perf/examples_per_sec"] = rate * config.batch_size
+                if peak:
+                    values["perf/mfu"] = flops_per_step * rate / peak
+                if skipped.count:
+                    values["data/skipped"] = skipped.count
+                writer.write(step, values)
+                progress.show(step, rate, {k: values[k] for k in ("train/loss", "train/lr")})
+                last_metrics.update(values)
+
+            if step % config.eval_every == 0 or is_last:
+                results = run_evals(step)
+                writer.write(step, results)
+                if is_main and results:
+                    print("  " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), file=sys.stderr)
+                last_metrics.update(results)
+
+            if step % config.checkpoint_every == 0 or is_last:
+                _check_finite(metrics["train/loss"], step, ckpt)
+                if not bool(checkpoint.all_finite(state["params"])):
+                    raise NonFiniteLossError(_nan_message("parameters", step, ckpt))
+                ckpt.save(step, state, train_iter)
+
+    ckpt.close()
+    writer.close()
+    return last_metrics
+
+
+def _model_flops(model: ModelHandle) -> float:
+    """Forward FLOPs per example, if the model defines ``forward_flops()``."""
+    abstract = nnx.merge(model.graphdef, model.param_template, model.extra_template)
+    return float(abstract.forward_flops()) if hasattr(abstract, "forward_flops") else 0.0
+
+
+def _nan_message(what: str, step: int, ckpt: checkpoint.Checkpointer) -> str:
+    ckpt.wait()
+    good = ckpt.latest_step()
+    kept = f"the last good checkpoint (step {good}) is kept" if good else "no checkpoint was written"
+    return f"non-finite {what} at step {step}; stopping the run; {kept} in {ckpt.directory}"
+
+
+def _check_finite(loss, step: int, ckpt: checkpoint.Checkpointer) -> None:
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(_nan_message(f"loss ({value})", step, ckpt))
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = config_lib.parse_command_line(sys.argv[1:] if argv is None else argv)
+    _initialize_distributed(args)
+    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        final = train_and_evaluate(args.config, args.workdir)
+    except NonFiniteLossError as e:
+        print(f"vitok: {e}", file=sys.stderr)
+        sys.exit(3)
+    if jax.process_index() == 0:
+        shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/", "train/loss"))}
+        print(f"vitok: done; final metrics {shown}", file=sys.stderr)
+
+
+def _initialize_distributed(args) -> None:
+    """Multi-process start-up: explicit flags, or ``--distributed`` for cluster auto-detection."""
+    if not (args.coordinator_address or args.distributed):
+        return
+    if args.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+    if args.coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    else:
+        jax.distributed.initialize()
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
