@@ -58,6 +58,7 @@ def base() -> ml_collections.ConfigDict:
     c.evals.test.type = "classification"
     c.evals.test.prefix = "eval"
     c.evals.test.batch_size = 256
+    c.evals.test.max_examples = 0  # 0: the whole split
     c.evals.test.data = ml_collections.ConfigDict()
     c.evals.test.data.source = "mnist5k"
     c.evals.test.data.split = "test"

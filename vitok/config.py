@@ -53,27 +53,28 @@ def parse_command_line(argv: list[str]) -> CommandLine:
     """Parses ``--config=FILE:PRESET --workdir=DIR [--config.x.y=v ...]`` and the multi-host
     flags. Raises SystemExit with a message naming a bad flag, key, type or preset."""
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "configs/NAME.py:PRESET", flag_values=values, lock_config=True
-    )
-    flags.mark_flag_as_required("config", flag_values=values)
-    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics)", flag_values=values)
-    flags.mark_flag_as_required("workdir", flag_values=values)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=values)
-    flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=values)
-    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=values)
-    flags.DEFINE_bool("distributed", False, "jax.distributed auto-detection", flag_values=values)
-    flags.DEFINE_string("cpu_collectives", "gloo", "CPU collectives for multi-process CPU runs",
-                        flag_values=values)
     try:
+        config_flags.DEFINE_config_file(
+            "config",
+            None,
+            "configs/NAME.py:PRESET",
+            flag_values=values,
+            lock_config=True,
+            sys_argv=["vitok"] + list(argv),
+        )
+        flags.mark_flag_as_required("config", flag_values=values)
+        _define_run_flags(values)
         values(["vitok"] + list(argv))
         config = values.config
-    except (flags.Error, ConfigError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SystemExit(f"vitok: bad command line: {_explain(e)}") from None
-    try:
+        if not isinstance(config, ml_collections.ConfigDict):
+            config.get("seed")  # an ml_collections error placeholder: raises the load error
         validate(config)
     except ConfigError as e:
         raise SystemExit(f"vitok: bad config: {e}") from None
+    except (flags.Error, KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+        if isinstance(_root_cause(e), KeyError):
+            raise SystemExit(f"vitok: {_unknown_key_message(argv, _root_cause(e))}") from None
+        raise SystemExit(f"vitok: bad command line: {_explain(e)}") from None
     return CommandLine(
         config=config,
         workdir=values.workdir,
@@ -85,11 +86,37 @@ def parse_command_line(argv: list[str]) -> CommandLine:
     )
 
 
+def _define_run_flags(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics)", flag_values=values)
+    flags.mark_flag_as_required("workdir", flag_values=values)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=values)
+    flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=values)
+    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=values)
+    flags.DEFINE_bool("distributed", False, "jax.distributed auto-detection", flag_values=values)
+    flags.DEFINE_string(
+        "cpu_collectives", "gloo", "CPU collectives for multi-process CPU runs", flag_values=values
+    )
+
+
 def _explain(error: Exception) -> str:
-    text = str(error)
-    cause = error.__cause__ or error.__context__
-    if cause is not None and str(cause) not in text:
-        text += f" ({type(cause).__name__}: {cause})"
+    """The error's first line, plus the root cause (e.g. the unknown preset) when there is one."""
+    text = str(error).strip().splitlines()[0]
+    cause = _root_cause(error)
+    if cause is not error:
+        text += f" -- {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"
     return text
 
 
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _unknown_key_message(argv: list[str], error: KeyError) -> str:
+    key = str(error.args[0]).splitlines()[0].strip("'\"")
+    hint = " ".join(str(error.args[0]).splitlines()[1:])
+    flag = next((a.split("=")[0] for a in argv if a.split("=")[0].endswith("." + key)), key)
+    return f"unknown config key {flag.removeprefix('--')!r}. {hint}".strip()

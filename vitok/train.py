@@ -55,7 +55,7 @@ class EvalContext:
             global_batch_size=batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            max_examples=eval_config.get("max_examples", None),
+            max_examples=eval_config.get("max_examples", 0) or None,
         ):
             yield sharding.global_batch(local, self.mesh, self.rules)
 
@@ -87,12 +87,17 @@ def _peak_flops(config) -> float:
     return measured * (jax.process_count() if jax.default_backend() == "cpu" else jax.device_count())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains ``config`` in ``workdir`` (resuming from its checkpoints); returns final metrics."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
+) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its checkpoints); returns final metrics.
+
+    ``devices`` defaults to every device of every process; tests pass a subset.
+    """
     # --- 1. set-up ------------------------------------------------------------------------------
     config_lib.validate(config)
     is_main = jax.process_index() == 0
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     writer = MetricWriter(workdir, enabled=is_main)
     logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -169,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             new_state["ema"] = optax.incremental_update(params, state["ema"], 1.0 - ema_decay)
         metrics = {
             "train/loss": loss,
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/lr": lr_schedule(state["step"]),
             **aux,
         }

@@ -27,7 +27,7 @@ def param(
     if len(axes) != len(shape):
         raise ValueError(f"param of shape {tuple(shape)} got {len(axes)} axis names {tuple(axes)}")
     value = init(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Dense(nnx.Module):
