@@ -157,8 +157,9 @@ class Mnist5kSource:
             keep = held_out
         else:
             raise ValueError(f"mnist5k has splits 'train' and 'test', got {split!r}")
-        self.images, self.labels = images[keep], labels[keep]
-        self.indices = np.flatnonzero(keep)
+        # The file is sorted by class; a fixed permutation makes any prefix class-balanced-ish.
+        self.indices = np.random.default_rng(0).permutation(np.flatnonzero(keep))
+        self.images, self.labels = images[self.indices], labels[self.indices]
 
     def __len__(self) -> int:
         return len(self.labels)
