@@ -17,7 +17,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
-    assert jax.device_count() == 8, "tests expect XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    assert jax.device_count() == 8, (
+        "tests expect XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    )
 
 
 def small_vit_config(**overrides):

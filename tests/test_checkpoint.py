@@ -61,7 +61,9 @@ def test_round_trip_restores_state_and_data_position(tmp_path):
 
 
 def _data_files(directory, step):
-    return sorted(glob.glob(os.path.join(directory, str(step), "state", "**", "d", "*"), recursive=True))
+    return sorted(
+        glob.glob(os.path.join(directory, str(step), "state", "**", "d", "*"), recursive=True)
+    )
 
 
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "delete_metadata", "garbage_json"])
@@ -112,7 +114,9 @@ def test_training_resumes_past_a_corrupt_checkpoint(tmp_path):
     reference = tmp_path / "reference"
     train.train_and_evaluate(config, str(reference))
     workdir = tmp_path / "run"
-    train.train_and_evaluate(small_vit_config(total_steps=4, checkpoint_every=2, eval_every=100), str(workdir))
+    train.train_and_evaluate(
+        small_vit_config(total_steps=4, checkpoint_every=2, eval_every=100), str(workdir)
+    )
     for path in _data_files(str(workdir / "checkpoints"), 4):
         open(path, "wb").write(b"\0" * 16)
     final = train.train_and_evaluate(config, str(workdir))  # restores step 2, retrains 3..6
@@ -149,7 +153,9 @@ def _run_cli(workdir, extra=()):
         *extra,
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def _metrics(workdir):

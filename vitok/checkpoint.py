@@ -27,21 +27,40 @@ _RTOL = 1e-4
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint step is unreadable or its contents are corrupted."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint holds a different state tree than the config builds (a config
+    change such as another model size or optimizer), so it cannot be resumed."""
+
+
+def describe(tree: Any) -> dict[str, list]:
+    """``{key path: [shape, dtype]}`` of every leaf: what the checkpoint must match."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        jax.tree_util.keystr(path): [list(leaf.shape), str(jnp.dtype(leaf.dtype))]
+        for path, leaf in flat
+    }
 
 
 @jax.jit
 def fingerprint(tree: Any) -> jax.Array:
     """Per-leaf (sum, sum |x|) in float32: [num_leaves, 2]. Detects corrupted bytes."""
     leaves = jax.tree.leaves(tree)
-    rows = [jnp.stack([x.astype(jnp.float32).sum(), jnp.abs(x.astype(jnp.float32)).sum()]) for x in leaves]
+    rows = [
+        jnp.stack([x.astype(jnp.float32).sum(), jnp.abs(x.astype(jnp.float32)).sum()])
+        for x in leaves
+    ]
     return jnp.stack(rows) if rows else jnp.zeros((0, 2))
 
 
 @jax.jit
 def all_finite(tree: Any) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
+    return (
+        jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
+    )
 
 
 class Checkpointer:
@@ -71,7 +90,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None) -> None:
         """Starts an (async) save of ``state`` and the iterator position at ``step``."""
-        meta = {"step": int(step), "fingerprint": np.asarray(fingerprint(state)).tolist()}
+        meta = {
+            "step": int(step),
+            "fingerprint": np.asarray(fingerprint(state)).tolist(),
+            "tree": describe(state),
+        }
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -85,6 +108,8 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 state = self._restore_step(step, abstract_state, data_iterator)
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # any failure to read a step means: fall back to an older one
                 logging.error(
                     "checkpoint at step %d in %s is unreadable or corrupt: %s: %s; "
@@ -102,13 +127,17 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        _check_same_tree(meta["meta"]["tree"], describe(abstract_state), step, self.directory)
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         expected = np.asarray(restored["meta"]["fingerprint"], np.float64).reshape(-1, 2)
         actual = np.asarray(fingerprint(restored["state"]), np.float64)
-        if expected.shape != actual.shape or not np.allclose(actual, expected, rtol=_RTOL, atol=1e-6):
+        if expected.shape != actual.shape or not np.allclose(
+            actual, expected, rtol=_RTOL, atol=1e-6
+        ):
             raise CheckpointError(f"fingerprint mismatch at step {step}: the arrays are corrupted")
         return restored["state"]
 
@@ -130,3 +159,16 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _check_same_tree(saved: dict, wanted: dict, step: int, directory: str) -> None:
+    if saved == wanted:
+        return
+    missing = sorted(set(wanted) - set(saved))[:5]
+    extra = sorted(set(saved) - set(wanted))[:5]
+    changed = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])[:5]
+    raise CheckpointMismatchError(
+        f"checkpoint at step {step} in {directory} does not match the state this config builds "
+        f"(a changed model or optimizer?); not in checkpoint: {missing}, only in checkpoint: "
+        f"{extra}, different shape/dtype: {changed}. Use a new --workdir or the original config."
+    )

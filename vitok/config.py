@@ -7,7 +7,6 @@ start-up with a message that names them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import ml_collections
@@ -35,7 +34,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def unknown_preset(name: str, preset: str, known) -> ConfigError:
-    return ConfigError(f"unknown preset {preset!r} for configs/{name}.py; known presets: {sorted(known)}")
+    return ConfigError(
+        f"unknown preset {preset!r} for configs/{name}.py; known presets: {sorted(known)}"
+    )
 
 
 @dataclasses.dataclass
@@ -87,7 +88,9 @@ def parse_command_line(argv: list[str]) -> CommandLine:
 
 
 def _define_run_flags(values: flags.FlagValues) -> None:
-    flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics)", flag_values=values)
+    flags.DEFINE_string(
+        "workdir", None, "output directory (checkpoints, metrics)", flag_values=values
+    )
     flags.mark_flag_as_required("workdir", flag_values=values)
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=values)
     flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=values)
@@ -105,8 +108,6 @@ def _explain(error: Exception) -> str:
     if cause is not error:
         text += f" -- {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"
     return text
-
-
 
 
 def _root_cause(error: BaseException) -> BaseException:

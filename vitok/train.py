@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vitok import checkpoint, config as config_lib, perf, sharding
+from vitok import checkpoint, perf, sharding
+from vitok import config as config_lib
 from vitok.data import pipeline
 from vitok.models import ModelHandle, init_variables
 from vitok.optim import make_optimizer
@@ -60,22 +61,108 @@ class EvalContext:
             yield sharding.global_batch(local, self.mesh, self.rules)
 
 
-def _state_shardings(abstract_state, model: ModelHandle, tx, mesh, rules):
-    replicated = sharding.replicated(mesh)
-    params = sharding.tree_shardings(abstract_state["params"], model.logical_axes, mesh, rules)
-    opt = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_state["opt_state"],
-        params,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
-    )
-    out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
-    out["params"], out["opt_state"] = params, opt
-    if "ema" in out:
-        out["ema"] = params
-    return out
+@dataclasses.dataclass
+class Setup:
+    """The pure functions of a run and what they close over (model, task, optimizer, mesh).
+
+    The train state is a dict of plain pytrees: ``params``, ``extra`` (non-trainable variables),
+    ``opt_state``, ``step``, ``rng`` (raw key data) and, with EMA, ``ema``.
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model: ModelHandle
+    task: Any
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    ema_decay: float
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, mesh, rules) -> Setup:
+        tx, lr_schedule = make_optimizer(config.optim, config.total_steps)
+        return cls(
+            config=config,
+            mesh=mesh,
+            rules=rules,
+            model=ModelHandle.abstract(config.model, config.seed),
+            task=TASKS.lookup(config.task)(config),
+            tx=tx,
+            lr_schedule=lr_schedule,
+            ema_decay=float(config.optim.get("ema_decay", 0.0)),
+        )
+
+    def init_state(self, rng: jax.Array) -> dict:
+        params, extra = init_variables(self.config.model, rng)
+        state = {
+            "params": params,
+            "extra": extra,
+            "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+        }
+        if self.ema_decay:
+            state["ema"] = params
+        return state
+
+    def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer step on a global batch; returns the new state and scalar metrics."""
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_fn(params):
+            model = self.model.merge(params, state["extra"])
+            loss, aux = self.task.loss(model, batch, rng)
+            return loss.astype(jnp.float32), aux
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = state | {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if self.ema_decay:
+            new_state["ema"] = optax.incremental_update(params, state["ema"], 1.0 - self.ema_decay)
+        metrics = {
+            "train/loss": loss,
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/lr": self.lr_schedule(state["step"]),
+            **aux,
+        }
+        return new_state, metrics
+
+    def state_shardings(self, abstract_state: dict) -> dict:
+        """Params by their logical axes; optimizer moments like their params; rest replicated."""
+        replicated = sharding.replicated(self.mesh)
+        params = sharding.tree_shardings(
+            abstract_state["params"], self.model.logical_axes, self.mesh, self.rules
+        )
+        opt = optax.tree_map_params(
+            self.tx,
+            lambda _, s: s,
+            abstract_state["opt_state"],
+            params,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        )
+        out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
+        out["params"], out["opt_state"] = params, opt
+        if "ema" in out:
+            out["ema"] = params
+        return out
+
+    def jit_train_step(self, state_shardings: dict, batch: dict):
+        """``train_step`` jitted with explicit shardings and the state donated."""
+        return jax.jit(
+            self.train_step,
+            in_shardings=(state_shardings, {k: v.sharding for k, v in batch.items()}),
+            out_shardings=(state_shardings, sharding.replicated(self.mesh)),
+            donate_argnums=0,
+        )
+
+    def train_flops_per_step(self) -> float:
+        """Forward + backward (3x forward) matmul FLOPs of one global batch; 0 if unknown."""
+        m = self.model
+        abstract = nnx.merge(m.graphdef, m.param_template, m.extra_template)
+        forward = float(abstract.forward_flops()) if hasattr(abstract, "forward_flops") else 0.0
+        return 3 * forward * self.config.batch_size
 
 
 def _peak_flops(config) -> float:
@@ -84,7 +171,9 @@ def _peak_flops(config) -> float:
         return per_device * jax.device_count()
     measured = perf.measure_matmul_peak()
     # Host-platform devices share the same cores, so one measurement is the host's peak.
-    return measured * (jax.process_count() if jax.default_backend() == "cpu" else jax.device_count())
+    return measured * (
+        jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
+    )
 
 
 def train_and_evaluate(
@@ -100,7 +189,9 @@ def train_and_evaluate(
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     writer = MetricWriter(workdir, enabled=is_main)
-    logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    logging.info(
+        "mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
+    )
 
     # --- 2. data --------------------------------------------------------------------------------
     skipped = pipeline.SkipCounter()
@@ -116,27 +207,11 @@ def train_and_evaluate(
     )
 
     # --- 3. model, optimizer, sharded state -----------------------------------------------------
-    task = TASKS.lookup(config.task)(config)
-    model = ModelHandle.abstract(config.model, config.seed)
-    tx, lr_schedule = make_optimizer(config.optim, config.total_steps)
-    ema_decay = float(config.optim.get("ema_decay", 0.0))
-
-    def init_state(rng: jax.Array) -> dict:
-        params, extra = init_variables(config.model, rng)
-        state = {
-            "params": params,
-            "extra": extra,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
-        }
-        if ema_decay:
-            state["ema"] = params
-        return state
-
+    setup = Setup.create(config, mesh, rules)
     init_rng = jax.random.key(config.seed)
-    abstract_state = jax.eval_shape(init_state, init_rng)
-    state_shardings = _state_shardings(abstract_state, model, tx, mesh, rules)
+    abstract_state = jax.eval_shape(setup.init_state, init_rng)
+    state_shardings = setup.state_shardings(abstract_state)
+    model, ema_decay = setup.model, setup.ema_decay
 
     # --- 4. restore or initialise ----------------------------------------------------------------
     ckpt = checkpoint.Checkpointer(
@@ -145,48 +220,32 @@ def train_and_evaluate(
         async_save=bool(config.get("async_checkpoints", True)),
     )
     target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_shardings,
     )
     restored = ckpt.restore(target, train_iter)
     if restored is None:
-        state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_rng)
         start_step = 0
     else:
         state, start_step = restored
     writer.truncate_after(start_step)
     if is_main:
-        print(f"vitok: {'resuming at step ' + str(start_step) if start_step else 'starting'} "
-              f"in {workdir}", file=sys.stderr, flush=True)
+        print(
+            f"vitok: {'resuming at step ' + str(start_step) if start_step else 'starting'} "
+            f"in {workdir}",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    # --- 5. the jitted step ------------------------------------------------------------------------
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-
-        def loss_fn(params):
-            loss, aux = task.loss(model.merge(params, state["extra"]), batch, rng)
-            return loss.astype(jnp.float32), aux
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = state | {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        if ema_decay:
-            new_state["ema"] = optax.incremental_update(params, state["ema"], 1.0 - ema_decay)
-        metrics = {
-            "train/loss": loss,
-            "train/grad_norm": optax.tree.norm(grads),
-            "train/lr": lr_schedule(state["step"]),
-            **aux,
-        }
-        return new_state, metrics
-
-    batch_shardings = None
     step_fn = None
 
-    # --- 6. evaluators ----------------------------------------------------------------------------
+    # --- 5. evaluators ----------------------------------------------------------------------------
     context = EvalContext(config, model, mesh, rules, workdir)
     evaluators = {
-        name: EVALUATORS.lookup(ev.type)(ev, context) for name, ev in config.get("evals", {}).items()
+        name: EVALUATORS.lookup(ev.type)(ev, context)
+        for name, ev in config.get("evals", {}).items()
     }
 
     def run_evals(step: int) -> dict[str, float]:
@@ -198,8 +257,8 @@ def train_and_evaluate(
             logging.info("evaluator %s took %.1fs", name, time.perf_counter() - t0)
         return results
 
-    # --- 7. the loop ------------------------------------------------------------------------------
-    flops_per_step = 3 * _model_flops(model) * config.batch_size
+    # --- 6. the loop ------------------------------------------------------------------------------
+    flops_per_step = setup.train_flops_per_step()
     peak = _peak_flops(config) if flops_per_step else 0.0
     progress = Progress(config.total_steps, start_step, enabled=is_main)
     log_every = int(config.get("log_every", 50))
@@ -211,13 +270,7 @@ def train_and_evaluate(
             local = next(train_iter)
             batch = sharding.global_batch(local, mesh, rules)
             if step_fn is None:
-                batch_shardings = {k: v.sharding for k, v in batch.items()}
-                step_fn = jax.jit(
-                    train_step,
-                    in_shardings=(state_shardings, batch_shardings),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=0,
-                )
+                step_fn = setup.jit_train_step(state_shardings, batch)
             state, metrics = step_fn(state, batch)
             if pending_loss is not None:
                 _check_finite(pending_loss, step - 1, ckpt)
@@ -242,7 +295,9 @@ def train_and_evaluate(
                 results = run_evals(step)
                 writer.write(step, results)
                 if is_main and results:
-                    print("  " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), file=sys.stderr)
+                    print(
+                        "  " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), file=sys.stderr
+                    )
                 last_metrics.update(results)
 
             if step % config.checkpoint_every == 0 or is_last:
@@ -256,16 +311,12 @@ def train_and_evaluate(
     return last_metrics
 
 
-def _model_flops(model: ModelHandle) -> float:
-    """Forward FLOPs per example, if the model defines ``forward_flops()``."""
-    abstract = nnx.merge(model.graphdef, model.param_template, model.extra_template)
-    return float(abstract.forward_flops()) if hasattr(abstract, "forward_flops") else 0.0
-
-
 def _nan_message(what: str, step: int, ckpt: checkpoint.Checkpointer) -> str:
     ckpt.wait()
     good = ckpt.latest_step()
-    kept = f"the last good checkpoint (step {good}) is kept" if good else "no checkpoint was written"
+    kept = (
+        f"the last good checkpoint (step {good}) is kept" if good else "no checkpoint was written"
+    )
     return f"non-finite {what} at step {step}; stopping the run; {kept} in {ckpt.directory}"
 
 
@@ -289,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteLossError as e:
         print(f"vitok: {e}", file=sys.stderr)
         sys.exit(3)
+    except checkpoint.CheckpointMismatchError as e:
+        print(f"vitok: {e}", file=sys.stderr)
+        sys.exit(2)
     if jax.process_index() == 0:
         shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/", "train/loss"))}
         print(f"vitok: done; final metrics {shown}", file=sys.stderr)

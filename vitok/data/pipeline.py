@@ -92,7 +92,9 @@ def train_dataset(
     """Infinite, shuffled, augmented batches of this process's slice: dicts of [b, ...] arrays."""
     local_batch = _local_batch(global_batch_size, process_count)
     source = build_source(config, config.get("split", "train"))
-    transform = _Preprocess(config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter())
+    transform = _Preprocess(
+        config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter()
+    )
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     ds = ds.random_map(transform)
     ds = _ProcessSlice(ds, local_batch, process_index, process_count)
@@ -113,7 +115,9 @@ def eval_batches(
     local_batch = _local_batch(global_batch_size, process_count)
     source = build_source(config, config.get("split", "test"))
     n = len(source) if max_examples is None else min(len(source), int(max_examples))
-    transform = _Preprocess(config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter())
+    transform = _Preprocess(
+        config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter()
+    )
     ds = grain.MapDataset.source(source)[:n].seed(0).random_map(transform)
     per_process = -(-n // process_count)
     start = process_index * per_process
@@ -138,7 +142,10 @@ def _local_batch(global_batch_size: int, process_count: int) -> int:
 
 def _pad(batch: dict, size: int) -> dict:
     n = len(next(iter(batch.values())))
-    out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    out = {
+        k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+        for k, v in batch.items()
+    }
     out["mask"] = (np.arange(size) < n).astype(np.float32)
     return out
 

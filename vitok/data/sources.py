@@ -107,7 +107,9 @@ class FolderSource:
             raise ValueError(
                 f"image folder {root!r} contains no images with extensions {IMAGE_EXTENSIONS}"
             )
-        classes = sorted({os.path.relpath(f, root).split(os.sep)[0] for f in files if _nested(f, root)})
+        classes = sorted(
+            {os.path.relpath(f, root).split(os.sep)[0] for f in files if _nested(f, root)}
+        )
         self.classes = classes
         self.files = files
         self._labels = {c: i for i, c in enumerate(classes)}

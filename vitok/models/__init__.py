@@ -35,7 +35,9 @@ class ModelHandle:
         model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(seed)))
         graphdef, params, extra = nnx.split(model, nnx.Param, ...)
         specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
-        logical = jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        logical = jax.tree.map(
+            tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
         return cls(graphdef, params, extra, logical)
 
     def merge(self, params: Any, extra: Any) -> nnx.Module:

@@ -113,7 +113,9 @@ class ViT(nnx.Module):
         )
         zeros = nnx.initializers.zeros_init()
         self.head = (
-            Dense(width, num_classes, ("embed", "classes"), rngs=rngs, kernel_init=zeros, dtype=dtype)
+            Dense(
+                width, num_classes, ("embed", "classes"), rngs=rngs, kernel_init=zeros, dtype=dtype
+            )
             if num_classes
             else None
         )
@@ -169,11 +171,14 @@ def build_vit(config, rngs: nnx.Rngs) -> ViT:
     if variant:
         size, patch = variant.split("/")
         if size not in VIT_SIZES:
-            raise ValueError(f"unknown ViT size {size!r} in variant {variant!r}; known: {VIT_SIZES}")
+            raise ValueError(
+                f"unknown ViT size {size!r} in variant {variant!r}; known: {VIT_SIZES}"
+            )
         width, depth, mlp_dim, heads = VIT_SIZES[size]
-        kwargs = dict(
-            width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch)
-        ) | kwargs
+        kwargs = (
+            dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch))
+            | kwargs
+        )
     kwargs["image_size"] = tuple(kwargs["image_size"])
     return ViT(**kwargs, rngs=rngs)
 

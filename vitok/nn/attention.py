@@ -101,7 +101,9 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         head_dim = width // num_heads
         init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
-        self.qkv = param(rngs, init, (width, 3, num_heads, head_dim), ("embed", None, "heads", "kv"))
+        self.qkv = param(
+            rngs, init, (width, 3, num_heads, head_dim), ("embed", None, "heads", "kv")
+        )
         self.qkv_bias = param(
             rngs, nnx.initializers.zeros_init(), (3, num_heads, head_dim), (None, "heads", "kv")
         )

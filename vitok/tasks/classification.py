@@ -28,7 +28,9 @@ class ClassificationTask:
         logits = model(batch["image"], dropout_rng=rng)
         labels = batch["label"]
         if self.label_smoothing:
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing)
+            targets = optax.smooth_labels(
+                jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing
+            )
             losses = optax.softmax_cross_entropy(logits, targets)
         else:
             losses = cross_entropy(logits, labels)

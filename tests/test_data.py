@@ -1,0 +1,238 @@
+"""Sources, preprocessing ops and pipelines, including every kind of bad input."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitok.data import ops, pipeline, sources
+
+RNG = np.random.default_rng(0)
+
+
+def write_image(path, array, fmt=None, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)
+    img.save(path, format=fmt)
+
+
+def photo(h=40, w=48, c=3):
+    return RNG.integers(0, 256, size=(h, w, c), dtype=np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for cls, n in (("cat", 3), ("dog", 2)):
+        for i in range(n):
+            write_image(str(tmp_path / cls / f"{i}.png"), photo())
+    write_image(str(tmp_path / "dog" / "x.webp"), photo(), fmt="WEBP")
+    write_image(str(tmp_path / "cat" / "y.jpg"), photo(), fmt="JPEG")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+
+def test_folder_source_labels_from_subfolders(folder):
+    src = sources.FolderSource(path=str(folder))
+    assert src.classes == ["cat", "dog"]
+    assert len(src) == 7  # notes.txt ignored; png, jpg and webp found
+    labels = {os.path.basename(src[i]["path"]): int(src[i]["label"]) for i in range(len(src))}
+    assert labels["y.jpg"] == 0 and labels["x.webp"] == 1
+
+
+def test_empty_folder_is_an_error_naming_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty.*contains no images"):
+        sources.FolderSource(path=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        sources.FolderSource(path=str(tmp_path / "missing"))
+
+
+def test_mnist5k_splits_are_disjoint_and_balanced():
+    train, test = sources.Mnist5kSource(split="train"), sources.Mnist5kSource(split="test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert not set(train.indices) & set(test.indices)
+    assert np.bincount(test.labels).tolist() == [100] * 10
+    assert train.images.dtype == np.uint8 and train.images.shape[1:] == (28, 28, 1)
+    # Real digits: ink on a dark background, around a quarter of the pixels lit.
+    lit = (train.images > 128).mean()
+    assert 0.05 < lit < 0.35
+
+
+def test_photo_crops_never_share_a_source_photo():
+    assert not set(sources.PHOTO_SPLITS["train"]) & set(sources.PHOTO_SPLITS["test"])
+    src = sources.PhotoCropsSource(split="test", crop_size=32, num_examples=10)
+    a, b = src[3], src[3]
+    np.testing.assert_array_equal(a["image"], b["image"])  # deterministic by index
+    assert a["image"].shape == (32, 32, 3) and a["image"].std() > 5  # a real, textured crop
+    assert src[0]["path"].startswith("chelsea.png")
+
+
+# --- decoding and bad input --------------------------------------------------------------------------
+
+
+def encode(array, fmt="PNG", mode=None):
+    buf = io.BytesIO()
+    (Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def decode(data, channels=3, path="f.png"):
+    return ops.parse(f"decode(channels={channels})")({"image": data, "path": path}, RNG)["image"]
+
+
+def test_decode_grayscale_to_rgb_and_back():
+    gray = photo(c=1)[..., 0]
+    rgb = decode(encode(gray))
+    assert rgb.shape == (40, 48, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], gray)
+    np.testing.assert_array_equal(decode(encode(gray), channels=1)[..., 0], gray)
+
+
+def test_decode_rgba_composites_over_white():
+    rgba = photo(c=4)
+    rgba[..., 3] = 0
+    rgba[0, 0, 3] = 255
+    out = decode(encode(rgba))
+    assert (out[1:, :] == 255).all()
+    np.testing.assert_array_equal(out[0, 0], rgba[0, 0, :3])
+    half = rgba.copy()
+    half[..., 3] = 128
+    expected = np.round(half[..., :3] * (128 / 255) + 255 * (1 - 128 / 255))
+    np.testing.assert_allclose(decode(encode(half)), expected, atol=1)
+
+
+def test_decode_16_bit_scales_to_8_bit():
+    deep = (np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 34).astype(np.uint16)
+    out = decode(encode(deep), channels=1)[..., 0]
+    np.testing.assert_allclose(out, np.round(deep / 257.0), atol=1)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (encode(photo())[:200], "truncated or corrupt"),
+        (b"\x89PNG garbage" * 10, "not a readable image"),
+        (b"", "empty"),
+    ],
+    ids=["truncated", "corrupt", "empty"],
+)
+def test_bad_files_raise_naming_the_file(data, message):
+    with pytest.raises(ops.BadImageError, match=f"bad/file.png.*{message}"):
+        decode(data, path="bad/file.png")
+
+
+def test_too_small_image_is_an_error_unless_resized():
+    small = {"image": photo(10, 12), "path": "tiny.png"}
+    with pytest.raises(ops.BadImageError, match="tiny.png.*10x12.*smaller than the crop 28x28"):
+        ops.parse("random_crop(28)")(small, RNG)
+    out = ops.parse("resize(28)|central_crop(28)")(small, RNG)
+    assert out["image"].shape == (28, 28, 3)
+
+
+def test_ops_reference_values():
+    image = photo(8, 10)
+    ex = {"image": image}
+    np.testing.assert_array_equal(
+        ops.parse("central_crop((4, 6))")(ex, RNG)["image"], image[2:6, 2:8]
+    )
+    np.testing.assert_array_equal(ops.parse("flip_lr(1.0)")(ex, RNG)["image"], image[:, ::-1])
+    vr = ops.parse("value_range(-1, 1)")(ex, RNG)["image"]
+    np.testing.assert_allclose(vr, image / 127.5 - 1, atol=1e-6)
+    assert ops.parse("resize(4)")(ex, RNG)["image"].shape == (4, 5, 3)
+    crop = ops.parse("random_crop(3)")(ex, np.random.default_rng(1))["image"]
+    windows = [image[i : i + 3, j : j + 3] for i in range(6) for j in range(8)]
+    assert any(np.array_equal(crop, w) for w in windows)
+
+
+@pytest.mark.parametrize("pp", ["nope", "resize(", "resize(size=x)", "resize(1, 2, 3)"])
+def test_bad_pp_strings_name_the_op(pp):
+    with pytest.raises(ValueError, match="op"):
+        ops.parse(pp)
+
+
+# --- pipelines -----------------------------------------------------------------------------------------
+
+PP = "decode(channels=1)|value_range(0, 1)"
+
+
+def test_pipeline_is_deterministic_and_checkpointable():
+    config = {"source": "mnist5k", "pp": "decode(channels=1)|random_crop(20)|value_range(0, 1)"}
+    a = iter(pipeline.train_dataset(config, global_batch_size=8, seed=3))
+    b = iter(pipeline.train_dataset(config, global_batch_size=8, seed=3))
+    c = iter(pipeline.train_dataset(config, global_batch_size=8, seed=4))
+    first = [next(a) for _ in range(3)]
+    for x in first:
+        np.testing.assert_array_equal(x["image"], next(b)["image"])
+    assert not np.array_equal(first[0]["image"], next(c)["image"])
+    state = a.get_state()
+    expected = next(a)
+    d = iter(pipeline.train_dataset(config, global_batch_size=8, seed=3))
+    d.set_state(state)
+    np.testing.assert_array_equal(next(d)["image"], expected["image"])
+
+
+def test_process_slices_reassemble_the_global_batch():
+    config = {"source": "mnist5k", "pp": "decode(channels=1)|flip_lr|value_range(0, 1)"}
+    whole = iter(pipeline.train_dataset(config, global_batch_size=12, seed=0))
+    parts = [
+        iter(
+            pipeline.train_dataset(
+                config, global_batch_size=12, seed=0, process_index=p, process_count=3
+            )
+        )
+        for p in range(3)
+    ]
+    for _ in range(4):
+        batch = next(whole)
+        local = [next(p) for p in parts]
+        assert local[0]["image"].shape[0] == 4
+        np.testing.assert_array_equal(np.concatenate([x["image"] for x in local]), batch["image"])
+        np.testing.assert_array_equal(np.concatenate([x["label"] for x in local]), batch["label"])
+
+
+def test_epoch_covers_every_training_example_once():
+    config = {"source": "mnist5k", "pp": "decode(channels=1)"}
+    it = iter(pipeline.train_dataset(config, global_batch_size=100, seed=0))
+    seen = np.concatenate([next(it)["image"].reshape(100, -1) for _ in range(40)])
+    src = sources.Mnist5kSource(split="train")
+    as_rows = {row.tobytes() for row in src.images.reshape(len(src), -1)}
+    assert {row.tobytes() for row in seen} == as_rows
+
+
+def test_bad_files_fail_or_are_skipped_and_counted(folder):
+    (folder / "dog" / "broken.png").write_bytes(encode(photo())[:100])
+    config = {"source": "folder", "path": str(folder), "pp": "decode|resize(32)|central_crop(32)"}
+    with pytest.raises(ops.BadImageError, match="broken.png"):
+        list(pipeline.eval_batches(config, global_batch_size=4))
+    counter = pipeline.SkipCounter()
+    batches = list(
+        pipeline.eval_batches(config | {"skip_bad": True}, global_batch_size=4, counter=counter)
+    )
+    assert counter.count == 1
+    assert sum(b["mask"].sum() for b in batches) == 7
+    assert all(b["image"].shape == (4, 32, 32, 3) for b in batches)
+
+
+def test_eval_batches_pad_and_split_over_processes():
+    config = {"source": "mnist5k", "split": "test", "pp": PP}
+    whole = list(pipeline.eval_batches(config, global_batch_size=64, max_examples=150))
+    assert sum(b["mask"].sum() for b in whole) == 150
+    per_process = [
+        list(
+            pipeline.eval_batches(
+                config, global_batch_size=64, max_examples=150, process_index=p, process_count=2
+            )
+        )
+        for p in range(2)
+    ]
+    assert len(per_process[0]) == len(per_process[1])
+    labels = np.concatenate([b["label"][b["mask"] > 0] for part in per_process for b in part])
+    np.testing.assert_array_equal(
+        np.sort(labels), np.sort(np.concatenate([b["label"][b["mask"] > 0] for b in whole]))
+    )
