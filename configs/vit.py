@@ -43,6 +43,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.attention_backend = "dense"
     c.model.remat = False
+    c.model.scan_layers = False
     c.model.dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
@@ -103,6 +104,7 @@ def i1k_b16() -> ml_collections.ConfigDict:
     c.model.posemb = "learn"
     c.model.dropout = 0.0
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.split = "train"

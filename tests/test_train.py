@@ -48,6 +48,17 @@ def test_eight_device_layouts_match_one_device(tmp_path, one_device_losses, mesh
     np.testing.assert_allclose(sharded, one_device_losses, rtol=2e-5, atol=2e-5)
 
 
+def test_scanned_layers_train_the_same_sharded_and_unsharded(tmp_path):
+    overrides = {"model.scan_layers": True, "model.depth": 2, "total_steps": 4}
+    one = small_vit_config(**overrides, **{"mesh.data": 1})
+    train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+    eight = small_vit_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    train.train_and_evaluate(eight, str(tmp_path / "eight"))
+    np.testing.assert_allclose(
+        losses(str(tmp_path / "eight")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5
+    )
+
+
 def test_training_reduces_the_loss(tmp_path):
     config = small_vit_config(total_steps=30, eval_every=30, checkpoint_every=30, batch_size=32)
     config.optim.lr = 3e-3

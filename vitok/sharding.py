@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("classes", None),
     ("patch", None),
+    ("layers", None),  # the stacked-layer axis of scanned blocks
 )
 
 LogicalAxes = Sequence[str | None]

