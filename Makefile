@@ -1,4 +1,4 @@
-# Quick start targets (see README.md). `make test` is exactly what CI runs.
+# Shortcuts for the README's commands; .ci/run runs the README's test command itself.
 PYTHON ?= python
 WORKDIR ?= workdirs/vit_tiny
 

@@ -30,6 +30,7 @@ from vitok import config as config_lib
 from vitok.data import pipeline
 from vitok.models import ModelHandle, init_variables
 from vitok.optim import make_optimizer
+from vitok.plots import plot_curves
 from vitok.registry import EVALUATORS, TASKS
 from vitok.writer import MetricWriter, Progress
 
@@ -308,6 +309,8 @@ def train_and_evaluate(
 
     ckpt.close()
     writer.close()
+    if is_main:
+        plot_curves(workdir)
     return last_metrics
 
 
