@@ -21,7 +21,7 @@ def base() -> ml_collections.ConfigDict:
     c.total_steps = 1000
     c.batch_size = 128
     c.log_every = 50
-    c.eval_every = 500
+    c.eval_every = 200
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.async_checkpoints = True

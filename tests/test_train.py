@@ -59,6 +59,61 @@ def test_scanned_layers_train_the_same_sharded_and_unsharded(tmp_path):
     )
 
 
+def test_sequence_sharding_matches_one_device(tmp_path):
+    overrides = {"model.pool": "gap", "total_steps": 3}  # 16 tokens: divisible by 2
+    one = small_vit_config(**overrides, **{"mesh.data": 1})
+    train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+    seq = small_vit_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.sequence": 2})
+    train.train_and_evaluate(seq, str(tmp_path / "seq"))
+    np.testing.assert_allclose(
+        losses(str(tmp_path / "seq")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5
+    )
+
+
+def test_ema_follows_its_definition():
+    """ema_t = d * ema_{t-1} + (1 - d) * params_t, checked on the trainer's own step."""
+    from vitok import sharding
+
+    config = small_vit_config()
+    config.optim.ema_decay = 0.9
+    mesh = sharding.make_mesh({"data": -1})
+    setup = train.Setup.create(config, mesh, sharding.DEFAULT_RULES)
+    state = setup.init_state(jax.random.key(0))
+    images = np.random.default_rng(0).uniform(size=(16, 28, 28, 1)).astype(np.float32)
+    batch = {"image": images, "label": np.arange(16, dtype=np.int32) % 10}
+    step = jax.jit(setup.train_step)
+    history = [state["params"]]
+    for _ in range(3):
+        state, _ = step(state, batch)
+        history.append(state["params"])
+    expected = history[0]
+    for params in history[1:]:
+        expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, expected, params)
+    for got, want in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert int(state["step"]) == 3
+
+
+def test_full_scale_preset_builds_and_counts_published_flops():
+    from configs import vit as vit_configs
+    from vitok.models import ModelHandle
+
+    config = vit_configs.get_config("i1k_b16")
+    config_lib.validate(config)
+    handle = ModelHandle.abstract(config.model)
+    num_params = sum(x.size for x in jax.tree.leaves(handle.param_template))
+    assert abs(num_params - 86.6e6) < 0.5e6  # ViT-B/16: 86.6M parameters
+    setup = train.Setup.create(config, sharding_mesh(), config.sharding.rules)
+    forward_macs = setup.train_flops_per_step() / 3 / config.batch_size / 2
+    assert abs(forward_macs - 17.6e9) / 17.6e9 < 0.02  # DeiT-B: 17.6 G multiply-adds per image
+
+
+def sharding_mesh():
+    from vitok import sharding
+
+    return sharding.make_mesh({"data": 1, "fsdp": -1})
+
+
 def test_training_reduces_the_loss(tmp_path):
     config = small_vit_config(total_steps=30, eval_every=30, checkpoint_every=30, batch_size=32)
     config.optim.lr = 3e-3
