@@ -156,6 +156,11 @@ def current_mesh() -> Mesh | None:
     return None if active is None else active[0]
 
 
+def active_rules() -> Rules:
+    active = _ACTIVE.get()
+    return DEFAULT_RULES if active is None else active[1]
+
+
 # --- host-local <-> global arrays ----------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vitok import sharding
+from vitok.nn.flash import chunked_attention
 from vitok.nn.layers import dropout, param
 
 
@@ -23,17 +24,30 @@ from vitok.nn.layers import dropout, param
 class FullMask:
     """Every query attends to every key."""
 
+    def allowed(self, q_pos, k_pos, q_len: int, kv_len: int):
+        """Bool [len(q_pos), len(k_pos)] for absolute positions, or None for "everything"."""
+        return None
+
     def dense(self, q_len: int, kv_len: int) -> np.ndarray:
-        return np.ones((q_len, kv_len), dtype=bool)
+        return _dense(self, q_len, kv_len)
 
 
 @dataclasses.dataclass(frozen=True)
 class CausalMask:
-    """Query i attends to keys 0..i (keys aligned to the end when kv_len > q_len)."""
+    """Query i attends to keys 0..i (keys aligned to the end when kv_len > q_len, as with a
+    KV cache holding ``kv_len - q_len`` earlier tokens)."""
+
+    def allowed(self, q_pos, k_pos, q_len: int, kv_len: int):
+        return k_pos[None, :] <= q_pos[:, None] + (kv_len - q_len)
 
     def dense(self, q_len: int, kv_len: int) -> np.ndarray:
-        offset = kv_len - q_len
-        return np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + offset
+        return _dense(self, q_len, kv_len)
+
+
+def _dense(mask, q_len: int, kv_len: int) -> np.ndarray:
+    """The reference [q_len, kv_len] boolean matrix (True = may attend)."""
+    allowed = mask.allowed(np.arange(q_len), np.arange(kv_len), q_len, kv_len)
+    return np.ones((q_len, kv_len), bool) if allowed is None else np.asarray(allowed, bool)
 
 
 Mask = FullMask | CausalMask
@@ -82,6 +96,55 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax
         logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@register_backend("chunked")
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    """Memory-efficient online-softmax attention (pure JAX, O(N) memory, any device)."""
+    return chunked_attention(q, k, v, mask)
+
+
+@register_backend("cudnn")
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (NVIDIA GPUs only)."""
+    if jax.default_backend() != "gpu":
+        raise ValueError("attention backend 'cudnn' needs a GPU; use 'chunked' or 'dense' here")
+    if not isinstance(mask, (FullMask, CausalMask)):
+        raise ValueError(f"attention backend 'cudnn' supports full and causal masks, not {mask}")
+    causal = isinstance(mask, CausalMask)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+
+@register_backend("sequence_parallel")
+def _sequence_parallel(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    """Queries stay sharded over the ``sequence`` mesh axis; keys and values are all-gathered
+    over it and each shard runs chunked attention for its own queries (exact, O(N/S) queries
+    per device). Without an active mesh (or a sequence axis of 1) it is plain chunked attention.
+    """
+    mesh = sharding.current_mesh()
+    if mesh is None or mesh.shape["sequence"] == 1:
+        return chunked_attention(q, k, v, mask)
+    q_len = q.shape[1]
+    if q_len % mesh.shape["sequence"] or k.shape[1] % mesh.shape["sequence"]:
+        raise ValueError(
+            f"sequence_parallel attention: lengths {q_len}/{k.shape[1]} are not divisible by "
+            f"the sequence mesh axis ({mesh.shape['sequence']})"
+        )
+    rules = sharding.active_rules()
+    spec = sharding.fit_spec_to_shape(
+        sharding.logical_to_mesh_spec(("batch", "length", "heads", "kv"), rules), q.shape, mesh
+    )
+    spec = jax.sharding.PartitionSpec(spec[0], "sequence", spec[2], spec[3])
+
+    def local(q_shard, k_shard, v_shard):
+        k_full = jax.lax.all_gather(k_shard, "sequence", axis=1, tiled=True)
+        v_full = jax.lax.all_gather(v_shard, "sequence", axis=1, tiled=True)
+        offset = jax.lax.axis_index("sequence") * q_shard.shape[1]
+        return chunked_attention(q_shard, k_full, v_full, mask, q_offset=offset, mask_q_len=q_len)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False
+    )(q, k, v)
 
 
 class MultiHeadAttention(nnx.Module):

@@ -1,0 +1,118 @@
+"""Every attention backend against the dense reference, for values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitok import sharding
+from vitok.nn import attention as attn
+from vitok.nn.flash import chunked_attention
+
+MASKS = [attn.FullMask(), attn.CausalMask()]
+
+
+def qkv(b=2, lq=37, lk=37, h=3, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, lq, h, d)).astype(np.float32)
+    k = rng.normal(size=(b, lk, h, d)).astype(np.float32)
+    v = rng.normal(size=(b, lk, h, d)).astype(np.float32)
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+
+def loss_and_grads(fn, q, k, v):
+    w = jnp.asarray(
+        np.random.default_rng(9).normal(size=q.shape[:2] + (q.shape[2], v.shape[3])), jnp.float32
+    )
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal"])
+@pytest.mark.parametrize("chunks", [(8, 8), (16, 5), (64, 64)], ids=["8x8", "16x5", "whole"])
+@pytest.mark.parametrize("lengths", [(37, 37), (13, 29)], ids=["self", "cached"])
+def test_chunked_matches_dense(mask, chunks, lengths):
+    q, k, v = qkv(lq=lengths[0], lk=lengths[1])
+    dense = lambda q, k, v: attn.attention(q, k, v, mask, backend="dense")  # noqa: E731
+    chunked = lambda q, k, v: chunked_attention(q, k, v, mask, q_chunk=chunks[0], k_chunk=chunks[1])  # noqa: E731
+    np.testing.assert_allclose(chunked(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-5)
+    (la, ga), (lb, gb) = loss_and_grads(chunked, q, k, v), loss_and_grads(dense, q, k, v)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for a, b in zip(ga, gb, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_backend_bfloat16_close_to_float32():
+    q, k, v = qkv(lq=64, lk=64)
+    ref = attn.attention(q, k, v, attn.CausalMask(), backend="dense")
+    low = attn.attention(
+        *(x.astype(jnp.bfloat16) for x in (q, k, v)), attn.CausalMask(), backend="chunked"
+    )
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=3e-2)
+
+
+def _temp_bytes(fn, length):
+    q = jax.ShapeDtypeStruct((1, length, 2, 32), jnp.float32)
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2))
+    return jax.jit(grad).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_memory_grows_linearly_and_dense_quadratically():
+    chunked = lambda q, k, v: chunked_attention(q, k, v, attn.FullMask(), q_chunk=256, k_chunk=256)  # noqa: E731
+    dense = lambda q, k, v: attn.attention(q, k, v, backend="dense")  # noqa: E731
+    c1, c4 = _temp_bytes(chunked, 1024), _temp_bytes(chunked, 4096)
+    d1, d4 = _temp_bytes(dense, 1024), _temp_bytes(dense, 4096)
+    assert c4 / c1 < 5.0, (c1, c4)  # linear (4x) with fixed-size block buffers
+    assert d4 / d1 > 8.0, (d1, d4)  # the [L, L] score matrix (16x asymptotically)
+    assert c4 < d4 / 8
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal"])
+def test_sequence_parallel_matches_dense_on_the_mesh(mask):
+    mesh = sharding.make_mesh({"data": 2, "sequence": 4})
+    q, k, v = qkv(b=2, lq=32, lk=32, h=2)
+    dense = lambda q, k, v: attn.attention(q, k, v, mask, backend="dense")  # noqa: E731
+
+    def sequence_parallel(q, k, v):
+        with sharding.mesh_rules(mesh, sharding.DEFAULT_RULES):
+            return attn.attention(q, k, v, mask, backend="sequence_parallel")
+
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "sequence"))
+    q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+    got = jax.jit(sequence_parallel)(q, k, v)
+    np.testing.assert_allclose(got, dense(q, k, v), rtol=1e-5, atol=1e-5)
+    (la, ga), (lb, gb) = (
+        jax.jit(lambda *a: loss_and_grads(sequence_parallel, *a))(q, k, v),
+        loss_and_grads(dense, q, k, v),
+    )
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    for a, b in zip(ga, gb, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_parallel_rejects_indivisible_lengths():
+    mesh = sharding.make_mesh({"data": 2, "sequence": 4})
+    q, k, v = qkv(lq=30, lk=30)
+    with (
+        sharding.mesh_rules(mesh, sharding.DEFAULT_RULES),
+        pytest.raises(ValueError, match="divisible"),
+    ):
+        attn.attention(q, k, v, backend="sequence_parallel")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal"])
+def test_cudnn_matches_dense(mask):
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(lq=64, lk=64, d=64))
+    ref = attn.attention(q, k, v, mask, backend="dense").astype(jnp.float32)
+    np.testing.assert_allclose(
+        attn.attention(q, k, v, mask, backend="cudnn").astype(jnp.float32), ref, atol=2e-2
+    )
+
+
+def test_cudnn_on_cpu_is_a_clear_error():
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present")
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="needs a GPU"):
+        attn.attention(q, k, v, backend="cudnn")
