@@ -28,7 +28,7 @@ def loss_and_grads(fn, q, k, v):
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=["full", "causal"])
-@pytest.mark.parametrize("chunks", [(8, 8), (16, 5), (64, 64)], ids=["8x8", "16x5", "whole"])
+@pytest.mark.parametrize("chunks", [(8, 8), (16, 5)], ids=["8x8", "16x5"])
 @pytest.mark.parametrize("lengths", [(37, 37), (13, 29)], ids=["self", "cached"])
 def test_chunked_matches_dense(mask, chunks, lengths):
     q, k, v = qkv(lq=lengths[0], lk=lengths[1])

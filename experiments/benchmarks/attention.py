@@ -1,0 +1,122 @@
+"""Peak memory and time of attention forward+backward per backend and sequence length.
+
+    python experiments/benchmarks/attention.py [--lengths 3136 12544 50176] [--skip_block]
+
+Lengths are the token counts of a 224px image at patch sizes 4, 2 and 1. Heads and head size
+are ViT-Ti's (3 x 64), batch 1. Peak memory is XLA's own accounting of the compiled
+forward+backward (arguments + outputs + temporaries), so it is exact and repeatable; time is
+the median of a few runs. Dense attention is skipped where its [L, L] scores would not fit in
+``--dense_limit_gib``. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from flax import nnx  # noqa: E402
+
+from vitok.nn import attention as attn  # noqa: E402
+from vitok.nn.transformer import Block  # noqa: E402
+
+HEADS, HEAD_DIM = 3, 64
+
+
+def compiled_peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def attention_fwd_bwd(backend: str, length: int, repeats: int) -> tuple[float, float]:
+    """(peak MiB, median ms) of grad(sum(attention(q, k, v))) at batch 1."""
+    shape = (1, length, HEADS, HEAD_DIM)
+    grad = jax.jit(
+        jax.grad(lambda q, k, v: attn.attention(q, k, v, backend=backend).sum(), argnums=(0, 1, 2))
+    )
+    q = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    compiled = grad.lower(q, q, q).compile()
+    return compiled_peak_bytes(compiled) / 2**20, 1e3 * median_seconds(
+        compiled, q, q, q, repeats=repeats
+    )
+
+
+def vit_block_fwd_bwd(length: int) -> tuple[float, float]:
+    """(peak MiB, seconds) of one ViT-Ti block (chunked attention) forward+backward, batch 1."""
+    block = Block(192, HEADS, 768, rngs=nnx.Rngs(0), attention_backend="chunked")
+    graphdef, state = nnx.split(block)
+    x = jax.random.normal(jax.random.key(0), (1, length, 192), jnp.float32)
+    grad = jax.jit(jax.grad(lambda s, x: nnx.merge(graphdef, s)(x).sum()))
+    compiled = grad.lower(state, x).compile()
+    return compiled_peak_bytes(compiled) / 2**20, median_seconds(compiled, state, x, repeats=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[3136, 12544, 50176])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dense_limit_gib", type=float, default=6.0)
+    parser.add_argument("--skip_block", action="store_true", help="skip the 50,176-token block")
+    args = parser.parse_args()
+
+    backends = ["dense", "chunked"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    peak: dict[str, dict[int, float | None]] = {b: {} for b in backends}
+    ms: dict[str, dict[int, float | None]] = {b: {} for b in backends}
+    for length in args.lengths:
+        for backend in backends:
+            scores_gib = 3 * HEADS * length**2 * 4 / 2**30  # probabilities + 2 gradients
+            if backend == "dense" and scores_gib > args.dense_limit_gib:
+                peak[backend][length] = ms[backend][length] = None
+                print(f"{backend:8s} L={length:6d}: skipped (~{scores_gib:.0f} GiB of scores)")
+                continue
+            repeats = args.repeats if length <= 12544 else 1
+            peak[backend][length], ms[backend][length] = attention_fwd_bwd(backend, length, repeats)
+            print(
+                f"{backend:8s} L={length:6d}: peak {peak[backend][length]:9.1f} MiB, "
+                f"{ms[backend][length]:10.1f} ms",
+                flush=True,
+            )
+
+    result = {"device": jax.devices()[0].device_kind, "peak_mib": peak, "ms": ms}
+    lengths = sorted(args.lengths)
+    for backend in backends:
+        pairs = [
+            (a, b)
+            for a, b in zip(lengths, lengths[1:], strict=False)
+            if peak[backend].get(a) and peak[backend].get(b)
+        ]
+        result[f"{backend}_peak_growth_per_4x"] = [
+            peak[backend][b] / peak[backend][a] for a, b in pairs
+        ]
+    if ms["dense"].get(lengths[0]) and ms["chunked"].get(lengths[0]):
+        result["chunked_over_dense_time_at_min_length"] = (
+            ms["chunked"][lengths[0]] / ms["dense"][lengths[0]]
+        )
+    if not args.skip_block:
+        block_mib, block_s = vit_block_fwd_bwd(50176)
+        print(f"ViT-Ti block, 50,176 tokens, fwd+bwd: peak {block_mib:.0f} MiB, {block_s:.1f} s")
+        result["vit_block_50176_peak_mib"] = block_mib
+        result["vit_block_50176_seconds"] = block_s
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
