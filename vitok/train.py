@@ -240,8 +240,6 @@ def train_and_evaluate(
             flush=True,
         )
 
-    step_fn = None
-
     # --- 5. evaluators ----------------------------------------------------------------------------
     context = EvalContext(config, model, mesh, rules, workdir)
     evaluators = {
@@ -249,7 +247,7 @@ def train_and_evaluate(
         for name, ev in config.get("evals", {}).items()
     }
 
-    def run_evals(step: int) -> dict[str, float]:
+    def run_evals() -> dict[str, float]:
         params = state["ema"] if ema_decay else state["params"]
         results = {}
         for name, evaluator in evaluators.items():
@@ -265,6 +263,7 @@ def train_and_evaluate(
     log_every = int(config.get("log_every", 50))
     last_metrics: dict[str, float] = {}
     pending_loss = None  # the previous step's loss, checked one step late to keep dispatch async
+    step_fn = None  # compiled on the first batch, whose shardings it takes
 
     with sharding.mesh_rules(mesh, rules):
         for step in range(start_step + 1, config.total_steps + 1):
@@ -293,7 +292,7 @@ def train_and_evaluate(
                 last_metrics.update(values)
 
             if step % config.eval_every == 0 or is_last:
-                results = run_evals(step)
+                results = run_evals()
                 writer.write(step, results)
                 if is_main and results:
                     print(
