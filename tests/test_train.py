@@ -48,26 +48,25 @@ def test_eight_device_layouts_match_one_device(tmp_path, one_device_losses, mesh
     np.testing.assert_allclose(sharded, one_device_losses, rtol=2e-5, atol=2e-5)
 
 
-def test_scanned_layers_train_the_same_sharded_and_unsharded(tmp_path):
-    overrides = {"model.scan_layers": True, "model.depth": 2, "total_steps": 4}
+def assert_eight_devices_match_one(tmp_path, overrides, mesh):
+    """Trains ``overrides`` on 1 device and on the 8-device ``mesh``; the losses must agree."""
     one = small_vit_config(**overrides, **{"mesh.data": 1})
     train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
-    eight = small_vit_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    eight = small_vit_config(**overrides, **{f"mesh.{k}": v for k, v in mesh.items()})
     train.train_and_evaluate(eight, str(tmp_path / "eight"))
     np.testing.assert_allclose(
         losses(str(tmp_path / "eight")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5
     )
 
 
+def test_scanned_layers_train_the_same_sharded_and_unsharded(tmp_path):
+    overrides = {"model.scan_layers": True, "model.depth": 2, "total_steps": 4}
+    assert_eight_devices_match_one(tmp_path, overrides, {"data": 2, "fsdp": 2, "tensor": 2})
+
+
 def test_sequence_sharding_matches_one_device(tmp_path):
     overrides = {"model.pool": "gap", "total_steps": 3}  # 16 tokens: divisible by 2
-    one = small_vit_config(**overrides, **{"mesh.data": 1})
-    train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
-    seq = small_vit_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.sequence": 2})
-    train.train_and_evaluate(seq, str(tmp_path / "seq"))
-    np.testing.assert_allclose(
-        losses(str(tmp_path / "seq")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5
-    )
+    assert_eight_devices_match_one(tmp_path, overrides, {"data": 2, "fsdp": 2, "sequence": 2})
 
 
 def test_ema_follows_its_definition():
