@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import small_vit_config
+from flax import nnx
 
 from vitok import checkpoint, train
 from vitok import config as config_lib
@@ -131,7 +132,7 @@ def test_params_are_actually_sharded(tmp_path):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     handle = ModelHandle.abstract(config.model)
     shardings = sharding.tree_shardings(
-        jax.tree.map(lambda x: x, __import__("flax").nnx.to_pure_dict(handle.param_template)),
+        nnx.to_pure_dict(handle.param_template),
         handle.logical_axes,
         mesh,
         config.sharding.rules,

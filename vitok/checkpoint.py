@@ -127,13 +127,15 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        # The small JSON item first: a tree mismatch must be reported before touching arrays.
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        _check_same_tree(meta["meta"]["tree"], describe(abstract_state), step, self.directory)
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        meta = meta["meta"]
+        _check_same_tree(meta["tree"], describe(abstract_state), step, self.directory)
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        expected = np.asarray(restored["meta"]["fingerprint"], np.float64).reshape(-1, 2)
+        expected = np.asarray(meta["fingerprint"], np.float64).reshape(-1, 2)
         actual = np.asarray(fingerprint(restored["state"]), np.float64)
         if expected.shape != actual.shape or not np.allclose(
             actual, expected, rtol=_RTOL, atol=1e-6

@@ -73,6 +73,10 @@ class _ProcessSlice(grain.MapDataset):
         return f"ProcessSlice(local_batch={self._b}, process={self._p}/{self._n})"
 
 
+def _transform(config: Mapping[str, Any], counter: SkipCounter | None) -> _Preprocess:
+    return _Preprocess(config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter())
+
+
 def _read_options(config: Mapping[str, Any]) -> grain.ReadOptions:
     return grain.ReadOptions(
         num_threads=int(config.get("num_threads", 8)),
@@ -92,9 +96,7 @@ def train_dataset(
     """Infinite, shuffled, augmented batches of this process's slice: dicts of [b, ...] arrays."""
     local_batch = _local_batch(global_batch_size, process_count)
     source = build_source(config, config.get("split", "train"))
-    transform = _Preprocess(
-        config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter()
-    )
+    transform = _transform(config, counter)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     ds = ds.random_map(transform)
     ds = _ProcessSlice(ds, local_batch, process_index, process_count)
@@ -115,9 +117,7 @@ def eval_batches(
     local_batch = _local_batch(global_batch_size, process_count)
     source = build_source(config, config.get("split", "test"))
     n = len(source) if max_examples is None else min(len(source), int(max_examples))
-    transform = _Preprocess(
-        config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter()
-    )
+    transform = _transform(config, counter)
     ds = grain.MapDataset.source(source)[:n].seed(0).random_map(transform)
     per_process = -(-n // process_count)
     start = process_index * per_process
@@ -129,7 +129,7 @@ def eval_batches(
         produced += 1
         yield _pad(batch, local_batch)
     for _ in range(produced, num_batches):  # this process ran out first: send empty batches
-        yield _pad(_empty_like_first(config, source, transform), local_batch)
+        yield _pad(_empty_like_first(source, transform), local_batch)
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
@@ -150,6 +150,6 @@ def _pad(batch: dict, size: int) -> dict:
     return out
 
 
-def _empty_like_first(config, source, transform) -> dict:
+def _empty_like_first(source, transform) -> dict:
     example = transform(source[0], np.random.default_rng(0))
     return {k: np.asarray(v)[None][:0] for k, v in example.items()}
