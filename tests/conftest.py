@@ -22,6 +22,45 @@ def _eight_devices():
     )
 
 
+def _override(c, overrides):
+    with c.unlocked():
+        for key, value in overrides.items():
+            target = c
+            *path, last = key.split(".")
+            for p in path:
+                target = target[p]
+            target[last] = value
+    return c
+
+
+def small_flextok_config(**overrides):
+    """configs/flextok.py:tiny shrunk for fast tests (same code path, smaller numbers)."""
+    from configs import flextok
+
+    c = flextok.get_config("tiny")
+    c.total_steps = 4
+    c.batch_size = 16
+    c.log_every = 1
+    c.eval_every = 4
+    c.checkpoint_every = 4
+    c.model.image_size = (16, 16)
+    c.model.patch_size = 4
+    c.model.num_registers = 4
+    c.model.fsq_levels = (5, 3)
+    for part in (c.model.encoder, c.model.decoder):
+        part.width, part.depth, part.num_heads, part.mlp_dim = 32, 1, 2, 64
+    c.data.crop_size = 16
+    c.evals.recon.data.crop_size = 16
+    c.evals.recon.batch_size = 16
+    c.evals.recon.max_examples = 16
+    c.evals.recon.data.num_examples = 16
+    c.evals.recon.steps = 2
+    c.evals.recon.grid_rows = 2
+    c.peak_flops_per_device = 1e9
+    c.optim.warmup_steps = 1
+    return _override(c, overrides)
+
+
 def small_vit_config(**overrides):
     """configs/vit.py:tiny shrunk for fast tests (same code path, smaller numbers)."""
     from configs import vit
@@ -42,11 +81,4 @@ def small_vit_config(**overrides):
     c.peak_flops_per_device = 1e9
     c.optim.warmup_steps = 2
     c.async_checkpoints = True
-    with c.unlocked():
-        for key, value in overrides.items():
-            target = c
-            *path, last = key.split(".")
-            for p in path:
-                target = target[p]
-            target[last] = value
-    return c
+    return _override(c, overrides)

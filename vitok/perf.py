@@ -26,3 +26,13 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -
 def mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved FLOP/s over the peak."""
     return flops_per_step / seconds_per_step / peak_flops
+
+
+def transformer_flops(length: int, width: int, depth: int, mlp_dim: int, kv_length=None) -> float:
+    """Matmul FLOPs of ``depth`` pre-norm blocks over ``length`` tokens (2 per multiply-add):
+    QKV and output projections, QK^T and AV over ``kv_length`` keys, and the two MLP layers."""
+    kv_length = length if kv_length is None else kv_length
+    projections = 2 * length * width * 4 * width
+    scores = 2 * 2 * length * kv_length * width
+    mlp = 2 * 2 * length * width * mlp_dim
+    return float(depth * (projections + scores + mlp))

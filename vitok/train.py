@@ -29,6 +29,7 @@ from vitok import checkpoint, perf, sharding
 from vitok import config as config_lib
 from vitok.data import pipeline
 from vitok.models import ModelHandle, init_variables
+from vitok.models.frozen import load_pretrained
 from vitok.optim import make_optimizer
 from vitok.plots import plot_curves
 from vitok.registry import EVALUATORS, TASKS
@@ -190,6 +191,10 @@ def train_and_evaluate(
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     writer = MetricWriter(workdir, enabled=is_main)
+    if is_main:
+        # The tools (tokenize, detokenize, ...) rebuild the model from this file.
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     logging.info(
         "mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
     )
@@ -228,6 +233,7 @@ def train_and_evaluate(
     restored = ckpt.restore(target, train_iter)
     if restored is None:
         state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_rng)
+        state["extra"] = load_pretrained(model, config.model, state["extra"])
         start_step = 0
     else:
         state, start_step = restored

@@ -21,10 +21,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import time_train_step  # noqa: E402
+
 from configs import vit as vit_configs  # noqa: E402
-from vitok import perf, sharding  # noqa: E402
+from vitok import perf  # noqa: E402
 from vitok.data import pipeline  # noqa: E402
-from vitok.train import Setup  # noqa: E402
 
 
 def benchmark_config(batch_size: int, dtype: str):
@@ -42,34 +45,6 @@ def benchmark_config(batch_size: int, dtype: str):
     c.data.num_threads = 8
     c.data.prefetch = 4 * batch_size
     return c
-
-
-def time_train_step(config, steps: int) -> tuple[float, float]:
-    """Median seconds per step, and FLOPs per step."""
-    mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    setup = Setup.create(config, mesh, rules)
-    rng = jax.random.key(0)
-    shardings = setup.state_shardings(jax.eval_shape(setup.init_state, rng))
-    state = jax.jit(setup.init_state, out_shardings=shardings)(rng)
-    local = {
-        "image": np.random.default_rng(0)
-        .uniform(-1, 1, (config.batch_size, 224, 224, 3))
-        .astype(np.float32),
-        "label": np.arange(config.batch_size, dtype=np.int32) % 1000,
-    }
-    batch = sharding.global_batch(local, mesh, rules)
-    with sharding.mesh_rules(mesh, rules):
-        step = setup.jit_train_step(shardings, batch)
-        state, metrics = step(state, batch)  # compile + warm up
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t)
-    return float(np.median(times)), setup.train_flops_per_step()
 
 
 def pipeline_images_per_sec(config, batches: int) -> float:
@@ -96,7 +71,12 @@ def main() -> None:
         size=4096 if jax.default_backend() != "cpu" else 2048, dtype=matmul_dtype
     )
     peak_total = peak * (1 if jax.default_backend() == "cpu" else jax.device_count())
-    step_s, flops = time_train_step(config, args.steps)
+    rng = np.random.default_rng(0)
+    local = {
+        "image": rng.uniform(-1, 1, (config.batch_size, 224, 224, 3)).astype(np.float32),
+        "label": np.arange(config.batch_size, dtype=np.int32) % 1000,
+    }
+    step_s, flops = time_train_step(config, local, args.steps)
     step_ips = config.batch_size / step_s
     pipe_ips = pipeline_images_per_sec(config, batches=max(4, args.steps))
     result = {

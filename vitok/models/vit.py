@@ -10,6 +10,7 @@ from vitok import sharding
 from vitok.nn.layers import Dense, param
 from vitok.nn.posemb import sincos_2d
 from vitok.nn.transformer import Encoder
+from vitok.perf import transformer_flops
 from vitok.registry import MODELS
 
 # Width, depth, MLP width and heads of the standard ViT sizes (Dosovitskiy et al., DeiT).
@@ -192,8 +193,5 @@ def vit_forward_flops(
     n = (image_size[0] // patch_size) * (image_size[1] // patch_size)
     length = n + (pool == "cls")
     embed = 2 * n * patch_size * patch_size * channels * width
-    qkv_out = 2 * length * width * 4 * width
-    scores = 2 * 2 * length * length * width
-    mlp = 2 * 2 * length * width * mlp_dim
     head = 2 * width * num_classes
-    return float(embed + depth * (qkv_out + scores + mlp) + head)
+    return float(embed + transformer_flops(length, width, depth, mlp_dim) + head)

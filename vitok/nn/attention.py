@@ -44,13 +44,31 @@ class CausalMask:
         return _dense(self, q_len, kv_len)
 
 
+@dataclasses.dataclass(frozen=True)
+class RegisterCausalMask:
+    """FlexTok's encoder mask over ``[patches (P), registers (R)]``: patches attend to patches
+    only; register i attends to every patch and to registers 0..i. So register i never sees a
+    later register, and the patches never see the registers."""
+
+    num_patches: int
+
+    def allowed(self, q_pos, k_pos, q_len: int, kv_len: int):
+        p = self.num_patches
+        k_is_patch = k_pos[None, :] < p
+        q_is_register = q_pos[:, None] >= p
+        return k_is_patch | (q_is_register & (k_pos[None, :] <= q_pos[:, None]))
+
+    def dense(self, q_len: int, kv_len: int) -> np.ndarray:
+        return _dense(self, q_len, kv_len)
+
+
 def _dense(mask, q_len: int, kv_len: int) -> np.ndarray:
     """The reference [q_len, kv_len] boolean matrix (True = may attend)."""
     allowed = mask.allowed(np.arange(q_len), np.arange(kv_len), q_len, kv_len)
     return np.ones((q_len, kv_len), bool) if allowed is None else np.asarray(allowed, bool)
 
 
-Mask = FullMask | CausalMask
+Mask = FullMask | CausalMask | RegisterCausalMask
 
 Backend = Callable[..., jax.Array]
 _BACKENDS: dict[str, Backend] = {}

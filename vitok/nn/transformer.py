@@ -43,6 +43,60 @@ class Block(nnx.Module):
         return sharding.constrain(x, ("batch", "length", "embed"))
 
 
+def make_stack(make_block, depth: int, rngs: nnx.Rngs, scan_layers: bool):
+    """``depth`` blocks: stacked on a leading ``layers`` axis (for ``nnx.scan``) or a list."""
+    if scan_layers:
+        stacked = nnx.vmap(
+            make_block, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
+        return nnx.split_rngs(splits=depth)(stacked)(rngs)
+    return nnx.List([make_block(rngs) for _ in range(depth)])
+
+
+def run_stack(
+    blocks,
+    x: jax.Array,
+    apply,
+    *,
+    depth: int,
+    scan_layers: bool,
+    remat: bool,
+    dropout_rng: jax.Array | None = None,
+    return_hidden: int = 0,
+):
+    """Applies ``apply(block, h, key) -> h`` through a stack built by ``make_stack``.
+
+    ``remat=True`` recomputes each block's activations in the backward pass instead of storing
+    them; ``key`` is the block's own dropout key (None without dropout). ``return_hidden=j > 0``
+    returns ``(out, hidden)`` with ``hidden`` the output of block j (1-based).
+    """
+    keys = (
+        jax.random.split(dropout_rng, depth)
+        if dropout_rng is not None
+        else jnp.zeros((depth,), jnp.uint32)
+    )
+    use_key = dropout_rng is not None
+
+    def body(h, block, key):
+        h = apply(block, h, key if use_key else None)
+        return h, (h if return_hidden else None)
+
+    if remat:
+        body = nnx.remat(body)
+    if scan_layers:
+        x, hiddens = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
+            x, blocks, keys
+        )
+        hidden = hiddens[return_hidden - 1] if return_hidden else None
+    else:
+        hidden = None
+        for i, block in enumerate(blocks):
+            x, h = body(x, block, keys[i])
+            if i + 1 == return_hidden:
+                hidden = h
+    return (x, hidden) if return_hidden else x
+
+
 class Encoder(nnx.Module):
     """A stack of ``depth`` blocks followed by a final LayerNorm.
 
@@ -77,13 +131,7 @@ class Encoder(nnx.Module):
                 dtype=dtype,
             )
 
-        if scan_layers:
-            stacked = nnx.vmap(
-                make_block, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
-            )
-            self.blocks = nnx.split_rngs(splits=depth)(stacked)(rngs)
-        else:
-            self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
+        self.blocks = make_stack(make_block, depth, rngs, scan_layers)
         self.norm = LayerNorm(width, rngs=rngs, dtype=dtype)
         self.depth = depth
         self.mlp_dim = mlp_dim
@@ -94,27 +142,17 @@ class Encoder(nnx.Module):
         self, x: jax.Array, mask: Mask | None = None, *, dropout_rng: jax.Array | None = None
     ) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]"""
-        keys = None if dropout_rng is None else jax.random.split(dropout_rng, self.depth)
 
         def apply(block: Block, h: jax.Array, key: jax.Array | None) -> jax.Array:
             return block(h, mask, dropout_rng=key)
 
-        if self.remat:
-            apply = nnx.remat(apply)
-        if self.scan_layers:
-            if keys is None:
-                body = nnx.scan(
-                    lambda h, blk: apply(blk, h, None), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry
-                )
-                x = body(x, self.blocks)
-            else:
-                body = nnx.scan(
-                    lambda h, blk, k: apply(blk, h, k),
-                    in_axes=(nnx.Carry, 0, 0),
-                    out_axes=nnx.Carry,
-                )
-                x = body(x, self.blocks, keys)
-        else:
-            for i, block in enumerate(self.blocks):
-                x = apply(block, x, None if keys is None else keys[i])
+        x = run_stack(
+            self.blocks,
+            x,
+            apply,
+            depth=self.depth,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            dropout_rng=dropout_rng,
+        )
         return self.norm(x)

@@ -1,0 +1,210 @@
+"""FlexTok adaptive 1D tokenizer (Bachmann et al. 2025).
+
+Presets:
+  tiny              pixel-space FlexTok on 32x32 crops of the scikit-image photos (train and
+                    held-out crops come from different photos); 32 registers; CPU, ~12 minutes.
+  imagenet256_d12   the published d12-d12 model: ImageNet 256, c16 VAE latents (32x32x16),
+  imagenet256_d18   2x2 patches, 256 registers, FSQ [8,8,8,5,5,5], head dim 64; d18-d18 and
+  imagenet256_d18_d28   d18-d28 differ in depth/width only. TPU/GPU pods, bf16, FSDP.
+
+    python -m vitok.train --config=configs/flextok.py:tiny --workdir=workdirs/flextok_tiny
+"""
+
+import ml_collections
+
+from vitok.config import unknown_preset
+from vitok.sharding import DEFAULT_RULES
+
+
+def _transformer(width: int, depth: int) -> ml_collections.ConfigDict:
+    """Head dim 64 and MLP ratio 4, as in the published models."""
+    return ml_collections.ConfigDict(
+        {"width": width, "depth": depth, "num_heads": width // 64, "mlp_dim": 4 * width}
+    )
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "flextok"
+    c.total_steps = 2000
+    c.batch_size = 64
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.peak_flops_per_device = 0.0  # 0: measure a matmul at start-up
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "flextok"
+    c.model.image_size = (32, 32)
+    c.model.channels = 3
+    c.model.patch_size = 4
+    c.model.num_registers = 32
+    c.model.fsq_levels = (8, 5, 5, 5)
+    c.model.encoder = _transformer(128, 4)
+    c.model.decoder = _transformer(128, 4)
+    c.model.attention_backend = "dense"
+    c.model.remat = False
+    c.model.scan_layers = False
+    c.model.dtype = "float32"
+    c.model.adaln_registers = False
+    c.model.repa_layer = 0
+    c.model.repa_dim = 0
+    c.model.vae = ml_collections.ConfigDict({"name": ""})  # "" = pixel space
+    c.model.repa_encoder = ml_collections.ConfigDict({"name": ""})  # "" = no REPA
+
+    c.flextok = ml_collections.ConfigDict()
+    c.flextok.nested_dropout = "pow2"
+    c.flextok.cfg_dropout = 0.1
+    c.flextok.repa_weight = 0.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "photo_crops"
+    c.data.split = "train"
+    c.data.crop_size = 32
+    c.data.pp = "decode(channels=3)|flip_lr|value_range(-1, 1)"
+    c.data.skip_bad = False
+    c.data.num_threads = 4
+    c.data.prefetch = 32
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.recon = ml_collections.ConfigDict()
+    c.evals.recon.type = "reconstruction"
+    c.evals.recon.prefix = "eval"
+    c.evals.recon.batch_size = 128
+    c.evals.recon.max_examples = 256
+    c.evals.recon.token_counts = "pow2"
+    c.evals.recon.steps = 10
+    c.evals.recon.guidance = 1.0
+    c.evals.recon.seed = 0
+    c.evals.recon.grid_rows = 8
+    c.evals.recon.data = ml_collections.ConfigDict()
+    c.evals.recon.data.source = "photo_crops"
+    c.evals.recon.data.split = "test"
+    c.evals.recon.data.crop_size = 32
+    c.evals.recon.data.num_examples = 256
+    c.evals.recon.data.pp = "decode(channels=3)|value_range(-1, 1)"
+    c.evals.recon.data.num_threads = 4
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0
+    c.optim.ema_decay = 0.0
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    return base()
+
+
+def _imagenet256(encoder_depth: int, decoder_depth: int) -> ml_collections.ConfigDict:
+    """ImageNet 256 in the latent space of a frozen SD-style KL VAE (down 8, 16 channels)."""
+    c = base()
+    c.total_steps = 200_000
+    c.batch_size = 1024
+    c.log_every = 100
+    c.eval_every = 10_000
+    c.checkpoint_every = 5000
+    c.model.image_size = (256, 256)
+    c.model.patch_size = 2
+    c.model.num_registers = 256
+    c.model.fsq_levels = (8, 8, 8, 5, 5, 5)
+    c.model.encoder = _transformer(64 * encoder_depth, encoder_depth)
+    c.model.decoder = _transformer(64 * decoder_depth, decoder_depth)
+    c.model.attention_backend = "dense"
+    c.model.scan_layers = True
+    c.model.dtype = "bfloat16"
+    c.model.repa_layer = 1
+    c.model.repa_dim = 768
+    # The frozen latent space: configs/vae.py:imagenet256_f8c16's model; "checkpoint" is the
+    # workdir of its training run (required; loaded when FlexTok training starts).
+    c.model.vae = ml_collections.ConfigDict(
+        {
+            "name": "kl_vae",
+            "checkpoint": "",
+            "image_size": (256, 256),
+            "channels": 3,
+            "latent_channels": 16,
+            "width": 128,
+            "mults": (1, 2, 4, 4),
+            "blocks": 2,
+            "latent_scale": 1.0,
+            "dtype": "bfloat16",
+        }
+    )
+    # REPA target: configs/vit.py:i1k_b16's ViT-B/16 (its head dropped); "checkpoint" is the
+    # workdir of its training run (required when repa_weight > 0).
+    c.model.repa_encoder = ml_collections.ConfigDict(
+        {
+            "name": "vit",
+            "checkpoint": "",
+            "image_size": (224, 224),
+            "channels": 3,
+            "patch_size": 16,
+            "width": 768,
+            "depth": 12,
+            "mlp_dim": 3072,
+            "num_heads": 12,
+            "posemb": "learn",
+            "pool": "cls",
+            "scan_layers": True,
+            "dtype": "bfloat16",
+        }
+    )
+    c.flextok.nested_dropout = "pow2"
+    c.flextok.cfg_dropout = 0.1
+    c.flextok.repa_weight = 1.0
+    c.data.source = "tfds"
+    c.data.name = "imagenet2012"
+    c.data.split = "train"
+    c.data.data_dir = ""
+    c.data.pp = "decode(channels=3)|resize(256)|random_crop(256)|flip_lr|value_range(-1, 1)"
+    c.data.num_threads = 32
+    c.data.prefetch = 256
+    c.evals.recon.batch_size = 256
+    c.evals.recon.max_examples = 10_000
+    c.evals.recon.steps = 25
+    c.evals.recon.guidance = 7.5
+    c.evals.recon.data = ml_collections.ConfigDict(
+        {
+            "source": "tfds",
+            "name": "imagenet2012",
+            "split": "validation",
+            "data_dir": "",
+            "pp": "decode(channels=3)|resize(256)|central_crop(256)|value_range(-1, 1)",
+            "num_threads": 32,
+        }
+    )
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 5000
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.05
+    c.optim.ema_decay = 0.9999
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    return c
+
+
+PRESETS = {
+    "tiny": tiny,
+    "imagenet256_d12": lambda: _imagenet256(12, 12),
+    "imagenet256_d18": lambda: _imagenet256(18, 18),
+    "imagenet256_d18_d28": lambda: _imagenet256(18, 28),
+}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise unknown_preset("flextok", preset, PRESETS)
+    return PRESETS[preset]()

@@ -1,0 +1,139 @@
+"""SD-style KL autoencoders, the latent spaces of FlexTok's full-scale presets.
+
+Presets:
+  tiny          f4, 4 latent channels on 32x32 crops of the scikit-image photos; CPU, minutes.
+  imagenet256_f8c4 / _f8c8 / _f8c16
+                f8 autoencoders (channel mults 1,2,4,4; 2 ResBlocks per level; base width 128)
+                with 4/8/16 latent channels on ImageNet 256; TPU/GPU pods. FlexTok's presets
+                use the c16 one (point ``model.vae.checkpoint`` at its workdir).
+
+    python -m vitok.train --config=configs/vae.py:tiny --workdir=workdirs/vae_tiny
+"""
+
+import ml_collections
+
+from vitok.config import unknown_preset
+from vitok.sharding import DEFAULT_RULES
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "vae"
+    c.total_steps = 1000
+    c.batch_size = 32
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.peak_flops_per_device = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "kl_vae"
+    c.model.image_size = (32, 32)
+    c.model.channels = 3
+    c.model.latent_channels = 4
+    c.model.width = 32
+    c.model.mults = (1, 2, 2)
+    c.model.blocks = 1
+    c.model.latent_scale = 1.0
+    c.model.dtype = "float32"
+
+    c.vae = ml_collections.ConfigDict({"loss": "l1", "kl_weight": 1e-4})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "photo_crops"
+    c.data.split = "train"
+    c.data.crop_size = 32
+    c.data.pp = "decode(channels=3)|flip_lr|value_range(-1, 1)"
+    c.data.skip_bad = False
+    c.data.num_threads = 4
+    c.data.prefetch = 32
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.recon = ml_collections.ConfigDict()
+    c.evals.recon.type = "autoencoder"
+    c.evals.recon.prefix = "eval"
+    c.evals.recon.batch_size = 128
+    c.evals.recon.max_examples = 256
+    c.evals.recon.grid_rows = 8
+    c.evals.recon.data = ml_collections.ConfigDict()
+    c.evals.recon.data.source = "photo_crops"
+    c.evals.recon.data.split = "test"
+    c.evals.recon.data.crop_size = 32
+    c.evals.recon.data.num_examples = 256
+    c.evals.recon.data.pp = "decode(channels=3)|value_range(-1, 1)"
+    c.evals.recon.data.num_threads = 4
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.optim.ema_decay = 0.0
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+    return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+    return base()
+
+
+def _imagenet256_f8(latent_channels: int) -> ml_collections.ConfigDict:
+    c = base()
+    c.total_steps = 500_000
+    c.batch_size = 256
+    c.log_every = 100
+    c.eval_every = 10_000
+    c.checkpoint_every = 5000
+    c.model.image_size = (256, 256)
+    c.model.latent_channels = latent_channels
+    c.model.width = 128
+    c.model.mults = (1, 2, 4, 4)
+    c.model.blocks = 2
+    c.model.dtype = "bfloat16"
+    c.vae.kl_weight = 1e-6
+    c.data.source = "tfds"
+    c.data.name = "imagenet2012"
+    c.data.data_dir = ""
+    c.data.pp = "decode(channels=3)|resize(256)|random_crop(256)|flip_lr|value_range(-1, 1)"
+    c.data.num_threads = 32
+    c.data.prefetch = 256
+    c.evals.recon.data = ml_collections.ConfigDict(
+        {
+            "source": "tfds",
+            "name": "imagenet2012",
+            "split": "validation",
+            "data_dir": "",
+            "pp": "decode(channels=3)|resize(256)|central_crop(256)|value_range(-1, 1)",
+            "num_threads": 32,
+        }
+    )
+    c.evals.recon.max_examples = 10_000
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 5000
+    c.optim.ema_decay = 0.9999
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    return c
+
+
+PRESETS = {
+    "tiny": tiny,
+    "imagenet256_f8c4": lambda: _imagenet256_f8(4),
+    "imagenet256_f8c8": lambda: _imagenet256_f8(8),
+    "imagenet256_f8c16": lambda: _imagenet256_f8(16),
+}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise unknown_preset("vae", preset, PRESETS)
+    return PRESETS[preset]()

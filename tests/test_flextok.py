@@ -1,0 +1,256 @@
+"""FlexTok: register mask, FSQ, nested dropout, the flow loss and sampler, training, sharding."""
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_flextok_config
+from flax import nnx
+
+from vitok import sharding, train
+from vitok.data import sources
+from vitok.models import build_model
+from vitok.models.flextok import FlexTok, apg_velocity, keep_count_choices, keep_mask
+from vitok.nn.attention import RegisterCausalMask, attention
+from vitok.nn.quantizers import FSQ
+from vitok.tasks.flextok import flow_loss, noise_images, sample_keep_counts
+
+
+def test_register_mask_matches_hand_built_reference():
+    patches, registers = 5, 4
+    length = patches + registers
+    reference = np.zeros((length, length), bool)
+    for q in range(length):
+        for k in range(length):
+            if q < patches:  # patch tokens see patch tokens only
+                reference[q, k] = k < patches
+            else:  # register i sees every patch and registers 0..i
+                reference[q, k] = k < patches or k <= q
+    np.testing.assert_array_equal(RegisterCausalMask(patches).dense(length, length), reference)
+
+
+@pytest.mark.parametrize("backend", ["chunked"])
+def test_register_mask_backends_match_dense(backend):
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 37, 2, 8)), jnp.float32) for _ in range(3))
+    mask = RegisterCausalMask(29)
+    expected = attention(q, k, v, mask, backend="dense")
+    np.testing.assert_allclose(attention(q, k, v, mask, backend=backend), expected, atol=1e-5)
+
+
+def test_fsq_ids_are_a_bijection_onto_the_codebook():
+    fsq = FSQ((3, 4, 2))
+    assert fsq.codebook_size == 24
+    digits = jnp.asarray(list(itertools.product(range(3), range(4), range(2))), jnp.float32)
+    ids = np.asarray(fsq.digits_to_ids(digits))
+    assert sorted(ids.tolist()) == list(range(24))
+    # ids -> codes -> (pre-image through tanh) -> quantize gives the same ids back.
+    codes = fsq.ids_to_codes(jnp.arange(24))
+    assert float(jnp.abs(codes).max()) == 1.0
+    u = (codes + 1) / 2  # in [0, 1]
+    z = jnp.arctanh(jnp.clip(2 * u - 1, -0.999, 0.999))
+    requantized_codes, requantized_ids = fsq(z)
+    np.testing.assert_array_equal(np.asarray(requantized_ids), np.arange(24))
+    np.testing.assert_allclose(requantized_codes, codes, atol=1e-6)
+
+
+def test_fsq_codes_take_exactly_levels_values_and_pass_gradients_straight_through():
+    fsq = FSQ((8, 5))
+    z = jnp.asarray(np.random.default_rng(0).normal(scale=3, size=(4000, 2)), jnp.float32)
+    codes, _ = fsq(z)
+    assert len(np.unique(np.asarray(codes[:, 0]))) == 8
+    assert len(np.unique(np.asarray(codes[:, 1]))) == 5
+    grad = jax.grad(lambda z: fsq(z)[0].sum())(z[:3])
+    levels = np.asarray([8, 5], np.float32)
+    expected = (1 - np.tanh(np.asarray(z[:3])) ** 2) / 2 * (levels - 1) / (levels - 1) * 2
+    np.testing.assert_allclose(grad, expected, rtol=1e-5)
+
+
+def _model(**overrides) -> FlexTok:
+    config = small_flextok_config(**overrides)
+    return build_model(config.model, nnx.Rngs(0))
+
+
+def _photos(n: int, size: int = 16) -> jax.Array:
+    source = sources.PhotoCropsSource(split="train", crop_size=size, num_examples=n)
+    images = np.stack([source[i]["image"] for i in range(n)]).astype(np.float32)
+    return jnp.asarray(images / 127.5 - 1)
+
+
+def _randomize(model: nnx.Module, seed: int = 1) -> None:
+    """Gives the zero-initialised layers (AdaLN, output) random values, so every input matters."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, jax.tree.unflatten(tree, leaves))
+
+
+def test_register_i_depends_only_on_registers_up_to_i():
+    model = _model()
+    _randomize(model)
+    images = _photos(2)
+    z_before = model.to_fsq(model.encoder(*_encoder_inputs(model, images)))
+    bump = jax.random.normal(jax.random.key(3), (model.enc_width,))
+    model.enc_registers[...] = model.enc_registers[...].at[2].add(bump)
+    z_after = model.to_fsq(model.encoder(*_encoder_inputs(model, images)))
+    p = model.num_patches
+    np.testing.assert_allclose(z_after[:, : p + 2], z_before[:, : p + 2], atol=1e-6)
+    assert float(jnp.abs(z_after[:, p + 2] - z_before[:, p + 2]).max()) > 1e-3
+
+
+def _encoder_inputs(model, images):
+    from vitok.nn.posemb import sincos_2d
+
+    x = model.enc_patch_embed(model.to_space(images))
+    x = x + sincos_2d(*model.grid, model.enc_width)[None]
+    regs = jnp.broadcast_to(model.enc_registers[...], (x.shape[0], *model.enc_registers.shape))
+    return jnp.concatenate([x, regs], axis=1), RegisterCausalMask(model.num_patches)
+
+
+def test_nested_dropout_keeps_exactly_k_registers():
+    model = _model()
+    _randomize(model)
+    images = _photos(3)
+    codes, _ = model.encode(images)
+    counts = jnp.asarray([1, 2, 4])
+    keep = keep_mask(counts, model.num_registers)
+    np.testing.assert_array_equal(keep.sum(1), counts)
+    registers = model.condition(codes, keep)
+    masked = model.mask_token[...][0] + model.dec_register_posemb[...]
+    for b, k in enumerate([1, 2, 4]):
+        np.testing.assert_allclose(registers[b, k:], masked[k:], atol=1e-6)
+        assert float(jnp.abs(registers[b, :k] - masked[:k]).min()) > 0
+    # The decoder sees nothing of the dropped codes: changing them changes no velocity.
+    x_t, sigma = jnp.ones((3, model.num_patches, model.patch_dim)), jnp.full((3,), 0.5)
+    other = codes.at[:, 1:].set(-codes[:, 1:])
+    v1 = model.predict_velocity(x_t, sigma, model.condition(codes, keep_mask(counts * 0 + 1, 4)))
+    v2 = model.predict_velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 1, 4)))
+    np.testing.assert_allclose(v1, v2, atol=1e-6)
+    v3 = model.predict_velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 2, 4)))
+    assert float(jnp.abs(v3 - v1).max()) > 1e-4
+
+
+def test_keep_counts_sample_the_configured_choices():
+    np.testing.assert_array_equal(keep_count_choices(32, "pow2"), [1, 2, 4, 8, 16, 32])
+    np.testing.assert_array_equal(keep_count_choices(5, "pow2"), [1, 2, 4, 5])
+    np.testing.assert_array_equal(keep_count_choices(4, "uniform"), [1, 2, 3, 4])
+    counts = np.asarray(sample_keep_counts(jax.random.key(0), 20_000, [1, 2, 4, 8], 0.1))
+    assert set(np.unique(counts)) == {0, 1, 2, 4, 8}
+    assert abs((counts == 0).mean() - 0.1) < 0.01
+    assert abs((counts == 8).mean() - 0.225) < 0.015
+
+
+def test_flow_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
+    rng = np.random.default_rng(0)
+    x0, noise = (rng.normal(size=(2, 3, 4)).astype(np.float32) for _ in range(2))
+    sigma = jnp.asarray([0.2, 0.9])
+    x_t = noise_images(x0, noise, sigma)
+    np.testing.assert_allclose(x_t[1], 0.9 * noise[1] + 0.1 * x0[1], rtol=1e-6)
+    assert float(flow_loss(noise - x0, x0, noise)) == 0.0
+    assert float(flow_loss(noise - x0 + 0.1, x0, noise)) == pytest.approx(0.01, rel=1e-5)
+
+
+class _PointMassFlow(FlexTok):
+    """Replaces the network by the exact velocity field of a single data point x*."""
+
+    target = None
+
+    def predict_velocity(self, x_t, sigma, registers):
+        target = jnp.tile(self.target, (x_t.shape[0] // self.target.shape[0], 1, 1))
+        return (x_t - target) / sigma[:, None, None]
+
+
+def test_euler_sampler_with_the_exact_velocity_reaches_the_data():
+    config = small_flextok_config()
+    model = _PointMassFlow(
+        **{k: v for k, v in dict(config.model).items() if k not in ("name", "vae")},
+        rngs=nnx.Rngs(0),
+    )
+    images = _photos(2)
+    model.target = model.to_space(images)
+    codes, _ = model.encode(images)
+    keep = keep_mask(jnp.asarray([4, 4]), 4)
+    out = model.sample(codes, keep, jax.random.key(0), steps=3)
+    np.testing.assert_allclose(out, images, atol=1e-5)
+    # Guidance mixes two identical predictions here, so it changes nothing either.
+    guided = model.sample(codes, keep, jax.random.key(0), steps=3, guidance=3.0)
+    np.testing.assert_allclose(guided, images, atol=1e-5)
+
+
+def test_apg_without_projection_or_clipping_is_plain_guidance():
+    rng = np.random.default_rng(0)
+    x, vc, vn = (jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32) for _ in range(3))
+    sigma, w = 0.7, 4.0
+    apg = apg_velocity(x, sigma, vc, vn, w, eta=1.0, norm_threshold=1e9)
+    np.testing.assert_allclose(apg, vn + w * (vc - vn), rtol=1e-4, atol=1e-4)
+    # eta = 0 drops the component parallel to the conditional estimate.
+    apg0 = apg_velocity(x, sigma, vc, vn, w, eta=0.0, norm_threshold=1e9)
+    x0_c, x0_guided = x - sigma * vc, x - sigma * apg0
+    update = (x0_guided - x0_c).reshape(2, -1)
+    assert np.allclose(np.sum(update * np.asarray(x0_c).reshape(2, -1), axis=1), 0, atol=1e-3)
+
+
+def test_detokenize_works_for_every_k_and_rejects_bad_input():
+    model = _model()
+    _randomize(model)
+    images = _photos(2)
+    ids = model.tokenize(images)
+    assert ids.dtype == jnp.int32 and ids.shape == (2, 4)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 15
+    outputs = []
+    for k in range(1, 5):
+        out = model.detokenize(ids[:, :k], jax.random.key(0), steps=2)
+        assert out.shape == images.shape and bool(jnp.isfinite(out).all())
+        outputs.append(out)
+    for a, b in itertools.pairwise(outputs):
+        assert float(jnp.abs(a - b).max()) > 1e-4  # every extra token changes the image
+    with pytest.raises(ValueError, match="1 to 4 tokens, got k=5"):
+        model.detokenize(jnp.zeros((2, 5), jnp.int32), jax.random.key(0))
+    with pytest.raises(ValueError, match="1 to 4 tokens, got k=0"):
+        model.detokenize(jnp.zeros((2, 0), jnp.int32), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"shape \[B, 16, 16, 3\]"):
+        model.tokenize(jnp.zeros((2, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r"lie in \[0, 15\)"):
+        model.fsq.check_ids(np.asarray([[3, 15]]))
+
+
+def test_a_few_steps_on_a_handful_of_images_reduce_the_loss():
+    config = small_flextok_config(**{"optim.lr": 3e-3, "mesh.data": 1})
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    setup = train.Setup.create(config, mesh, config.sharding.rules)
+    state = jax.jit(setup.init_state)(jax.random.key(0))
+    batch = {"image": _photos(8)}
+    step = jax.jit(setup.train_step)
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train/loss"]))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_train_on_eight_devices_matches_one_and_writes_the_reconstruction_report(tmp_path):
+    one = small_flextok_config(**{"mesh.data": 1})
+    train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+    eight = small_flextok_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    final = train.train_and_evaluate(eight, str(tmp_path / "eight"))
+    from test_train import losses
+
+    np.testing.assert_allclose(
+        losses(str(tmp_path / "eight")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5
+    )
+    for k in (1, 2, 4):
+        assert 0 < final[f"eval/psnr@{k}"] < 60 and -1 <= final[f"eval/ssim@{k}"] <= 1
+    assert "eval/psnr@3" not in final
+    workdir = tmp_path / "eight"
+    table = (workdir / "reconstructions.md").read_text()
+    assert "| 4 |" in table and f"{final['eval/psnr@4']:.2f}" in table
+    from PIL import Image
+
+    with Image.open(workdir / "reconstructions.png") as grid:
+        # 2 rows x (3 token counts + the original) tiles of 16 px with 2 px borders.
+        assert grid.size == (4 * 18 + 2, 2 * 18 + 2)
+    assert os.path.exists(workdir / "curves.png")

@@ -1,0 +1,83 @@
+"""tokenize / detokenize command lines over a folder of real photos and a trained checkpoint."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import small_flextok_config
+from PIL import Image
+
+from vitok import train
+from vitok.data import sources
+from vitok.inference import FlexTokTokenizer
+from vitok.tools import detokenize, tokenize
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("flextok_run"))
+    config = small_flextok_config(**{"total_steps": 2, "checkpoint_every": 2, "eval_every": 2})
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def _photo_folder(path, size=16, n=3):
+    source = sources.PhotoCropsSource(split="test", crop_size=size, num_examples=n)
+    os.makedirs(path, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(source[i]["image"]).save(os.path.join(path, f"img{i}.png"))
+    return path
+
+
+def test_tokenize_then_detokenize_round_trip(trained, tmp_path):
+    folder = _photo_folder(str(tmp_path / "photos"))
+    tokens_path = str(tmp_path / "tokens.npz")
+    tokenize.main(["--workdir", trained, "--images", folder, "--out", tokens_path])
+    with np.load(tokens_path) as data:
+        tokens, names = data["tokens"], list(data["names"])
+    assert tokens.shape == (3, 4) and tokens.dtype == np.int32
+    assert names == ["img0.png", "img1.png", "img2.png"]
+    # The command line and the Python API agree.
+    tokenizer = FlexTokTokenizer.from_workdir(trained)
+    images = np.stack([np.asarray(Image.open(os.path.join(folder, n))) for n in names])
+    np.testing.assert_array_equal(tokenizer.tokenize(images), tokens)
+
+    out = str(tmp_path / "recon")
+    detokenize.main(
+        ["--workdir", trained, "--tokens", tokens_path, "--out", out, "--k", "1,4", "--steps", "2"]
+    )
+    written = sorted(os.listdir(out))
+    assert written == sorted(f"img{i}_k{k}.png" for i in range(3) for k in (1, 4))
+    with Image.open(os.path.join(out, "img0_k4.png")) as image:
+        assert image.size == (16, 16) and image.mode == "RGB"
+    expected = tokenizer.detokenize(tokens[:, :4], steps=2)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(os.path.join(out, "img0_k4.png"))), expected[0]
+    )
+
+
+def test_tools_reject_bad_input_with_clear_messages(trained, tmp_path):
+    tokenizer = FlexTokTokenizer.from_workdir(trained)
+    with pytest.raises(ValueError, match=r"\[B, 16, 16, 3\].*got \(1, 32, 32, 3\)"):
+        tokenizer.tokenize(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="1 to 4 tokens per image, got k=5"):
+        tokenizer.detokenize(np.zeros((1, 5), np.int32))
+    with pytest.raises(ValueError, match=r"lie in \[0, 15\)"):
+        tokenizer.detokenize(np.asarray([[0, 99]]))
+
+    big = _photo_folder(str(tmp_path / "big"), size=32, n=1)
+    with pytest.raises(SystemExit, match="img0.png: image is 32x32, the tokenizer takes 16x16"):
+        tokenize.main(["--workdir", trained, "--images", big, "--out", str(tmp_path / "t.npz")])
+    tokenize.main(
+        ["--workdir", trained, "--images", big, "--out", str(tmp_path / "t.npz"), "--resize"]
+    )
+    with np.load(tmp_path / "t.npz") as data:
+        assert data["tokens"].shape == (1, 4)
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(SystemExit, match="broken.png"):
+        tokenize.main(["--workdir", trained, "--images", str(corrupt), "--out", "x.npz"])
+    with pytest.raises(SystemExit, match="config.json not found"):
+        tokenize.main(["--workdir", str(tmp_path), "--images", big, "--out", "x.npz"])

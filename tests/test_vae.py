@@ -1,0 +1,86 @@
+"""KL autoencoder: shapes, the KL term, training, and use as FlexTok's frozen latent space."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import _override, small_flextok_config
+from flax import nnx
+
+from vitok import train
+from vitok.models import build_model
+from vitok.tasks.vae import gaussian_kl
+
+
+def small_vae_config(**overrides):
+    from configs import vae
+
+    c = vae.get_config("tiny")
+    c.total_steps, c.batch_size, c.log_every = 3, 8, 1
+    c.eval_every = c.checkpoint_every = 3
+    c.model.image_size = (16, 16)
+    c.model.width, c.model.mults, c.model.latent_channels = 8, (1, 2), 4
+    c.data.crop_size = c.evals.recon.data.crop_size = 16
+    c.evals.recon.max_examples = c.evals.recon.data.num_examples = 8
+    c.evals.recon.batch_size = 8
+    c.peak_flops_per_device = 1e9
+    c.optim.warmup_steps = 1
+    return _override(c, overrides)
+
+
+def test_gaussian_kl_matches_the_closed_form_and_is_zero_at_the_prior():
+    mean = jnp.asarray([[0.5, -1.0]])
+    logvar = jnp.log(jnp.asarray([[2.0, 0.5]]))
+    expected = sum(0.5 * (m**2 + v - 1 - np.log(v)) for m, v in [(0.5, 2.0), (-1.0, 0.5)])
+    assert float(gaussian_kl(mean, logvar)[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(gaussian_kl(jnp.zeros((1, 3)), jnp.zeros((1, 3)))[0]) == 0.0
+
+
+def test_vae_downsamples_by_its_factor_and_rejects_wrong_sizes():
+    config = small_vae_config(**{"model.mults": (1, 2, 2)})
+    model = build_model(config.model, nnx.Rngs(0))
+    assert model.factor == 4 and model.latent_shape() == (4, 4, 4)
+    images = jnp.zeros((2, 16, 16, 3))
+    recon, mean, logvar = model(images, jax.random.key(0))
+    assert recon.shape == images.shape and mean.shape == logvar.shape == (2, 4, 4, 4)
+    assert model.encode(images).shape == (2, 4, 4, 4)
+    with pytest.raises(ValueError, match="VAE expects images"):
+        model(jnp.zeros((2, 8, 8, 3)))
+
+
+def test_flextok_trains_in_a_frozen_vae_latent_space(tmp_path):
+    vae_dir = str(tmp_path / "vae")
+    train.train_and_evaluate(small_vae_config(), vae_dir)
+    from vitok import sharding
+    from vitok.inference import load_config, load_params
+
+    _, vae_params, _, _ = load_params(
+        load_config(vae_dir), vae_dir, sharding.make_mesh({"data": -1})
+    )
+
+    vae_model = dict(small_vae_config().model) | {"checkpoint": vae_dir}
+    config = small_flextok_config(**{"model.patch_size": 2, "total_steps": 2, "eval_every": 2})
+    with config.unlocked():
+        config.model.vae = ml_collections.ConfigDict(vae_model)
+    ft_dir = str(tmp_path / "flextok")
+    final = train.train_and_evaluate(config, ft_dir)
+    assert np.isfinite(final["eval/psnr@4"])
+
+    # The FlexTok checkpoint holds the VAE's trained weights, unchanged by FlexTok's training.
+    _, _, extra, _ = load_params(load_config(ft_dir), ft_dir, sharding.make_mesh({"data": -1}))
+    flat_vae = jax.tree.leaves_with_path(vae_params)
+    flat_extra = dict(jax.tree.leaves_with_path(extra["vae"]))
+    assert len(flat_vae) == len(flat_extra) > 10
+    for path, value in flat_vae:
+        np.testing.assert_array_equal(np.asarray(flat_extra[path]), np.asarray(value))
+
+
+def test_a_latent_flextok_without_its_vae_checkpoint_is_refused(tmp_path):
+    config = small_flextok_config(**{"model.patch_size": 2})
+    with config.unlocked():
+        config.model.vae = ml_collections.ConfigDict(
+            dict(small_vae_config().model) | {"checkpoint": ""}
+        )
+    with pytest.raises(ValueError, match="model.vae: a pretrained sub-model needs the workdir"):
+        train.train_and_evaluate(config, str(tmp_path))

@@ -1,0 +1,384 @@
+"""FlexTok (Bachmann et al. 2025): an image becomes 1..N ordered tokens, coarse to fine.
+
+    images [B, H, W, C] ──patchify──► patch tokens [B, P, p*p*C]
+        encoder: ViT over [patches ; N registers], RegisterCausalMask
+        registers [B, N, De] ──linear──► FSQ ──► codes [B, N, d], ids [B, N] int32
+    decoder (rectified flow): velocity(x_t [B, P, p*p*C], sigma [B], codes, keep [B, N])
+        the first k codes are kept, the rest become one learned mask token (nested dropout);
+        AdaLN-zero on sigma; full attention over [registers ; noised patches]
+
+Training (``vitok.tasks.flextok``): x_t = sigma * noise + (1 - sigma) * x0 with
+sigma = sigmoid(N(0, 1)) and the velocity target noise - x0. Sampling integrates from sigma = 1
+(pure noise) to 0 with Euler steps in one compiled ``lax.fori_loop``, with classifier-free
+guidance against the null condition (all registers masked) and optional APG.
+
+The flow runs on images in [-1, 1] (pixel space, CPU presets) or on the latents of a frozen
+autoencoder (``vae``, full-scale presets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vitok import sharding
+from vitok.models.vit import patchify, unpatchify
+from vitok.nn.adaln import AdaLNTransformer, TimeEmbedder
+from vitok.nn.attention import RegisterCausalMask
+from vitok.nn.layers import Dense, param
+from vitok.nn.posemb import sincos_2d
+from vitok.nn.quantizers import FSQ
+from vitok.nn.transformer import Encoder
+from vitok.perf import transformer_flops
+from vitok.registry import MODELS
+
+
+class FlexTok(nnx.Module):
+    """Adaptive-length 1D tokenizer with a rectified-flow decoder.
+
+    Args:
+      image_size: (H, W) of the images.
+      channels: C of the images.
+      patch_size: p over the flow space (pixels, or latents when ``vae`` is given).
+      num_registers: N, the most tokens an image becomes.
+      fsq_levels: FSQ levels per channel; the codebook has prod(levels) entries.
+      encoder / decoder: dicts with width, depth, num_heads, mlp_dim.
+      vae: an optional frozen autoencoder (``vitok.models.vae.FrozenVAE``) whose latents the flow
+        models instead of pixels.
+      repa_layer / repa_dim: if repa_dim > 0, ``velocity`` also returns the decoder's hidden
+        patch tokens after block ``repa_layer`` projected to repa_dim (REPA alignment).
+      repa_encoder: the frozen ViT whose patch features REPA aligns to (``repa_target``).
+      pretrained: {attribute: workdir} of the frozen sub-models, loaded when training starts.
+      adaln_registers: also add the mean of the register tokens to the AdaLN conditioning
+        vector (besides attending to them), a direct global path that small decoders pick up
+        faster; it depends on the first k tokens only, like the attention path.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: tuple[int, int],
+        channels: int = 3,
+        patch_size: int = 4,
+        num_registers: int = 32,
+        fsq_levels: tuple[int, ...] = (8, 5, 5, 5),
+        encoder: dict,
+        decoder: dict,
+        attention_backend: str = "dense",
+        remat: bool = False,
+        scan_layers: bool = False,
+        dtype: str | jnp.dtype = "float32",
+        vae: Any = None,
+        repa_layer: int = 0,
+        repa_dim: int = 0,
+        repa_encoder: Any = None,
+        pretrained: dict | None = None,
+        adaln_registers: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        dtype = jnp.dtype(dtype)
+        self.image_size = tuple(image_size)
+        self.channels = channels
+        self.vae = vae
+        space_shape = (
+            vae.latent_shape(self.image_size) if vae is not None else (*image_size, channels)
+        )
+        h, w, c = space_shape
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the flow space {h}x{w}")
+        self.space_shape = space_shape
+        self.patch_size = patch_size
+        self.grid = (h // patch_size, w // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_registers = num_registers
+        self.fsq = FSQ(fsq_levels)
+        self.dtype = dtype
+        patch_dim = patch_size * patch_size * c
+        self.patch_dim = patch_dim
+        stack = dict(attention_backend=attention_backend, remat=remat, scan_layers=scan_layers)
+        normal = nnx.initializers.normal(stddev=0.02)
+
+        we = int(encoder["width"])
+        self.enc_width = we
+        self.enc_patch_embed = Dense(patch_dim, we, ("patch", "embed"), rngs=rngs, dtype=dtype)
+        self.enc_registers = param(rngs, normal, (num_registers, we), (None, "embed"))
+        self.encoder = Encoder(
+            we,
+            int(encoder["depth"]),
+            int(encoder["num_heads"]),
+            int(encoder["mlp_dim"]),
+            rngs=rngs,
+            dtype=dtype,
+            **stack,
+        )
+        self.to_fsq = Dense(we, self.fsq.dim, ("embed", None), rngs=rngs, dtype=dtype)
+
+        wd = int(decoder["width"])
+        self.dec_width = wd
+        self.from_fsq = Dense(self.fsq.dim, wd, (None, "embed"), rngs=rngs, dtype=dtype)
+        self.mask_token = param(rngs, normal, (1, wd), (None, "embed"))
+        self.dec_register_posemb = param(rngs, normal, (num_registers, wd), (None, "embed"))
+        self.dec_patch_embed = Dense(patch_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
+        self.time_embed = TimeEmbedder(wd, rngs=rngs)
+        self.adaln_registers = (
+            Dense(wd, wd, ("embed", None), rngs=rngs, dtype=dtype) if adaln_registers else None
+        )
+        self.decoder = AdaLNTransformer(
+            wd,
+            int(decoder["depth"]),
+            int(decoder["num_heads"]),
+            int(decoder["mlp_dim"]),
+            rngs=rngs,
+            dtype=dtype,
+            **stack,
+        )
+        zeros = nnx.initializers.zeros_init()
+        self.dec_out = Dense(wd, patch_dim, ("embed", "patch"), rngs=rngs, kernel_init=zeros)
+        self.repa_layer = int(repa_layer)
+        self.repa_proj = (
+            Dense(wd, int(repa_dim), ("embed", None), rngs=rngs, dtype=dtype) if repa_dim else None
+        )
+        if self.repa_proj is not None and not 1 <= self.repa_layer <= int(decoder["depth"]):
+            raise ValueError(f"repa_layer must be in 1..{decoder['depth']}, got {repa_layer}")
+        self.repa_encoder = repa_encoder
+        self.pretrained = dict(pretrained or {})
+
+    def pretrained_workdirs(self) -> dict[str, str]:
+        return self.pretrained
+
+    def repa_target(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> the frozen encoder's patch features on the decoder's patch grid,
+        [B, P, D_enc] float32 (bilinearly resized when the grids differ)."""
+        if self.repa_encoder is None:
+            raise ValueError("REPA needs model.repa_encoder (a frozen ViT) in the config")
+        enc = self.repa_encoder
+        x = images.astype(jnp.float32)
+        h, w = enc.image_size
+        if x.shape[1:3] != (h, w):
+            x = jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "bilinear", antialias=True)
+        tokens = enc.tokens(x)
+        tokens = tokens[:, 1:] if enc.pool == "cls" else tokens
+        gh, gw = enc.grid
+        grid = tokens.reshape(tokens.shape[0], gh, gw, -1).astype(jnp.float32)
+        if (gh, gw) != self.grid:
+            grid = jax.image.resize(grid, (grid.shape[0], *self.grid, grid.shape[-1]), "bilinear")
+        return jax.lax.stop_gradient(grid.reshape(grid.shape[0], self.num_patches, -1))
+
+    # --- shapes and spaces ---------------------------------------------------------------------
+
+    def check_images(self, images) -> None:
+        expected = (*self.image_size, self.channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"FlexTok expects images of shape [B, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}] in [-1, 1], got {tuple(images.shape)}"
+            )
+
+    def to_space(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] in [-1, 1] -> flow-space patches x0 [B, P, patch_dim] (fp32)."""
+        x = images.astype(jnp.float32)
+        if self.vae is not None:
+            x = jax.lax.stop_gradient(self.vae.encode(x))
+        return patchify(x, self.patch_size)
+
+    def from_space(self, x: jax.Array) -> jax.Array:
+        """flow-space patches [B, P, patch_dim] -> images [B, H, W, C] (fp32, about [-1, 1])."""
+        x = unpatchify(x.astype(jnp.float32), self.grid, self.patch_size)
+        return self.vae.decode(x) if self.vae is not None else x
+
+    # --- encoder -------------------------------------------------------------------------------
+
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """images [B, H, W, C] in [-1, 1] -> (codes [B, N, d] float32, ids [B, N] int32).
+
+        ``codes`` carry straight-through gradients to the encoder.
+        """
+        self.check_images(images)
+        patches = self.to_space(images)
+        x = self.enc_patch_embed(patches)
+        x = x + jnp.asarray(sincos_2d(*self.grid, self.enc_width)).astype(x.dtype)[None]
+        registers = jnp.broadcast_to(
+            self.enc_registers[...].astype(x.dtype), (x.shape[0], *self.enc_registers.shape)
+        )
+        x = jnp.concatenate([x, registers], axis=1)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        x = self.encoder(x, RegisterCausalMask(self.num_patches))
+        z = self.to_fsq(x[:, self.num_patches :])
+        return self.fsq(z)
+
+    def tokenize(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] in [-1, 1] -> token ids [B, N] int32, ordered coarse to fine."""
+        return self.encode(images)[1]
+
+    # --- decoder -------------------------------------------------------------------------------
+
+    def condition(self, codes: jax.Array, keep: jax.Array) -> jax.Array:
+        """codes [B, N, d], keep [B, N] bool -> register tokens [B, N, Dd]; the registers that are
+        not kept become the learned mask token (nested dropout; all masked = null condition)."""
+        tokens = self.from_fsq(codes)
+        mask_token = self.mask_token[...].astype(tokens.dtype)
+        tokens = jnp.where(keep[..., None], tokens, mask_token[None])
+        return tokens + self.dec_register_posemb[...].astype(tokens.dtype)[None]
+
+    def velocity(
+        self, x_t: jax.Array, sigma: jax.Array, registers: jax.Array
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """x_t [B, P, patch_dim], sigma [B] in [0, 1], registers [B, N, Dd] (from ``condition``)
+        -> predicted velocity (noise - x0) [B, P, patch_dim] float32; with REPA also the
+        projected hidden patch tokens [B, P, repa_dim]."""
+        x = self.dec_patch_embed(x_t)
+        x = x + jnp.asarray(sincos_2d(*self.grid, self.dec_width)).astype(x.dtype)[None]
+        x = jnp.concatenate([registers.astype(x.dtype), x], axis=1)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        cond = self.time_embed(sigma)
+        if self.adaln_registers is not None:
+            cond = cond + self.adaln_registers(registers.mean(axis=1)).astype(cond.dtype)
+        if self.repa_proj is None:
+            h = self.decoder(x, cond)
+            return self.dec_out(h[:, self.num_registers :]).astype(jnp.float32)
+        h, hidden = self.decoder(x, cond, return_hidden=self.repa_layer)
+        aligned = self.repa_proj(hidden[:, self.num_registers :]).astype(jnp.float32)
+        return self.dec_out(h[:, self.num_registers :]).astype(jnp.float32), aligned
+
+    def predict_velocity(self, x_t, sigma, registers) -> jax.Array:
+        out = self.velocity(x_t, sigma, registers)
+        return out[0] if isinstance(out, tuple) else out
+
+    def sample(
+        self,
+        codes: jax.Array,
+        keep: jax.Array,
+        rng: jax.Array,
+        *,
+        steps: int = 25,
+        guidance: float = 1.0,
+        apg: bool = False,
+        apg_eta: float = 0.0,
+        apg_norm_threshold: float = 2.5,
+    ) -> jax.Array:
+        """codes [B, N, d], keep [B, N] -> images [B, H, W, C] in [-1, 1].
+
+        Euler integration of dx/dsigma = v from sigma = 1 to 0 in ``steps`` equal steps, all in
+        one ``lax.fori_loop``. ``guidance`` w != 1 mixes v = v_null + w (v_cond - v_null), the
+        null condition masking every register; ``apg`` applies adaptive projected guidance
+        (Sadat et al. 2024) to the denoised estimates instead.
+        """
+        b = codes.shape[0]
+        registers = self.condition(codes, keep)
+        guided = guidance != 1.0
+        if guided:
+            null = self.condition(codes, jnp.zeros_like(keep))
+            registers = jnp.concatenate([registers, null], axis=0)
+        noise = jax.random.normal(rng, (b, self.num_patches, self.patch_dim), jnp.float32)
+        sigmas = jnp.linspace(1.0, 0.0, steps + 1)
+
+        def step(i, x):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            x_in = jnp.concatenate([x, x], axis=0) if guided else x
+            v = self.predict_velocity(x_in, jnp.full((x_in.shape[0],), sigma), registers)
+            if guided:
+                v_cond, v_null = v[:b], v[b:]
+                if apg:
+                    v = apg_velocity(
+                        x, sigma, v_cond, v_null, guidance, apg_eta, apg_norm_threshold
+                    )
+                else:
+                    v = v_null + guidance * (v_cond - v_null)
+            return x + (sigma_next - sigma) * v
+
+        x0 = jax.lax.fori_loop(0, steps, step, noise)
+        return self.from_space(x0)
+
+    def detokenize(
+        self, ids: jax.Array, rng: jax.Array, *, steps: int = 25, guidance: float = 1.0, **kw
+    ) -> jax.Array:
+        """ids [B, k] int32 (the first k tokens, 1 <= k <= N) -> images [B, H, W, C]."""
+        b, k = ids.shape
+        if not 1 <= k <= self.num_registers:
+            raise ValueError(f"detokenize takes 1 to {self.num_registers} tokens, got k={k}")
+        padded = jnp.pad(ids, ((0, 0), (0, self.num_registers - k)))
+        keep = jnp.broadcast_to(jnp.arange(self.num_registers) < k, (b, self.num_registers))
+        codes = self.fsq.ids_to_codes(padded)
+        return self.sample(codes, keep, rng, steps=steps, guidance=guidance, **kw)
+
+    def forward_flops(self) -> float:
+        """Matmul FLOPs of one training forward pass for one image (encoder + one decoder call)."""
+        length = self.num_patches + self.num_registers
+        enc, dec = self.encoder, self.decoder
+        we, wd = self.enc_width, self.dec_width
+        embed = 2 * self.num_patches * self.patch_dim * (we + wd + wd)
+        encoder = transformer_flops(length, we, enc.depth, enc.mlp_dim)
+        decoder = transformer_flops(length, wd, dec.depth, dec.mlp_dim)
+        modulation = 2 * wd * wd * (6 * dec.depth + 2)
+        return float(embed + encoder + decoder + modulation)
+
+
+def apg_velocity(x, sigma, v_cond, v_null, scale, eta, norm_threshold):
+    """Adaptive projected guidance on the denoised estimates x0 = x - sigma v, per image.
+
+    The guidance difference is clipped to ``norm_threshold`` and split into components parallel
+    and orthogonal to the conditional estimate; the parallel one (which oversaturates) is scaled
+    by ``eta``. Returns the velocity that leads to the guided x0.
+    """
+    axes = tuple(range(1, x.ndim))
+    x0_cond, x0_null = x - sigma * v_cond, x - sigma * v_null
+    diff = x0_cond - x0_null
+    norm = jnp.sqrt(jnp.sum(diff**2, axis=axes, keepdims=True))
+    diff = diff * jnp.minimum(1.0, norm_threshold / jnp.maximum(norm, 1e-12))
+    unit = x0_cond / jnp.maximum(jnp.sqrt(jnp.sum(x0_cond**2, axis=axes, keepdims=True)), 1e-12)
+    parallel = jnp.sum(diff * unit, axis=axes, keepdims=True) * unit
+    update = (diff - parallel) + eta * parallel
+    x0 = x0_cond + (scale - 1.0) * update
+    # v = (x - x0) / sigma; at sigma = 0 the step length is zero anyway.
+    return (x - x0) / jnp.maximum(sigma, 1e-6)
+
+
+def keep_mask(counts: jax.Array, num_registers: int) -> jax.Array:
+    """counts [B] int -> [B, N] bool, True for the first counts[b] registers."""
+    return jnp.arange(num_registers)[None, :] < counts[:, None]
+
+
+def keep_count_choices(num_registers: int, mode: str) -> np.ndarray:
+    """The token counts k that nested dropout samples from: 1..N, or the powers of two up to N
+    (plus N itself)."""
+    if mode == "uniform":
+        return np.arange(1, num_registers + 1)
+    if mode == "pow2":
+        powers = 2 ** np.arange(int(np.log2(num_registers)) + 1)
+        return np.unique(np.append(powers, num_registers))
+    raise ValueError(f"nested_dropout must be 'uniform' or 'pow2', got {mode!r}")
+
+
+@MODELS.register("flextok")
+def build_flextok(config, rngs: nnx.Rngs) -> FlexTok:
+    kwargs = dict(config)
+    kwargs.pop("name", None)
+    vae_config = kwargs.pop("vae", None)
+    repa_config = kwargs.pop("repa_encoder", None)
+    kwargs["image_size"] = tuple(kwargs["image_size"])
+    kwargs["fsq_levels"] = tuple(kwargs["fsq_levels"])
+    kwargs["encoder"] = dict(kwargs["encoder"])
+    kwargs["decoder"] = dict(kwargs["decoder"])
+    pretrained, vae, repa_encoder = {}, None, None
+    if vae_config is not None and vae_config.get("name"):
+        from vitok.models.vae import build_frozen_vae
+
+        vae = build_frozen_vae(vae_config, rngs)
+        pretrained["vae"] = vae_config.get("checkpoint", "")
+    if repa_config is not None and repa_config.get("name"):
+        repa_encoder = build_frozen_encoder(repa_config, rngs)
+        pretrained["repa_encoder"] = repa_config.get("checkpoint", "")
+    return FlexTok(**kwargs, vae=vae, repa_encoder=repa_encoder, pretrained=pretrained, rngs=rngs)
+
+
+def build_frozen_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
+    """A frozen ViT (its head dropped) from a model config with a ``checkpoint`` workdir."""
+    from vitok.models.frozen import freeze
+
+    model_config = {k: v for k, v in dict(config).items() if k != "checkpoint"}
+    model_config["num_classes"] = 0
+    return freeze(MODELS.lookup(model_config["name"])(model_config, rngs))

@@ -1,0 +1,245 @@
+"""An SD-style KL autoencoder (Rombach et al. 2022): convolutional ResNet encoder and decoder,
+a diagonal-Gaussian latent at 1 / 2^(levels - 1) of the resolution, trained with a pixel loss
+plus a small KL term (``vitok.tasks.vae``). FlexTok's full-scale presets model its latents.
+
+    images [B, H, W, C] ──encoder──► mean, logvar [B, H/f, W/f, z] ──sample──► decoder ──► images
+
+Channel widths are ``width * mult`` per level; f = 2^(len(mults) - 1), e.g. mults (1, 2, 4, 4)
+give the SD "f8" autoencoder. The mid-block has one self-attention layer over all positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vitok.models.frozen import freeze
+from vitok.nn.attention import attention
+from vitok.nn.layers import param
+from vitok.perf import transformer_flops
+from vitok.registry import MODELS
+
+
+class Conv(nnx.Module):
+    """Same-padded 2D convolution, NHWC; kernel [k, k, in, out]."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, *, rngs, dtype):
+        init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2))
+        self.kernel = param(rngs, init, (kernel, kernel, cin, cout), (None, None, None, "conv"))
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (cout,), ("conv",))
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel.shape[0]
+        if self.stride == 1:
+            padding = "SAME"
+        else:  # SD's downsampling pads right/bottom only, so H/2 exactly.
+            padding = ((0, k - self.stride), (0, k - self.stride))
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            (self.stride, self.stride),
+            padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.bias[...].astype(self.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over [B, H, W, C] in float32 (``min(32, C)`` groups)."""
+
+    def __init__(self, channels: int, *, rngs, epsilon: float = 1e-6):
+        self.groups = min(32, channels)
+        while channels % self.groups:
+            self.groups -= 1
+        self.scale = param(rngs, nnx.initializers.ones_init(), (channels,), ("conv",))
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (channels,), ("conv",))
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        g = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        mean = g.mean((1, 2, 4), keepdims=True)
+        var = jnp.square(g - mean).mean((1, 2, 4), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (g.reshape(b, h, w, c) * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class ResBlock(nnx.Module):
+    """x -> skip(x) + conv(silu(norm(conv(silu(norm(x))))))."""
+
+    def __init__(self, cin: int, cout: int, *, rngs, dtype):
+        self.norm1 = GroupNorm(cin, rngs=rngs)
+        self.conv1 = Conv(cin, cout, rngs=rngs, dtype=dtype)
+        self.norm2 = GroupNorm(cout, rngs=rngs)
+        self.conv2 = Conv(cout, cout, rngs=rngs, dtype=dtype)
+        self.skip = Conv(cin, cout, 1, rngs=rngs, dtype=dtype) if cin != cout else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class SpatialAttention(nnx.Module):
+    """Single-head self-attention over the H*W positions, with a residual."""
+
+    def __init__(self, channels: int, *, rngs, dtype):
+        self.norm = GroupNorm(channels, rngs=rngs)
+        self.qkv = Conv(channels, 3 * channels, 1, rngs=rngs, dtype=dtype)
+        self.out = Conv(channels, channels, 1, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 1, 3 * c), 3, axis=-1)
+        y = attention(q, k, v).reshape(b, h, w, c)
+        return x + self.out(y)
+
+
+class KLAutoencoder(nnx.Module):
+    """SD-style KL-regularised convolutional autoencoder.
+
+    Args:
+      image_size, channels: the images it takes.
+      latent_channels: z, e.g. 4, 8 or 16.
+      width, mults, blocks: base channels, per-level multipliers, ResBlocks per level.
+      latent_scale: multiplies the latents a downstream model sees (unit-variance latents).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: tuple[int, int],
+        channels: int = 3,
+        latent_channels: int = 4,
+        width: int = 128,
+        mults: tuple[int, ...] = (1, 2, 4, 4),
+        blocks: int = 2,
+        latent_scale: float = 1.0,
+        dtype: str | jnp.dtype = "float32",
+        rngs: nnx.Rngs,
+    ):
+        dtype = jnp.dtype(dtype)
+        self.image_size = tuple(image_size)
+        self.channels = channels
+        self.latent_channels = latent_channels
+        self.factor = 2 ** (len(mults) - 1)
+        if image_size[0] % self.factor or image_size[1] % self.factor:
+            raise ValueError(f"image size {image_size} is not divisible by the VAE's {self.factor}")
+        self.latent_scale = float(latent_scale)
+        widths = [width * m for m in mults]
+        kw = dict(rngs=rngs, dtype=dtype)
+
+        self.enc_in = Conv(channels, widths[0], **kw)
+        enc, c = [], widths[0]
+        for level, w in enumerate(widths):
+            for _ in range(blocks):
+                enc.append(ResBlock(c, w, **kw))
+                c = w
+            if level < len(widths) - 1:
+                enc.append(Conv(c, c, 3, 2, **kw))
+        self.enc_blocks = nnx.List(enc)
+        self.enc_mid = nnx.List(
+            [ResBlock(c, c, **kw), SpatialAttention(c, **kw), ResBlock(c, c, **kw)]
+        )
+        self.enc_norm = GroupNorm(c, rngs=rngs)
+        self.enc_out = Conv(c, 2 * latent_channels, **kw)
+
+        self.dec_in = Conv(latent_channels, c, **kw)
+        self.dec_mid = nnx.List(
+            [ResBlock(c, c, **kw), SpatialAttention(c, **kw), ResBlock(c, c, **kw)]
+        )
+        dec = []
+        for level, w in reversed(list(enumerate(widths))):
+            for _ in range(blocks + 1):
+                dec.append(ResBlock(c, w, **kw))
+                c = w
+            if level > 0:
+                dec.append(Upsample(c, **kw))
+        self.dec_blocks = nnx.List(dec)
+        self.dec_norm = GroupNorm(c, rngs=rngs)
+        self.dec_out = Conv(c, channels, **kw)
+        self._widths = widths
+        self._blocks = blocks
+
+    def latent_shape(self, image_size=None) -> tuple[int, int, int]:
+        h, w = image_size or self.image_size
+        return (h // self.factor, w // self.factor, self.latent_channels)
+
+    def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """images [B, H, W, C] in [-1, 1] -> (mean, logvar) [B, H/f, W/f, z] float32."""
+        expected = (*self.image_size, self.channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"the VAE expects images [B, {expected}], got {tuple(images.shape)}")
+        x = self.enc_in(images)
+        for block in (*self.enc_blocks, *self.enc_mid):
+            x = block(x)
+        x = self.enc_out(jax.nn.silu(self.enc_norm(x))).astype(jnp.float32)
+        mean, logvar = jnp.split(x, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def decode_latents(self, z: jax.Array) -> jax.Array:
+        """z [B, H/f, W/f, z] (unscaled) -> images [B, H, W, C] float32."""
+        x = self.dec_in(z)
+        for block in (*self.dec_mid, *self.dec_blocks):
+            x = block(x)
+        return self.dec_out(jax.nn.silu(self.dec_norm(x))).astype(jnp.float32)
+
+    def __call__(self, images: jax.Array, rng: jax.Array | None = None):
+        """-> (reconstruction [B, H, W, C], mean, logvar); samples z when ``rng`` is given."""
+        mean, logvar = self.moments(images)
+        z = (
+            mean
+            if rng is None
+            else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        )
+        return self.decode_latents(z), mean, logvar
+
+    # The interface a latent-space model (FlexTok) uses: scaled latents in and out.
+    def encode(self, images: jax.Array) -> jax.Array:
+        return self.moments(images)[0] * self.latent_scale
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return self.decode_latents(latents / self.latent_scale)
+
+    def forward_flops(self) -> float:
+        """Approximate matmul FLOPs of one forward pass (convolutions + mid attention)."""
+        h, w = self.image_size
+        total, c = 0.0, self._widths[0]
+        for level, width in enumerate(self._widths):
+            pixels = (h // 2**level) * (w // 2**level)
+            total += 2 * pixels * 9 * (c * width + (2 * self._blocks - 1) * width * width) * 2
+            c = width
+        tokens = (h // self.factor) * (w // self.factor)
+        total += 2 * transformer_flops(tokens, c, 1, 0)
+        return float(total)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour 2x upsampling and a 3x3 convolution."""
+
+    def __init__(self, channels: int, *, rngs, dtype):
+        self.conv = Conv(channels, channels, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+def _vae_kwargs(config) -> dict:
+    kwargs = {k: v for k, v in dict(config).items() if k not in ("name", "checkpoint")}
+    kwargs["image_size"] = tuple(kwargs["image_size"])
+    if "mults" in kwargs:
+        kwargs["mults"] = tuple(kwargs["mults"])
+    return kwargs
+
+
+@MODELS.register("kl_vae")
+def build_vae(config, rngs: nnx.Rngs) -> KLAutoencoder:
+    return KLAutoencoder(**_vae_kwargs(config), rngs=rngs)
+
+
+def build_frozen_vae(config, rngs: nnx.Rngs) -> KLAutoencoder:
+    """A VAE whose weights are ``Frozen`` (loaded from ``config.checkpoint`` at the start)."""
+    return freeze(build_vae(config, rngs))

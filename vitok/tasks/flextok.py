@@ -1,0 +1,79 @@
+"""FlexTok training: rectified-flow loss on the decoder, nested dropout on the registers.
+
+Config (``config.flextok``):
+  nested_dropout   "pow2" (k in {1, 2, 4, ..., N}) or "uniform" (k in 1..N)
+  cfg_dropout      probability of the null condition (every register masked), for guidance
+  repa_weight      weight of the REPA alignment loss (0: off; needs model.repa_dim > 0 and a
+                   frozen ``model.repa_encoder``)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vitok.models.flextok import keep_count_choices, keep_mask
+from vitok.registry import TASKS
+
+
+def noise_images(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array:
+    """x_t = sigma * noise + (1 - sigma) * x0; x0/noise [B, ...], sigma [B]."""
+    s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return s * noise + (1 - s) * x0
+
+
+def flow_loss(v_pred: jax.Array, x0: jax.Array, noise: jax.Array) -> jax.Array:
+    """Mean squared error of the predicted velocity against noise - x0 (float32 scalar)."""
+    return jnp.mean(jnp.square(v_pred.astype(jnp.float32) - (noise - x0)))
+
+
+def sample_keep_counts(rng: jax.Array, batch: int, choices, cfg_dropout: float) -> jax.Array:
+    """[B] int32 token counts: uniform over ``choices``, or 0 (null condition) w.p. cfg_dropout."""
+    k_rng, null_rng = jax.random.split(rng)
+    counts = jax.random.choice(k_rng, jnp.asarray(choices, jnp.int32), (batch,))
+    null = jax.random.bernoulli(null_rng, cfg_dropout, (batch,))
+    return jnp.where(null, 0, counts)
+
+
+def cosine_alignment(hidden: jax.Array, target: jax.Array) -> jax.Array:
+    """REPA loss: minus the mean cosine similarity of [B, P, D] tokens with their targets."""
+    h = hidden / jnp.maximum(jnp.linalg.norm(hidden, axis=-1, keepdims=True), 1e-6)
+    t = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), 1e-6)
+    return -jnp.mean(jnp.sum(h * t, axis=-1))
+
+
+@TASKS.register("flextok")
+class FlexTokTask:
+    """Batches hold ``image: [B, H, W, C]`` in [-1, 1]."""
+
+    def __init__(self, config: Any):
+        cfg = config.get("flextok", {})
+        self.num_registers = int(config.model.num_registers)
+        self.choices = keep_count_choices(self.num_registers, cfg.get("nested_dropout", "pow2"))
+        self.cfg_dropout = float(cfg.get("cfg_dropout", 0.1))
+        self.repa_weight = float(cfg.get("repa_weight", 0.0))
+        if self.repa_weight and not int(config.model.get("repa_dim", 0)):
+            raise ValueError("flextok.repa_weight > 0 needs model.repa_dim > 0")
+
+    def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        images = batch["image"]
+        b = images.shape[0]
+        k_rng, noise_rng, sigma_rng = jax.random.split(rng, 3)
+        codes, _ = model.encode(images)
+        counts = sample_keep_counts(k_rng, b, self.choices, self.cfg_dropout)
+        registers = model.condition(codes, keep_mask(counts, self.num_registers))
+
+        x0 = model.to_space(images)
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        sigma = jax.nn.sigmoid(jax.random.normal(sigma_rng, (b,), jnp.float32))
+        out = model.velocity(noise_images(x0, noise, sigma), sigma, registers)
+        v_pred, aligned = out if isinstance(out, tuple) else (out, None)
+        loss = flow_loss(v_pred, x0, noise)
+        if not self.repa_weight or aligned is None:
+            return loss, {}
+        repa = cosine_alignment(aligned, model.repa_target(images))
+        metrics = {"train/flow_loss": loss, "train/repa_loss": repa}
+        return loss + self.repa_weight * repa, metrics
