@@ -30,7 +30,7 @@ def base() -> ml_collections.ConfigDict:
     c.peak_flops_per_device = 0.0
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "kl_vae"
+    c.model.name = "vae"
     c.model.image_size = (32, 32)
     c.model.channels = 3
     c.model.latent_channels = 4

@@ -13,7 +13,13 @@ from flax import nnx
 from vitok import sharding, train
 from vitok.data import sources
 from vitok.models import build_model
-from vitok.models.flextok import FlexTok, apg_velocity, keep_count_choices, keep_mask
+from vitok.models.flextok import (
+    FlexTok,
+    apg_velocity,
+    keep_count_choices,
+    keep_mask,
+    shift_sigma,
+)
 from vitok.nn.attention import RegisterCausalMask, attention
 from vitok.nn.quantizers import FSQ
 from vitok.tasks.flextok import flow_loss, noise_images, sample_keep_counts
@@ -164,8 +170,9 @@ class _PointMassFlow(FlexTok):
         return (x_t - target) / sigma[:, None, None]
 
 
-def test_euler_sampler_with_the_exact_velocity_reaches_the_data():
-    config = small_flextok_config()
+@pytest.mark.parametrize("time_shift", [1.0, 3.0])
+def test_euler_sampler_with_the_exact_velocity_reaches_the_data(time_shift):
+    config = small_flextok_config(**{"model.time_shift": time_shift})
     model = _PointMassFlow(
         **{k: v for k, v in dict(config.model).items() if k not in ("name", "vae")},
         rngs=nnx.Rngs(0),
@@ -179,6 +186,14 @@ def test_euler_sampler_with_the_exact_velocity_reaches_the_data():
     # Guidance mixes two identical predictions here, so it changes nothing either.
     guided = model.sample(codes, keep, jax.random.key(0), steps=3, guidance=3.0)
     np.testing.assert_allclose(guided, images, atol=1e-5)
+
+
+def test_time_shift_maps_the_unit_interval_onto_itself_upwards():
+    sigma = jnp.linspace(0, 1, 11)
+    shifted = shift_sigma(sigma, 3.0)
+    assert float(shifted[0]) == 0.0 and float(shifted[-1]) == 1.0
+    assert bool(jnp.all(jnp.diff(shifted) > 0)) and bool(jnp.all(shifted[1:-1] > sigma[1:-1]))
+    np.testing.assert_allclose(shift_sigma(sigma, 1.0), sigma)
 
 
 def test_apg_without_projection_or_clipping_is_plain_guidance():
@@ -219,7 +234,7 @@ def test_detokenize_works_for_every_k_and_rejects_bad_input():
 
 
 def test_a_few_steps_on_a_handful_of_images_reduce_the_loss():
-    config = small_flextok_config(**{"optim.lr": 3e-3, "mesh.data": 1})
+    config = small_flextok_config(**{"optim.lr": 3e-3, "mesh.data": 1, "total_steps": 40})
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     setup = train.Setup.create(config, mesh, config.sharding.rules)
     state = jax.jit(setup.init_state)(jax.random.key(0))
@@ -229,7 +244,7 @@ def test_a_few_steps_on_a_handful_of_images_reduce_the_loss():
     for _ in range(40):
         state, metrics = step(state, batch)
         losses.append(float(metrics["train/loss"]))
-    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
 
 
 def test_train_on_eight_devices_matches_one_and_writes_the_reconstruction_report(tmp_path):

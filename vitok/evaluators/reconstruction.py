@@ -203,6 +203,14 @@ def _first_rows(columns: list[jax.Array], rows: int) -> np.ndarray:
     return np.stack(gathered, axis=1)
 
 
+def _first_rows(columns: list[jax.Array], rows: int) -> np.ndarray:
+    """Gathers the first ``rows`` images of each column -> [rows, num_columns, H, W, C]."""
+    gathered = [
+        np.asarray(multihost_utils.process_allgather(c, tiled=True))[:rows] for c in columns
+    ]
+    return np.stack(gathered, axis=1)
+
+
 @EVALUATORS.register("autoencoder")
 class AutoencoderEvaluator:
     """PSNR and SSIM of an autoencoder's reconstructions (``model(images)[0]``, no sampling);

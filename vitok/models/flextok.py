@@ -56,6 +56,9 @@ class FlexTok(nnx.Module):
       adaln_registers: also add the mean of the register tokens to the AdaLN conditioning
         vector (besides attending to them), a direct global path that small decoders pick up
         faster; it depends on the first k tokens only, like the attention path.
+      time_shift: s >= 1 moves noise levels towards pure noise, sigma -> s sigma / (1 + (s - 1)
+        sigma) (Esser et al. 2024), in training and in the sampling schedule alike. The decoder
+        needs the tokens most at high noise, so a shift makes it learn to use them sooner.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class FlexTok(nnx.Module):
         repa_encoder: Any = None,
         pretrained: dict | None = None,
         adaln_registers: bool = False,
+        time_shift: float = 1.0,
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(dtype)
@@ -124,6 +128,9 @@ class FlexTok(nnx.Module):
         self.dec_register_posemb = param(rngs, normal, (num_registers, wd), (None, "embed"))
         self.dec_patch_embed = Dense(patch_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
         self.time_embed = TimeEmbedder(wd, rngs=rngs)
+        if time_shift < 1.0:
+            raise ValueError(f"time_shift must be >= 1, got {time_shift}")
+        self.time_shift = float(time_shift)
         self.adaln_registers = (
             Dense(wd, wd, ("embed", None), rngs=rngs, dtype=dtype) if adaln_registers else None
         )
@@ -262,8 +269,8 @@ class FlexTok(nnx.Module):
     ) -> jax.Array:
         """codes [B, N, d], keep [B, N] -> images [B, H, W, C] in [-1, 1].
 
-        Euler integration of dx/dsigma = v from sigma = 1 to 0 in ``steps`` equal steps, all in
-        one ``lax.fori_loop``. ``guidance`` w != 1 mixes v = v_null + w (v_cond - v_null), the
+        Euler integration of dx/dsigma = v from sigma = 1 to 0 in ``steps`` steps (equal steps
+        of the unshifted time, see ``time_shift``), all in one ``lax.fori_loop``. ``guidance`` w != 1 mixes v = v_null + w (v_cond - v_null), the
         null condition masking every register; ``apg`` applies adaptive projected guidance
         (Sadat et al. 2024) to the denoised estimates instead.
         """
@@ -274,7 +281,7 @@ class FlexTok(nnx.Module):
             null = self.condition(codes, jnp.zeros_like(keep))
             registers = jnp.concatenate([registers, null], axis=0)
         noise = jax.random.normal(rng, (b, self.num_patches, self.patch_dim), jnp.float32)
-        sigmas = jnp.linspace(1.0, 0.0, steps + 1)
+        sigmas = shift_sigma(jnp.linspace(1.0, 0.0, steps + 1), self.time_shift)
 
         def step(i, x):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -317,6 +324,11 @@ class FlexTok(nnx.Module):
         return float(embed + encoder + decoder + modulation)
 
 
+def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:
+    """Monotone map of [0, 1] onto itself that moves noise levels up for shift > 1."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def apg_velocity(x, sigma, v_cond, v_null, scale, eta, norm_threshold):
     """Adaptive projected guidance on the denoised estimates x0 = x - sigma v, per image.
 
@@ -347,10 +359,12 @@ def keep_count_choices(num_registers: int, mode: str) -> np.ndarray:
     (plus N itself)."""
     if mode == "uniform":
         return np.arange(1, num_registers + 1)
+    if mode == "none":  # every register, always (an ablation: no nested dropout)
+        return np.asarray([num_registers])
     if mode == "pow2":
         powers = 2 ** np.arange(int(np.log2(num_registers)) + 1)
         return np.unique(np.append(powers, num_registers))
-    raise ValueError(f"nested_dropout must be 'uniform' or 'pow2', got {mode!r}")
+    raise ValueError(f"nested_dropout must be 'uniform', 'pow2' or 'none', got {mode!r}")
 
 
 @MODELS.register("flextok")

@@ -235,7 +235,7 @@ def _vae_kwargs(config) -> dict:
     return kwargs
 
 
-@MODELS.register("kl_vae")
+@MODELS.register("vae")
 def build_vae(config, rngs: nnx.Rngs) -> KLAutoencoder:
     return KLAutoencoder(**_vae_kwargs(config), rngs=rngs)
 

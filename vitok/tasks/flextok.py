@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitok.models.flextok import keep_count_choices, keep_mask
+from vitok.models.flextok import keep_count_choices, keep_mask, shift_sigma
 from vitok.registry import TASKS
 
 
@@ -69,6 +69,7 @@ class FlexTokTask:
         x0 = model.to_space(images)
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
         sigma = jax.nn.sigmoid(jax.random.normal(sigma_rng, (b,), jnp.float32))
+        sigma = shift_sigma(sigma, model.time_shift)
         out = model.velocity(noise_images(x0, noise, sigma), sigma, registers)
         v_pred, aligned = out if isinstance(out, tuple) else (out, None)
         loss = flow_loss(v_pred, x0, noise)
