@@ -3,7 +3,7 @@
 Presets:
   tiny              pixel-space FlexTok on 32x32 crops of the scikit-image photos (train and
                     held-out crops come from different photos); 32 registers, width-64 encoder
-                    and decoder; CPU, about 14 minutes. To learn faster on a CPU budget it
+                    and decoder; CPU, about 13 minutes. To learn faster on a CPU budget it
                     shifts noise levels up (time_shift 4) and also feeds the registers' mean to
                     AdaLN (adaln_registers); the full-scale presets do neither.
   imagenet256_d12   the published d12-d12 model: ImageNet 256, c16 VAE latents (32x32x16),
@@ -30,11 +30,11 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = "flextok"
-    c.total_steps = 900
+    c.total_steps = 800
     c.batch_size = 64
     c.log_every = 50
-    c.eval_every = 450
-    c.checkpoint_every = 450
+    c.eval_every = 400
+    c.checkpoint_every = 400
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.peak_flops_per_device = 0.0  # 0: measure a matmul at start-up

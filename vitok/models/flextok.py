@@ -109,7 +109,10 @@ class FlexTok(nnx.Module):
         we = int(encoder["width"])
         self.enc_width = we
         self.enc_patch_embed = Dense(patch_dim, we, ("patch", "embed"), rngs=rngs, dtype=dtype)
-        self.enc_registers = param(rngs, normal, (num_registers, we), (None, "embed"))
+        # Unit-scale registers: with small ones, every register reads the same patch average in
+        # the first block and they all quantize to the same few codes (measured at init).
+        unit = nnx.initializers.normal(stddev=1.0)
+        self.enc_registers = param(rngs, unit, (num_registers, we), (None, "embed"))
         self.encoder = Encoder(
             we,
             int(encoder["depth"]),
@@ -119,7 +122,11 @@ class FlexTok(nnx.Module):
             dtype=dtype,
             **stack,
         )
-        self.to_fsq = Dense(we, self.fsq.dim, ("embed", None), rngs=rngs, dtype=dtype)
+        # Small projections keep tanh inside FSQ unsaturated at the start.
+        small = nnx.initializers.variance_scaling(0.1, "fan_in", "normal")
+        self.to_fsq = Dense(
+            we, self.fsq.dim, ("embed", None), rngs=rngs, kernel_init=small, dtype=dtype
+        )
 
         wd = int(decoder["width"])
         self.dec_width = wd
@@ -283,10 +290,16 @@ class FlexTok(nnx.Module):
         noise = jax.random.normal(rng, (b, self.num_patches, self.patch_dim), jnp.float32)
         sigmas = shift_sigma(jnp.linspace(1.0, 0.0, steps + 1), self.time_shift)
 
-        def step(i, x):
+        # The module's state rides in the loop carry and the body rebuilds the module from it:
+        # NNX transforms inside the body (scanned layers) cannot use outer-level variables.
+        graphdef, state = nnx.split(self)
+
+        def step(i, carry):
+            x, state = carry
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             x_in = jnp.concatenate([x, x], axis=0) if guided else x
-            v = self.predict_velocity(x_in, jnp.full((x_in.shape[0],), sigma), registers)
+            model = nnx.merge(graphdef, state)
+            v = model.predict_velocity(x_in, jnp.full((x_in.shape[0],), sigma), registers)
             if guided:
                 v_cond, v_null = v[:b], v[b:]
                 if apg:
@@ -295,9 +308,9 @@ class FlexTok(nnx.Module):
                     )
                 else:
                     v = v_null + guidance * (v_cond - v_null)
-            return x + (sigma_next - sigma) * v
+            return x + (sigma_next - sigma) * v, state
 
-        x0 = jax.lax.fori_loop(0, steps, step, noise)
+        x0, _ = jax.lax.fori_loop(0, steps, step, (noise, state))
         return self.from_space(x0)
 
     def detokenize(
