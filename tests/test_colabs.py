@@ -26,6 +26,7 @@ def test_notebook_runs(path, tmp_path):
     env = dict(
         os.environ,
         VITOK_COLAB_STEPS="12",
+        VITOK_COLAB_EVAL_EXAMPLES="32",
         VITOK_COLAB_WORKDIR=str(tmp_path / "work"),
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
     )
