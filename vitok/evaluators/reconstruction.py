@@ -124,10 +124,12 @@ class ReconstructionEvaluator:
         self.seed = int(config.get("seed", 0))
         self.grid_rows = int(config.get("grid_rows", 8))
 
-        def reconstruct(params, extra, images, k, rng):
+        def encode(params, extra, images):
+            return context.model.merge(params, extra).encode(images)[0]
+
+        def reconstruct(params, extra, codes, k, rng):
             model = context.model.merge(params, extra)
-            codes, _ = model.encode(images)
-            keep = keep_mask(jnp.full((images.shape[0],), k), model.num_registers)
+            keep = keep_mask(jnp.full((codes.shape[0],), k), model.num_registers)
             recon = model.sample(codes, keep, rng, steps=steps, guidance=guidance)
             return to_unit_range(recon)
 
@@ -137,6 +139,7 @@ class ReconstructionEvaluator:
                 [(psnr(recon, target) * mask).sum(), (ssim(recon, target) * mask).sum()]
             )
 
+        self._encode = jax.jit(encode)
         self._reconstruct = jax.jit(reconstruct)
         self._scores = jax.jit(scores)
         self.features = None
@@ -156,9 +159,11 @@ class ReconstructionEvaluator:
             if stats:
                 stats[-1].add(self._gather_features(to_unit_range(batch["image"]), keep))
             columns = []
+            # Encoded once per batch; every k decodes from the same noise.
+            codes = self._encode(params, extra, batch["image"])
+            rng = jax.random.fold_in(jax.random.key(self.seed), batch_index)
             for i, k in enumerate(self.counts):
-                rng = jax.random.fold_in(jax.random.key(self.seed), batch_index)
-                recon = self._reconstruct(params, extra, batch["image"], k, rng)
+                recon = self._reconstruct(params, extra, codes, k, rng)
                 totals[i] += np.asarray(self._scores(recon, batch["image"], batch["mask"]))
                 if stats:
                     stats[i].add(self._gather_features(recon, keep))
