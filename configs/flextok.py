@@ -58,6 +58,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.adaln_registers = True
     c.model.time_shift = 4.0
+    c.model.prediction = "velocity"
+    c.model.register_mixing = False
     c.model.repa_layer = 0
     c.model.repa_dim = 0
     c.model.vae = ml_collections.ConfigDict({"name": ""})  # "" = pixel space
@@ -66,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
     c.flextok = ml_collections.ConfigDict()
     c.flextok.nested_dropout = "pow2"
     c.flextok.cfg_dropout = 0.1
+    c.flextok.loss_space = "velocity"
     c.flextok.repa_weight = 0.0
 
     c.data = ml_collections.ConfigDict()

@@ -22,7 +22,7 @@ from vitok.models.flextok import (
 )
 from vitok.nn.attention import RegisterCausalMask, attention
 from vitok.nn.quantizers import FSQ
-from vitok.tasks.flextok import flow_loss, noise_images, sample_keep_counts
+from vitok.tasks.flextok import flow_loss, loss_weight, noise_images, sample_keep_counts
 
 
 def test_register_mask_matches_hand_built_reference():
@@ -95,30 +95,24 @@ def _randomize(model: nnx.Module, seed: int = 1) -> None:
     nnx.update(model, jax.tree.unflatten(tree, leaves))
 
 
-def test_register_i_depends_only_on_registers_up_to_i():
-    model = _model()
+@pytest.mark.parametrize("register_mixing", [False, True])
+def test_register_i_depends_only_on_registers_up_to_i(register_mixing):
+    model = _model(**{"model.register_mixing": register_mixing})
     _randomize(model)
     images = _photos(2)
-    z_before = model.to_fsq(model.encoder(*_encoder_inputs(model, images)))
+    fsq_inputs = nnx.jit(lambda m, x: m.to_fsq(m.encoder(*m.encoder_inputs(x))))
+    z_before = fsq_inputs(model, images)
     bump = jax.random.normal(jax.random.key(3), (model.enc_width,))
     model.enc_registers[...] = model.enc_registers[...].at[2].add(bump)
-    z_after = model.to_fsq(model.encoder(*_encoder_inputs(model, images)))
+    z_after = fsq_inputs(model, images)
     p = model.num_patches
     np.testing.assert_allclose(z_after[:, : p + 2], z_before[:, : p + 2], atol=1e-6)
     assert float(jnp.abs(z_after[:, p + 2] - z_before[:, p + 2]).max()) > 1e-3
 
 
-def _encoder_inputs(model, images):
-    from vitok.nn.posemb import sincos_2d
-
-    x = model.enc_patch_embed(model.to_space(images))
-    x = x + sincos_2d(*model.grid, model.enc_width)[None]
-    regs = jnp.broadcast_to(model.enc_registers[...], (x.shape[0], *model.enc_registers.shape))
-    return jnp.concatenate([x, regs], axis=1), RegisterCausalMask(model.num_patches)
-
-
-def test_nested_dropout_keeps_exactly_k_registers():
-    model = _model()
+@pytest.mark.parametrize("register_mixing", [False, True])
+def test_nested_dropout_keeps_exactly_k_registers(register_mixing):
+    model = _model(**{"model.register_mixing": register_mixing})
     _randomize(model)
     images = _photos(3)
     codes, _ = model.encode(images)
@@ -156,8 +150,40 @@ def test_flow_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
     sigma = jnp.asarray([0.2, 0.9])
     x_t = noise_images(x0, noise, sigma)
     np.testing.assert_allclose(x_t[1], 0.9 * noise[1] + 0.1 * x0[1], rtol=1e-6)
-    assert float(flow_loss(noise - x0, x0, noise)) == 0.0
-    assert float(flow_loss(noise - x0 + 0.1, x0, noise)) == pytest.approx(0.01, rel=1e-5)
+    assert float(flow_loss(noise - x0, noise - x0)) == 0.0
+    assert float(flow_loss(noise - x0 + 0.1, noise - x0)) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
+    """With identical weights, the x0-model's velocity is (x_t - raw) / sigma where raw is what
+    the velocity-model outputs; its training target is noise - x0 above the sigma floor."""
+    config = small_flextok_config()
+    kwargs = {k: v for k, v in dict(config.model).items() if k not in ("name", "vae")}
+    kwargs.pop("prediction", None)
+    as_velocity = FlexTok(**kwargs, prediction="velocity", rngs=nnx.Rngs(0))
+    as_x0 = FlexTok(**kwargs, prediction="x0", rngs=nnx.Rngs(0))
+    out = as_velocity.dec_out
+    out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(1), out.kernel.shape)
+    as_x0.dec_out.kernel[...] = out.kernel[...]
+    images = _photos(2)
+    codes, _ = as_velocity.encode(images)
+    registers = as_velocity.condition(codes, keep_mask(jnp.asarray([1, 4]), 4))
+    x0 = as_velocity.to_space(images)
+    noise = jax.random.normal(jax.random.key(2), x0.shape)
+    sigma = jnp.asarray([0.3, 0.8])
+    x_t = noise_images(x0, noise, sigma)
+    raw = as_velocity.predict_velocity(x_t, sigma, registers)
+    v = as_x0.predict_velocity(x_t, sigma, registers)
+    np.testing.assert_allclose(v, (x_t - raw) / sigma[:, None, None], rtol=1e-4, atol=1e-5)
+    target = as_x0.velocity_target(x_t, x0, noise, sigma)
+    np.testing.assert_allclose(target, noise - x0, rtol=1e-4, atol=1e-5)
+    # Weighted by sigma^2, the velocity loss is the plain MSE of the clean estimate.
+    x0_loss = flow_loss(v, target, loss_weight(sigma, "x0"))
+    np.testing.assert_allclose(x0_loss, jnp.mean(jnp.square(raw - x0)), rtol=1e-4)
+    with pytest.raises(ValueError, match="loss_space"):
+        loss_weight(sigma, "eps")
+    with pytest.raises(ValueError, match="prediction"):
+        FlexTok(**kwargs, prediction="eps", rngs=nnx.Rngs(0))
 
 
 class _PointMassFlow(FlexTok):

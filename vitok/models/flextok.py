@@ -59,6 +59,18 @@ class FlexTok(nnx.Module):
       time_shift: s >= 1 moves noise levels towards pure noise, sigma -> s sigma / (1 + (s - 1)
         sigma) (Esser et al. 2024), in training and in the sampling schedule alike. The decoder
         needs the tokens most at high noise, so a shift makes it learn to use them sooner.
+      register_mixing: add a learned linear map between register slots and patch positions in
+        both directions: each encoder register starts from its learned embedding plus a learned
+        weighted sum of the patch embeddings [N, P], and each decoder patch token gets a learned
+        weighted sum of the register tokens [P, N] (dropped registers enter as the mask token, so
+        only the first k tokens inform the image). Attention learns where to read only slowly;
+        this linear route (a linear autoencoder, which nested dropout orders like PCA) carries
+        spatial layout from the first steps. A CPU-budget option; full-scale presets leave it off.
+      prediction: what the decoder's output layer predicts: "velocity" (noise - x0, the
+        published model) or "x0" (the clean patches; the velocity is then (x_t - x0) / sigma,
+        Li & He 2025). In pixel space a patch (48 values for 4x4x3) is large next to a small
+        decoder's width, and carrying the noise through the network for a velocity is what it
+        spends its capacity on; predicting x0 removes that.
     """
 
     def __init__(
@@ -82,6 +94,8 @@ class FlexTok(nnx.Module):
         pretrained: dict | None = None,
         adaln_registers: bool = False,
         time_shift: float = 1.0,
+        prediction: str = "velocity",
+        register_mixing: bool = False,
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(dtype)
@@ -113,6 +127,13 @@ class FlexTok(nnx.Module):
         # the first block and they all quantize to the same few codes (measured at init).
         unit = nnx.initializers.normal(stddev=1.0)
         self.enc_registers = param(rngs, unit, (num_registers, we), (None, "embed"))
+        p, n = self.num_patches, num_registers
+        self.enc_register_mix = (
+            param(rngs, normal_fan_in(p), (n, p), (None, None)) if register_mixing else None
+        )
+        self.dec_patch_mix = (
+            param(rngs, normal_fan_in(n), (p, n), (None, None)) if register_mixing else None
+        )
         self.encoder = Encoder(
             we,
             int(encoder["depth"]),
@@ -138,6 +159,9 @@ class FlexTok(nnx.Module):
         if time_shift < 1.0:
             raise ValueError(f"time_shift must be >= 1, got {time_shift}")
         self.time_shift = float(time_shift)
+        if prediction not in ("velocity", "x0"):
+            raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
+        self.prediction = prediction
         self.adaln_registers = (
             Dense(wd, wd, ("embed", None), rngs=rngs, dtype=dtype) if adaln_registers else None
         )
@@ -206,21 +230,29 @@ class FlexTok(nnx.Module):
 
     # --- encoder -------------------------------------------------------------------------------
 
+    def encoder_inputs(self, images: jax.Array) -> tuple[jax.Array, RegisterCausalMask]:
+        """images [B, H, W, C] -> (the encoder's input tokens [B, P + N, De] = [patches ;
+        registers], its attention mask)."""
+        self.check_images(images)
+        x = self.enc_patch_embed(self.to_space(images))
+        x = x + jnp.asarray(sincos_2d(*self.grid, self.enc_width)).astype(x.dtype)[None]
+        registers = jnp.broadcast_to(
+            self.enc_registers[...].astype(x.dtype), (x.shape[0], *self.enc_registers.shape)
+        )
+        if self.enc_register_mix is not None:
+            mix = self.enc_register_mix[...].astype(x.dtype)
+            registers = registers + jnp.einsum("np,bpd->bnd", mix, x)
+        x = jnp.concatenate([x, registers], axis=1)
+        return sharding.constrain(x, ("batch", "length", "embed")), RegisterCausalMask(
+            self.num_patches
+        )
+
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B, H, W, C] in [-1, 1] -> (codes [B, N, d] float32, ids [B, N] int32).
 
         ``codes`` carry straight-through gradients to the encoder.
         """
-        self.check_images(images)
-        patches = self.to_space(images)
-        x = self.enc_patch_embed(patches)
-        x = x + jnp.asarray(sincos_2d(*self.grid, self.enc_width)).astype(x.dtype)[None]
-        registers = jnp.broadcast_to(
-            self.enc_registers[...].astype(x.dtype), (x.shape[0], *self.enc_registers.shape)
-        )
-        x = jnp.concatenate([x, registers], axis=1)
-        x = sharding.constrain(x, ("batch", "length", "embed"))
-        x = self.encoder(x, RegisterCausalMask(self.num_patches))
+        x = self.encoder(*self.encoder_inputs(images))
         z = self.to_fsq(x[:, self.num_patches :])
         return self.fsq(z)
 
@@ -246,17 +278,38 @@ class FlexTok(nnx.Module):
         projected hidden patch tokens [B, P, repa_dim]."""
         x = self.dec_patch_embed(x_t)
         x = x + jnp.asarray(sincos_2d(*self.grid, self.dec_width)).astype(x.dtype)[None]
-        x = jnp.concatenate([registers.astype(x.dtype), x], axis=1)
+        registers = registers.astype(x.dtype)
+        if self.dec_patch_mix is not None:
+            x = x + jnp.einsum("pn,bnd->bpd", self.dec_patch_mix[...].astype(x.dtype), registers)
+        x = jnp.concatenate([registers, x], axis=1)
         x = sharding.constrain(x, ("batch", "length", "embed"))
         cond = self.time_embed(sigma)
         if self.adaln_registers is not None:
             cond = cond + self.adaln_registers(registers.mean(axis=1)).astype(cond.dtype)
         if self.repa_proj is None:
             h = self.decoder(x, cond)
-            return self.dec_out(h[:, self.num_registers :]).astype(jnp.float32)
+            return self._to_velocity(h, x_t, sigma)
         h, hidden = self.decoder(x, cond, return_hidden=self.repa_layer)
         aligned = self.repa_proj(hidden[:, self.num_registers :]).astype(jnp.float32)
-        return self.dec_out(h[:, self.num_registers :]).astype(jnp.float32), aligned
+        return self._to_velocity(h, x_t, sigma), aligned
+
+    def velocity_target(self, x_t, x0, noise, sigma) -> jax.Array:
+        """The velocity ``velocity`` is trained to output, [B, P, patch_dim] float32: noise - x0,
+        which x0-prediction reaches as (x_t - x0) / sigma, with the same sigma floor."""
+        if self.prediction == "velocity":
+            return (noise - x0).astype(jnp.float32)
+        s = jnp.maximum(sigma.astype(jnp.float32), X0_SIGMA_FLOOR)[:, None, None]
+        return (x_t - x0).astype(jnp.float32) / s
+
+    def _to_velocity(self, h: jax.Array, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
+        """Decoder output tokens [B, N + P, Dd] -> velocity [B, P, patch_dim] float32."""
+        out = self.dec_out(h[:, self.num_registers :]).astype(jnp.float32)
+        if self.prediction == "velocity":
+            return out
+        # x0-prediction: v = (x_t - x0) / sigma, with sigma floored as the division blows up
+        # the error near the data end (the floor's value as in Li & He 2025).
+        s = jnp.maximum(sigma.astype(jnp.float32), X0_SIGMA_FLOOR)[:, None, None]
+        return (x_t.astype(jnp.float32) - out) / s
 
     def predict_velocity(self, x_t, sigma, registers) -> jax.Array:
         out = self.velocity(x_t, sigma, registers)
@@ -334,7 +387,18 @@ class FlexTok(nnx.Module):
         encoder = transformer_flops(length, we, enc.depth, enc.mlp_dim)
         decoder = transformer_flops(length, wd, dec.depth, dec.mlp_dim)
         modulation = 2 * wd * wd * (6 * dec.depth + 2)
-        return float(embed + encoder + decoder + modulation)
+        mixing = 2 * self.num_patches * self.num_registers * (we + wd)
+        mixing *= self.enc_register_mix is not None
+        return float(embed + encoder + decoder + modulation + mixing)
+
+
+X0_SIGMA_FLOOR = 0.05
+
+
+def normal_fan_in(fan_in: int):
+    """N(0, 1 / fan_in): a mixing matrix that keeps the scale of what it sums (a random linear
+    sketch at init, already informative)."""
+    return nnx.initializers.normal(stddev=float(fan_in) ** -0.5)
 
 
 def shift_sigma(sigma: jax.Array, shift: float) -> jax.Array:

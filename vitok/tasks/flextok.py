@@ -3,6 +3,7 @@
 Config (``config.flextok``):
   nested_dropout   "pow2" (k in {1, 2, 4, ..., N}) or "uniform" (k in 1..N)
   cfg_dropout      probability of the null condition (every register masked), for guidance
+  loss_space       "velocity" (the published loss) or "x0" (velocity error times sigma^2)
   repa_weight      weight of the REPA alignment loss (0: off; needs model.repa_dim > 0 and a
                    frozen ``model.repa_encoder``)
 """
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitok.models.flextok import keep_count_choices, keep_mask, shift_sigma
+from vitok.models.flextok import X0_SIGMA_FLOOR, keep_count_choices, keep_mask, shift_sigma
 from vitok.registry import TASKS
 
 
@@ -25,9 +26,25 @@ def noise_images(x0: jax.Array, noise: jax.Array, sigma: jax.Array) -> jax.Array
     return s * noise + (1 - s) * x0
 
 
-def flow_loss(v_pred: jax.Array, x0: jax.Array, noise: jax.Array) -> jax.Array:
-    """Mean squared error of the predicted velocity against noise - x0 (float32 scalar)."""
-    return jnp.mean(jnp.square(v_pred.astype(jnp.float32) - (noise - x0)))
+def flow_loss(v_pred: jax.Array, v_target: jax.Array, weight: jax.Array | None = None):
+    """Mean squared error of the predicted velocity against its target (float32 scalar);
+    ``weight`` [B] scales each example's error."""
+    err = jnp.square(v_pred.astype(jnp.float32) - v_target)
+    if weight is not None:
+        err = err * weight.reshape((-1,) + (1,) * (err.ndim - 1))
+    return jnp.mean(err)
+
+
+def loss_weight(sigma: jax.Array, space: str) -> jax.Array | None:
+    """Per-example weight of the velocity error that measures it in ``space``: "velocity"
+    (none) or "x0" (sigma^2: the error of the implied clean estimate x_t - sigma v, floored
+    like x0-prediction). The x0 weighting moves the loss towards high noise, where only the
+    tokens tell the decoder what the image is."""
+    if space == "velocity":
+        return None
+    if space == "x0":
+        return jnp.square(jnp.maximum(sigma, X0_SIGMA_FLOOR))
+    raise ValueError(f"flextok.loss_space must be 'velocity' or 'x0', got {space!r}")
 
 
 def sample_keep_counts(rng: jax.Array, batch: int, choices, cfg_dropout: float) -> jax.Array:
@@ -55,6 +72,8 @@ class FlexTokTask:
         self.choices = keep_count_choices(self.num_registers, cfg.get("nested_dropout", "pow2"))
         self.cfg_dropout = float(cfg.get("cfg_dropout", 0.1))
         self.repa_weight = float(cfg.get("repa_weight", 0.0))
+        self.loss_space = cfg.get("loss_space", "velocity")
+        loss_weight(jnp.ones(()), self.loss_space)  # validates the name
         if self.repa_weight and not int(config.model.get("repa_dim", 0)):
             raise ValueError("flextok.repa_weight > 0 needs model.repa_dim > 0")
 
@@ -70,9 +89,11 @@ class FlexTokTask:
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
         sigma = jax.nn.sigmoid(jax.random.normal(sigma_rng, (b,), jnp.float32))
         sigma = shift_sigma(sigma, model.time_shift)
-        out = model.velocity(noise_images(x0, noise, sigma), sigma, registers)
+        x_t = noise_images(x0, noise, sigma)
+        out = model.velocity(x_t, sigma, registers)
         v_pred, aligned = out if isinstance(out, tuple) else (out, None)
-        loss = flow_loss(v_pred, x0, noise)
+        target = model.velocity_target(x_t, x0, noise, sigma)
+        loss = flow_loss(v_pred, target, loss_weight(sigma, self.loss_space))
         if not self.repa_weight or aligned is None:
             return loss, {}
         repa = cosine_alignment(aligned, model.repa_target(images))
