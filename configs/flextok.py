@@ -75,6 +75,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.source = "photo_crops"
     c.data.split = "train"
     c.data.crop_size = 32
+    c.data.photos = ""  # "": the split's photos (see vitok.data.sources.PHOTO_SPLITS)
     c.data.pp = "decode(channels=3)|flip_lr|value_range(-1, 1)"
     c.data.skip_bad = False
     c.data.num_threads = 4
@@ -95,6 +96,7 @@ def base() -> ml_collections.ConfigDict:
     c.evals.recon.data.source = "photo_crops"
     c.evals.recon.data.split = "test"
     c.evals.recon.data.crop_size = 32
+    c.evals.recon.data.photos = ""
     c.evals.recon.data.num_examples = 256
     c.evals.recon.data.pp = "decode(channels=3)|value_range(-1, 1)"
     c.evals.recon.data.num_threads = 4

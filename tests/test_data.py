@@ -72,6 +72,13 @@ def test_photo_crops_never_share_a_source_photo():
     assert src[0]["path"].startswith("chelsea.png")
 
 
+def test_photo_crops_take_a_chosen_photo_list_and_name_a_missing_photo():
+    src = sources.PhotoCropsSource(split="train", crop_size=16, photos="rocket.jpg, coffee.png")
+    assert [src[i]["path"].split("#")[0] for i in range(4)] == ["rocket.jpg", "coffee.png"] * 2
+    with pytest.raises(ValueError, match="no photo.*nope.png"):
+        sources.PhotoCropsSource(split="train", photos="rocket.jpg,nope.png")
+
+
 # --- decoding and bad input --------------------------------------------------------------------------
 
 

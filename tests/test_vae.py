@@ -42,16 +42,20 @@ def test_vae_downsamples_by_its_factor_and_rejects_wrong_sizes():
     model = build_model(config.model, nnx.Rngs(0))
     assert model.factor == 4 and model.latent_shape() == (4, 4, 4)
     images = jnp.zeros((2, 16, 16, 3))
-    recon, mean, logvar = model(images, jax.random.key(0))
+    recon, mean, logvar = nnx.jit(lambda m, x: m(x, jax.random.key(0)))(model, images)
     assert recon.shape == images.shape and mean.shape == logvar.shape == (2, 4, 4, 4)
-    assert model.encode(images).shape == (2, 4, 4, 4)
+    assert jax.eval_shape(model.encode, images).shape == (2, 4, 4, 4)
     with pytest.raises(ValueError, match="VAE expects images"):
-        model(jnp.zeros((2, 8, 8, 3)))
+        jax.eval_shape(model, jnp.zeros((2, 8, 8, 3)))
 
 
 def test_flextok_trains_in_a_frozen_vae_latent_space(tmp_path):
     vae_dir = str(tmp_path / "vae")
-    train.train_and_evaluate(small_vae_config(), vae_dir)
+    vae_config = small_vae_config(**{"total_steps": 1})
+    with vae_config.unlocked():
+        vae_config.evals = ml_collections.ConfigDict()  # its evaluator has a test of its own
+    one_device = jax.devices()[:1]  # sharding is tested elsewhere; this test is about loading
+    train.train_and_evaluate(vae_config, vae_dir, devices=one_device)
     from vitok import sharding
     from vitok.inference import load_config, load_params
 
@@ -66,7 +70,7 @@ def test_flextok_trains_in_a_frozen_vae_latent_space(tmp_path):
     with config.unlocked():
         config.model.vae = ml_collections.ConfigDict(vae_model)
     ft_dir = str(tmp_path / "flextok")
-    final = train.train_and_evaluate(config, ft_dir)
+    final = train.train_and_evaluate(config, ft_dir, devices=one_device)
     assert np.isfinite(final["eval/psnr@4"]) and np.isfinite(final["train/loss"])
 
     # The FlexTok checkpoint holds the VAE's trained weights, unchanged by FlexTok's training.

@@ -29,7 +29,7 @@ from vitok import checkpoint, perf, sharding
 from vitok import config as config_lib
 from vitok.data import pipeline
 from vitok.models import ModelHandle, init_variables
-from vitok.models.frozen import load_pretrained
+from vitok.models.frozen import load_pretrained, pretrained_workdirs
 from vitok.optim import make_optimizer
 from vitok.plots import plot_curves
 from vitok.registry import EVALUATORS, TASKS
@@ -232,6 +232,7 @@ def train_and_evaluate(
     )
     restored = ckpt.restore(target, train_iter)
     if restored is None:
+        pretrained_workdirs(model)  # a missing workdir fails here, before compiling anything
         state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_rng)
         state["extra"] = load_pretrained(model, config.model, state["extra"])
         start_step = 0

@@ -37,7 +37,7 @@ _SOURCE_KEYS = {
     "tfds": ("name", "data_dir", "image_key", "label_key"),
     "folder": ("path",),
     "mnist5k": (),
-    "photo_crops": ("crop_size", "num_examples", "min_scale"),
+    "photo_crops": ("crop_size", "num_examples", "min_scale", "photos"),
 }
 
 
@@ -210,6 +210,10 @@ class PhotoCropsSource:
     """Random square crops of the scikit-image photos: example i is a crop of photo
     ``i % num_photos`` at a position and scale drawn from a generator seeded by i, resized to
     ``crop_size``. Deterministic and random-access, so it shuffles and checkpoints like any source.
+
+    ``photos`` ("a.png,b.jpg", file names in ``skimage/data``) replaces the split's photo list,
+    to study how the choice of photos moves the results; keeping train and test photos apart is
+    then the caller's job.
     """
 
     def __init__(
@@ -219,12 +223,17 @@ class PhotoCropsSource:
         crop_size: int = 32,
         num_examples: int = 50_000,
         min_scale: float = 0.1,
+        photos: str = "",
     ):
         if split == "validation":
             split = "test"
         if split not in PHOTO_SPLITS:
             raise ValueError(f"photo_crops has splits {tuple(PHOTO_SPLITS)}, got {split!r}")
-        self.names = PHOTO_SPLITS[split]
+        self.names = tuple(n.strip() for n in photos.split(",") if n.strip()) or PHOTO_SPLITS[split]
+        shipped = importlib.resources.files("skimage") / "data"
+        missing = [n for n in self.names if not (shipped / n).is_file()]
+        if missing:
+            raise ValueError(f"photo_crops: no photo {missing} in {shipped}")
         self.photos = [_photo(n) for n in self.names]
         self.crop_size = crop_size
         self.num_examples = num_examples

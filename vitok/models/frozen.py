@@ -30,16 +30,29 @@ def freeze(module: nnx.Module) -> nnx.Module:
     return module
 
 
+def pretrained_workdirs(model_handle: Any) -> dict[str, str]:
+    """{attribute: workdir} of the model's pretrained sub-models; an empty workdir is an error
+    (raised before anything is initialised or compiled)."""
+    abstract = nnx.merge(
+        model_handle.graphdef, model_handle.param_template, model_handle.extra_template
+    )
+    sources = abstract.pretrained_workdirs() if hasattr(abstract, "pretrained_workdirs") else {}
+    for attribute, workdir in sources.items():
+        if not workdir:
+            raise ValueError(
+                f"model.{attribute}: a pretrained sub-model needs the workdir of its training "
+                f"run (set its 'checkpoint' field)"
+            )
+    return sources
+
+
 def load_pretrained(model_handle: Any, model_config: Any, extra: dict) -> dict:
     """Returns ``extra`` with each pretrained sub-model's weights read from its workdir.
 
     The sub-model's trained params (EMA if kept) replace the matching subtree of ``extra``, with
     the same shardings; a shape mismatch is an error naming the sub-model and the workdir.
     """
-    abstract = nnx.merge(
-        model_handle.graphdef, model_handle.param_template, model_handle.extra_template
-    )
-    sources = abstract.pretrained_workdirs() if hasattr(abstract, "pretrained_workdirs") else {}
+    sources = pretrained_workdirs(model_handle)
     if not sources:
         return extra
     from vitok import sharding
@@ -47,11 +60,6 @@ def load_pretrained(model_handle: Any, model_config: Any, extra: dict) -> dict:
 
     extra = dict(extra)
     for attribute, workdir in sources.items():
-        if not workdir:
-            raise ValueError(
-                f"model.{attribute}: a pretrained sub-model needs the workdir of its training "
-                f"run (set its 'checkpoint' field)"
-            )
         run_config = load_config(workdir)
         _, params, _, step = load_params(run_config, workdir, sharding.make_mesh({"data": -1}))
         current = extra[attribute]
