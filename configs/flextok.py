@@ -3,9 +3,11 @@
 Presets:
   tiny              pixel-space FlexTok on 32x32 crops of the scikit-image photos (train and
                     held-out crops come from different photos); 32 registers, width-64 encoder
-                    and decoder; CPU, about 13 minutes. To learn faster on a CPU budget it
-                    shifts noise levels up (time_shift 4) and also feeds the registers' mean to
-                    AdaLN (adaln_registers); the full-scale presets do neither.
+                    and decoder; CPU, about 14 minutes. To learn faster on a CPU budget it
+                    shifts noise levels up (time_shift 4), feeds the registers' mean to AdaLN
+                    (adaln_registers), predicts x0 instead of the velocity (prediction) and adds
+                    a linear register <-> patch path (register_mixing); the full-scale presets
+                    do none of these.
   imagenet256_d12   the published d12-d12 model: ImageNet 256, c16 VAE latents (32x32x16),
   imagenet256_d18   2x2 patches, 256 registers, FSQ [8,8,8,5,5,5], head dim 64; d18-d18 and
   imagenet256_d18_d28   d18-d28 differ in depth/width only. TPU/GPU pods, bf16, FSDP.
@@ -58,8 +60,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.adaln_registers = True
     c.model.time_shift = 4.0
-    c.model.prediction = "velocity"
-    c.model.register_mixing = False
+    c.model.prediction = "x0"
+    c.model.register_mixing = True
     c.model.repa_layer = 0
     c.model.repa_dim = 0
     c.model.vae = ml_collections.ConfigDict({"name": ""})  # "" = pixel space
@@ -138,6 +140,8 @@ def _imagenet256(encoder_depth: int, decoder_depth: int) -> ml_collections.Confi
     c.model.decoder = _transformer(64 * decoder_depth, decoder_depth)
     c.model.adaln_registers = False  # the published decoder: registers by attention only
     c.model.time_shift = 1.0
+    c.model.prediction = "velocity"
+    c.model.register_mixing = False
     c.model.attention_backend = "dense"
     c.model.scan_layers = True
     c.model.dtype = "bfloat16"

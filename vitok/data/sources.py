@@ -176,20 +176,17 @@ class Mnist5kSource:
 
 # Natural photographs in the scikit-image wheel. Test photos never appear in training.
 PHOTO_SPLITS = {
+    # Colour photographs only: with the grayscale textures (brick, grass, gravel, ...) in the
+    # training split, FlexTok tiny drew grey and off-colour reconstructions of the (colour) test
+    # photos; per-image mean colour alone scored 18.4 dB on those train crops, 15.6 on test.
     "train": (
         "astronaut.png",
-        "brick.png",
-        "camera.png",
-        "coins.png",
-        "grass.png",
-        "gravel.png",
         "hubble_deep_field.jpg",
         "ihc.png",
-        "moon.png",
         "motorcycle_left.png",
+        "motorcycle_right.png",
         "retina.jpg",
         "rocket.jpg",
-        "cell.png",
         "color.png",
     ),
     "test": ("chelsea.png", "coffee.png"),
