@@ -68,9 +68,8 @@ class FlexTok(nnx.Module):
         spatial layout from the first steps. A CPU-budget option; full-scale presets leave it off.
       prediction: what the decoder's output layer predicts: "velocity" (noise - x0, the
         published model) or "x0" (the clean patches; the velocity is then (x_t - x0) / sigma,
-        Li & He 2025). In pixel space a patch (48 values for 4x4x3) is large next to a small
-        decoder's width, and carrying the noise through the network for a velocity is what it
-        spends its capacity on; predicting x0 removes that.
+        Li & He 2025, who argue for it when a pixel patch is large next to the width: a velocity
+        makes the network carry the noise through to its output).
     """
 
     def __init__(
@@ -298,8 +297,7 @@ class FlexTok(nnx.Module):
         which x0-prediction reaches as (x_t - x0) / sigma, with the same sigma floor."""
         if self.prediction == "velocity":
             return (noise - x0).astype(jnp.float32)
-        s = jnp.maximum(sigma.astype(jnp.float32), X0_SIGMA_FLOOR)[:, None, None]
-        return (x_t - x0).astype(jnp.float32) / s
+        return (x_t - x0).astype(jnp.float32) / floored_sigma(sigma)[:, None, None]
 
     def _to_velocity(self, h: jax.Array, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
         """Decoder output tokens [B, N + P, Dd] -> velocity [B, P, patch_dim] float32."""
@@ -308,8 +306,7 @@ class FlexTok(nnx.Module):
             return out
         # x0-prediction: v = (x_t - x0) / sigma, with sigma floored as the division blows up
         # the error near the data end (the floor's value as in Li & He 2025).
-        s = jnp.maximum(sigma.astype(jnp.float32), X0_SIGMA_FLOOR)[:, None, None]
-        return (x_t.astype(jnp.float32) - out) / s
+        return (x_t.astype(jnp.float32) - out) / floored_sigma(sigma)[:, None, None]
 
     def predict_velocity(self, x_t, sigma, registers) -> jax.Array:
         out = self.velocity(x_t, sigma, registers)
@@ -393,6 +390,12 @@ class FlexTok(nnx.Module):
 
 
 X0_SIGMA_FLOOR = 0.05
+
+
+def floored_sigma(sigma: jax.Array) -> jax.Array:
+    """sigma [B] -> max(sigma, X0_SIGMA_FLOOR) float32: the divisor that turns an x0 error into
+    a velocity error."""
+    return jnp.maximum(sigma.astype(jnp.float32), X0_SIGMA_FLOOR)
 
 
 def normal_fan_in(fan_in: int):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitok.models.flextok import X0_SIGMA_FLOOR, keep_count_choices, keep_mask, shift_sigma
+from vitok.models.flextok import floored_sigma, keep_count_choices, keep_mask, shift_sigma
 from vitok.registry import TASKS
 
 
@@ -43,7 +43,7 @@ def loss_weight(sigma: jax.Array, space: str) -> jax.Array | None:
     if space == "velocity":
         return None
     if space == "x0":
-        return jnp.square(jnp.maximum(sigma, X0_SIGMA_FLOOR))
+        return jnp.square(floored_sigma(sigma))
     raise ValueError(f"flextok.loss_space must be 'velocity' or 'x0', got {space!r}")
 
 
