@@ -2,6 +2,10 @@
 
 Presets:
   tiny      ViT on the 5,000 embedded MNIST digits (4,000 train / 1,000 held out); CPU, minutes.
+  tiny_flexi   FlexiViT on the digits: one set of weights trained at patch sizes 2, 4 and 7
+            (one sampled per step), evaluated at each.
+  tiny_seg  decoder-free segmentation of the digits (background + 10 digit classes per pixel)
+            with a linear per-token head; mIoU on held-out digits.
   i1k_b16   ViT-B/16 on ImageNet-1k (tfds imagenet2012), 300 epochs at batch 4096 (DeiT-style
             recipe, Touvron et al. 2021); TPU/GPU pods, bf16 compute, FSDP.
 
@@ -38,6 +42,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 128
     c.model.num_heads = 4
     c.model.num_classes = 10
+    c.model.dense_classes = 0  # > 0: a per-token segmentation head (ViT.dense)
     c.model.posemb = "sincos2d"
     c.model.pool = "cls"
     c.model.dropout = 0.0
@@ -45,6 +50,9 @@ def base() -> ml_collections.ConfigDict:
     c.model.remat = False
     c.model.scan_layers = False
     c.model.dtype = "float32"
+
+    c.flexivit = ml_collections.ConfigDict()
+    c.flexivit.patch_sizes = ()  # e.g. (2, 4, 7): one drawn per step; (): the native size
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "mnist5k"
@@ -87,6 +95,33 @@ def tiny() -> ml_collections.ConfigDict:
     return base()
 
 
+def tiny_flexi() -> ml_collections.ConfigDict:
+    c = base()
+    c.model.patch_size = 4  # the stored kernel's size; other sizes are PI-resized from it
+    c.flexivit.patch_sizes = (2, 4, 7)
+    test = c.evals.test
+    del c.evals["test"]
+    for p in c.flexivit.patch_sizes:
+        ev = ml_collections.ConfigDict(test.to_dict())
+        ev.prefix = f"eval_p{p}"
+        ev.patch_size = p
+        c.evals[f"test_p{p}"] = ev
+    return c
+
+
+def tiny_seg() -> ml_collections.ConfigDict:
+    c = base()
+    c.task = "segmentation"
+    c.total_steps = 600
+    c.model.num_classes = 0
+    c.model.dense_classes = 11  # background + digits 0..9
+    c.model.pool = "gap"
+    c.data.pp = "decode(channels=1)|digit_segmentation(0.5)|value_range(0, 1)"
+    c.evals.test.type = "segmentation"
+    c.evals.test.data.pp = c.data.pp
+    return c
+
+
 def i1k_b16() -> ml_collections.ConfigDict:
     c = base()
     c.total_steps = 300 * 1_281_167 // 4096
@@ -127,7 +162,7 @@ def i1k_b16() -> ml_collections.ConfigDict:
     return c
 
 
-PRESETS = {"tiny": tiny, "i1k_b16": i1k_b16}
+PRESETS = {"tiny": tiny, "tiny_flexi": tiny_flexi, "tiny_seg": tiny_seg, "i1k_b16": i1k_b16}
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:

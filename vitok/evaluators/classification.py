@@ -13,16 +13,20 @@ from vitok.tasks.classification import cross_entropy
 
 @EVALUATORS.register("classification")
 class ClassificationEvaluator:
-    """Reports ``{prefix}/accuracy`` and ``{prefix}/loss`` over every example of the split."""
+    """Reports ``{prefix}/accuracy`` and ``{prefix}/loss`` over every example of the split.
+
+    ``patch_size`` (optional, 0 = native) runs a ViT at another patch size (FlexiViT).
+    """
 
     def __init__(self, config: Any, context: Any):
         self.config = config
         self.context = context
         self.prefix = config.get("prefix", "eval")
+        patch_size = int(config.get("patch_size", 0)) or None
 
         def sums(params, extra, batch):
             model = context.model.merge(params, extra)
-            logits = model(batch["image"])
+            logits = model(batch["image"], **({"patch_size": patch_size} if patch_size else {}))
             mask = batch["mask"]
             correct = (logits.argmax(-1) == batch["label"]) * mask
             losses = cross_entropy(logits, batch["label"]) * mask

@@ -1,4 +1,8 @@
-"""Vision Transformer with any patch size that divides the image, down to 1x1 pixel tokens."""
+"""Vision Transformer with any patch size that divides the image, down to 1x1 pixel tokens.
+
+One set of weights runs at any patch size (FlexiViT): ``model(images, patch_size=q)`` PI-resizes
+the patch-embedding kernel and resizes learned position embeddings (``vitok.nn.flexi``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vitok import sharding
+from vitok.nn.flexi import patch_resize_matrix, pi_resize_patch_kernel, resize_posemb
 from vitok.nn.layers import Dense, param
 from vitok.nn.posemb import sincos_2d
 from vitok.nn.transformer import Encoder
@@ -52,6 +57,11 @@ class ViT(nnx.Module):
       posemb: "sincos2d" (fixed) or "learn".
       pool: "cls" (a class token) or "gap" (mean over patch tokens).
       num_classes: classifier outputs; 0 gives no head (``__call__`` returns features).
+      dense_classes: if > 0, a linear per-token head (``dense``) that predicts the p*p pixels'
+        classes of each patch token ("decoder-free" segmentation).
+
+    Every call takes an optional ``patch_size`` (default: the native ``patch_size``) that must
+    divide H and W; the weights are resized to it (FlexiViT).
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class ViT(nnx.Module):
         mlp_dim: int = 1536,
         num_heads: int = 6,
         num_classes: int = 1000,
+        dense_classes: int = 0,
         posemb: str = "sincos2d",
         pool: str = "cls",
         dropout: float = 0.0,
@@ -122,6 +133,19 @@ class ViT(nnx.Module):
             if num_classes
             else None
         )
+        self.dense_classes = dense_classes
+        self.dense_head = (
+            Dense(
+                width,
+                patch_size * patch_size * dense_classes,
+                ("embed", "classes"),
+                rngs=rngs,
+                kernel_init=zeros,
+                dtype=dtype,
+            )
+            if dense_classes
+            else None
+        )
 
     def forward_flops(self) -> float:
         """Analytic matmul FLOPs of one forward pass for one image."""
@@ -144,25 +168,93 @@ class ViT(nnx.Module):
                 f"got {tuple(images.shape)}"
             )
 
-    def tokens(self, images: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """images: [B, H, W, C] -> encoded tokens [B, (1 +) N, D] (class token first if any)."""
+    def grid_for(self, patch_size: int) -> tuple[int, int]:
+        h, w = self.image_size
+        if patch_size < 1 or h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the image size {h}x{w}")
+        return h // patch_size, w // patch_size
+
+    def embed_patches(self, images: jax.Array, patch_size: int) -> jax.Array:
+        """images: [B, H, W, C] -> patch embeddings plus position embeddings [B, L, D] at
+        ``patch_size`` (L = H*W / patch_size^2); weights PI-resized from the native size."""
+        grid = self.grid_for(patch_size)
+        kernel = pi_resize_patch_kernel(
+            self.embed.kernel[...], old=self.patch_size, new=patch_size, channels=self.channels
+        )
+        patches = patchify(images, patch_size).astype(self.dtype)
+        x = jnp.dot(patches, kernel.astype(self.dtype)) + self.embed.bias[...].astype(self.dtype)
+        if self.posemb is None:
+            posemb = jnp.asarray(sincos_2d(*grid, self.width))
+        else:
+            posemb = resize_posemb(self.posemb[...], self.grid, grid)
+        return x + posemb.astype(x.dtype)[None]
+
+    def tokens(
+        self,
+        images: jax.Array,
+        *,
+        patch_size: int | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """images: [B, H, W, C] -> encoded tokens [B, (1 +) L, D] (class token first if any)."""
         self.check_images(images)
-        x = self.embed(patchify(images, self.patch_size))
-        posemb = sincos_2d(*self.grid, self.width) if self.posemb is None else self.posemb[...]
-        x = x + jnp.asarray(posemb).astype(x.dtype)[None]
+        x = self.embed_patches(images, patch_size or self.patch_size)
         if self.pool == "cls":
             cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls, x], axis=1)
         x = sharding.constrain(x, ("batch", "length", "embed"))
         return self.encoder(x, dropout_rng=dropout_rng)
 
-    def __call__(self, images: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        patch_size: int | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
         """images: [B, H, W, C] -> logits [B, num_classes] in float32 (features if no head)."""
-        x = self.tokens(images, dropout_rng=dropout_rng)
+        x = self.tokens(images, patch_size=patch_size, dropout_rng=dropout_rng)
         pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         if self.head is None:
             return pooled
         return self.head(pooled).astype(jnp.float32)
+
+    def dense(
+        self,
+        images: jax.Array,
+        *,
+        patch_size: int | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """images: [B, H, W, C] -> per-pixel logits [B, H, W, dense_classes] in float32.
+
+        Each patch token predicts its own p*p pixels through one linear layer (no decoder). At
+        another patch size q the head's p*p outputs per class are resized to q*q bilinearly.
+        """
+        if self.dense_head is None:
+            raise ValueError("this ViT has no dense head; build it with dense_classes > 0")
+        q = patch_size or self.patch_size
+        grid = self.grid_for(q)
+        x = self.tokens(images, patch_size=q, dropout_rng=dropout_rng)
+        x = x[:, 1:] if self.pool == "cls" else x
+        kernel = self.dense_head.kernel[...]
+        bias = self.dense_head.bias[...]
+        if q != self.patch_size:
+            kernel, bias = _resize_dense_head(kernel, bias, self.patch_size, q, self.dense_classes)
+        logits = jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+        return unpatchify(logits, grid, q).astype(jnp.float32)
+
+
+def _resize_dense_head(kernel, bias, old: int, new: int, classes: int):
+    """A per-token head's outputs laid out as (row, column, class) for an old x old patch ->
+    the same for new x new, by bilinear interpolation of each output map (a linear map, so it is
+    applied to the kernel and bias directly)."""
+    d = kernel.shape[0]
+    r = jnp.asarray(patch_resize_matrix(old, new))  # [new*new, old*old]
+    k = kernel.reshape(d, old * old, classes)
+    k = jnp.einsum("no,doc->dnc", r, k).reshape(d, new * new * classes)
+    b = jnp.einsum("no,oc->nc", r, bias.reshape(old * old, classes)).reshape(-1)
+    return k, b
 
 
 @MODELS.register("vit")

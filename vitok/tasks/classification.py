@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,15 +18,48 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def train_patch_sizes(config: Any) -> tuple[int, ...]:
+    """``config.flexivit.patch_sizes``: the patch sizes a FlexiViT run samples from, one per step
+    (empty: the model's native size only)."""
+    flexi = config.get("flexivit") or {}
+    sizes = tuple(int(p) for p in flexi.get("patch_sizes", ()))
+    if any(p < 1 for p in sizes):
+        raise ValueError(f"config.flexivit.patch_sizes must be positive, got {sizes}")
+    return sizes
+
+
+def call_at_sampled_patch_size(
+    fn: Callable[[int | None], jax.Array], patch_sizes: Sequence[int], rng: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Runs ``fn(patch_size)`` at a patch size drawn uniformly from ``patch_sizes`` by ``rng``.
+
+    All sizes live in one compiled step (``lax.switch``), so a run compiles once however many
+    sizes it samples. Returns (fn's output, the patch size used as an int32 scalar). With no
+    sizes it runs ``fn(None)`` (the native size) and reports 0.
+    """
+    if not patch_sizes:
+        return fn(None), jnp.zeros((), jnp.int32)
+    index = jax.random.randint(rng, (), 0, len(patch_sizes))
+    out = jax.lax.switch(index, [lambda p=p: fn(p) for p in patch_sizes])
+    return out, jnp.asarray(patch_sizes, jnp.int32)[index]
+
+
 @TASKS.register("classification")
 class ClassificationTask:
-    """Batches hold ``image: [B, H, W, C]`` and ``label: [B]``."""
+    """Batches hold ``image: [B, H, W, C]`` and ``label: [B]``. With
+    ``config.flexivit.patch_sizes`` each step runs the model at one size drawn from the list."""
 
     def __init__(self, config: Any):
         self.label_smoothing = float(config.get("label_smoothing", 0.0))
+        self.patch_sizes = train_patch_sizes(config)
 
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-        logits = model(batch["image"], dropout_rng=rng)
+        dropout_rng, size_rng = jax.random.split(rng)
+        logits, patch_size = call_at_sampled_patch_size(
+            lambda p: model(batch["image"], patch_size=p, dropout_rng=dropout_rng),
+            self.patch_sizes,
+            size_rng,
+        )
         labels = batch["label"]
         if self.label_smoothing:
             targets = optax.smooth_labels(
@@ -35,4 +69,7 @@ class ClassificationTask:
         else:
             losses = cross_entropy(logits, labels)
         accuracy = (logits.argmax(-1) == labels).mean()
-        return losses.mean(), {"train/accuracy": accuracy}
+        aux = {"train/accuracy": accuracy}
+        if self.patch_sizes:
+            aux["train/patch_size"] = patch_size
+        return losses.mean(), aux

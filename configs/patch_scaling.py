@@ -1,0 +1,122 @@
+"""Patch-size scaling (Wang et al. 2025, "An Image Is Worth 50,176 Tokens"): one recipe, many
+patch sizes, down to 1x1 pixel tokens.
+
+Presets (P is the patch size):
+  digits_pP        ViT (width 64, depth 4) classifying the embedded 28x28 MNIST digits at patch
+                   P in {14, 7, 4, 2, 1}; the CPU study (experiments/patch_scaling/run.py).
+  digits_seg_pP    the same ViT with the decoder-free per-token head segmenting the digits
+                   (background + 10 classes per pixel), scored by mIoU.
+  deit_b_64px_pP   the paper's DeiT-B on ImageNet at 64x64 (tfds imagenet_resized/64x64),
+                   P in {16, 8, 4, 2, 1}, 300 epochs at batch 1024; TPU/GPU pods.
+  deit_b_224px_p1  DeiT-B on 224x224 ImageNet with 1x1 patches: 50,176 tokens per image, the
+                   sequence sharded over the mesh's `sequence` axis (sequence-parallel
+                   attention), layers scanned and rematerialised; a TPU pod.
+
+    python -m vitok.train --config=configs/patch_scaling.py:digits_p2 --workdir=workdirs/p2
+
+Every digits preset shares the recipe (steps, batch, optimiser, augmentation): only the patch
+size, and with it the sequence length, changes.
+"""
+
+import importlib.util
+import os
+import re
+
+import ml_collections
+
+from vitok.config import unknown_preset
+
+DIGIT_PATCHES = (14, 7, 4, 2, 1)
+IMAGENET64_PATCHES = (16, 8, 4, 2, 1)
+
+
+def _vit_config(preset: str) -> ml_collections.ConfigDict:
+    """A preset of configs/vit.py, loaded by path (config files are not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit.py")
+    spec = importlib.util.spec_from_file_location("vitok_configs_vit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def digits(patch_size: int) -> ml_collections.ConfigDict:
+    c = _vit_config("tiny")
+    c.total_steps = 400
+    c.batch_size = 64
+    c.eval_every = 400
+    c.checkpoint_every = 400
+    c.model.patch_size = patch_size
+    c.model.pool = "gap"  # no class token: the sequence is exactly the pixels / patches
+    return c
+
+
+def digits_seg(patch_size: int) -> ml_collections.ConfigDict:
+    c = _vit_config("tiny_seg")
+    c.total_steps = 400
+    c.batch_size = 64
+    c.eval_every = 400
+    c.checkpoint_every = 400
+    c.model.patch_size = patch_size
+    return c
+
+
+def deit_b_64px(patch_size: int) -> ml_collections.ConfigDict:
+    """DeiT-B recipe (Touvron et al. 2021) at 64x64: AdamW, lr 5e-4 x batch / 512, 5 warm-up
+    epochs, cosine, weight decay 0.05, label smoothing 0.1."""
+    c = _vit_config("i1k_b16")
+    epochs, batch, examples = 300, 1024, 1_281_167
+    c.batch_size = batch
+    c.total_steps = epochs * examples // batch
+    c.optim.lr = 5e-4 * batch / 512
+    c.optim.warmup_steps = 5 * examples // batch
+    c.model.image_size = (64, 64)
+    c.model.patch_size = patch_size
+    c.model.pool = "gap"
+    c.model.remat = patch_size <= 2  # 1,024 and 4,096 tokens
+    c.model.attention_backend = "chunked" if patch_size <= 2 else "dense"
+    c.data.name = "imagenet_resized/64x64"
+    c.data.pp = "decode(channels=3)|random_crop(64)|flip_lr|value_range(-1, 1)"
+    c.evals.test.data.name = "imagenet_resized/64x64"
+    c.evals.test.data.pp = "decode(channels=3)|value_range(-1, 1)"
+    return c
+
+
+def deit_b_224px_p1() -> ml_collections.ConfigDict:
+    """50,176 pixel tokens per image. The sequence is sharded 8 ways (each device holds 6,272
+    tokens of every image); attention gathers K/V over the `sequence` axis."""
+    c = deit_b_64px(1)
+    c.model.image_size = (224, 224)
+    c.model.remat = True
+    c.model.scan_layers = True
+    c.model.attention_backend = "sequence_parallel"
+    c.data.name = "imagenet2012"
+    c.data.pp = "decode(channels=3)|resize(256)|random_crop(224)|flip_lr|value_range(-1, 1)"
+    c.evals.test.data.name = "imagenet2012"
+    c.evals.test.data.pp = "decode(channels=3)|resize(256)|central_crop(224)|value_range(-1, 1)"
+    c.evals.test.batch_size = 256
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 8})
+    return c
+
+
+_PATTERNS = {
+    r"digits_p(\d+)": (digits, DIGIT_PATCHES),
+    r"digits_seg_p(\d+)": (digits_seg, DIGIT_PATCHES),
+    r"deit_b_64px_p(\d+)": (deit_b_64px, IMAGENET64_PATCHES),
+}
+
+
+def presets() -> list[str]:
+    names = [
+        pattern.replace(r"(\d+)", str(p)) for pattern, (_, ps) in _PATTERNS.items() for p in ps
+    ]
+    return names + ["deit_b_224px_p1"]
+
+
+def get_config(preset: str = "digits_p4") -> ml_collections.ConfigDict:
+    if preset == "deit_b_224px_p1":
+        return deit_b_224px_p1()
+    for pattern, (build, patch_sizes) in _PATTERNS.items():
+        match = re.fullmatch(pattern, preset)
+        if match and int(match.group(1)) in patch_sizes:
+            return build(int(match.group(1)))
+    raise unknown_preset("patch_scaling", preset, presets())
