@@ -6,8 +6,9 @@ Presets:
                     and decoder; CPU, about 14 minutes. To learn faster on a CPU budget it
                     shifts noise levels up (time_shift 4), feeds the registers' mean to AdaLN
                     (adaln_registers), predicts x0 instead of the velocity (prediction) and adds
-                    a linear register <-> patch path (register_mixing); the full-scale presets
-                    do none of these.
+                    a linear register <-> patch path (register_mixing) that starts as the
+                    coarse-to-fine 2D DCT basis (mixing_init); the full-scale presets do none
+                    of these.
   imagenet256_d12   the published d12-d12 model: ImageNet 256, c16 VAE latents (32x32x16),
   imagenet256_d18   2x2 patches, 256 registers, FSQ [8,8,8,5,5,5], head dim 64; d18-d18 and
   imagenet256_d18_d28   d18-d28 differ in depth/width only. TPU/GPU pods, bf16, FSDP.
@@ -62,6 +63,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.time_shift = 4.0
     c.model.prediction = "x0"
     c.model.register_mixing = True
+    c.model.mixing_init = "dct"  # the linear route starts as the coarse-to-fine DCT basis
     c.model.repa_layer = 0
     c.model.repa_dim = 0
     c.model.vae = ml_collections.ConfigDict({"name": ""})  # "" = pixel space

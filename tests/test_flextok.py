@@ -16,6 +16,7 @@ from vitok.models import build_model
 from vitok.models.flextok import (
     FlexTok,
     apg_velocity,
+    dct_basis,
     keep_count_choices,
     keep_mask,
     shift_sigma,
@@ -154,6 +155,22 @@ def test_flow_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
     assert float(flow_loss(noise - x0 + 0.1, noise - x0)) == pytest.approx(0.01, rel=1e-5)
 
 
+def test_dct_basis_is_orthonormal_and_ordered_coarse_to_fine():
+    basis = dct_basis((4, 6), 30)
+    np.testing.assert_allclose(basis[:24] @ basis[:24].T, np.eye(24), atol=1e-5)
+    assert not basis[24:].any()  # only 24 basis functions exist on a 4x6 grid
+    np.testing.assert_allclose(basis[0], np.full(24, 24**-0.5), rtol=1e-5)  # the mean first
+    # Against scipy's orthonormal 2D DCT: projecting an image onto row r gives coefficient (u, v).
+    from scipy.fft import dctn
+
+    image = np.random.default_rng(0).normal(size=(4, 6))
+    coefficients = dctn(image, norm="ortho")
+    projections = basis[:24] @ image.reshape(-1)
+    np.testing.assert_allclose(np.sort(projections), np.sort(coefficients.reshape(-1)), atol=1e-5)
+    assert projections[1] == pytest.approx(coefficients[0, 1], abs=1e-5)  # then (0,1), (1,0)
+    assert projections[2] == pytest.approx(coefficients[1, 0], abs=1e-5)
+
+
 def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
     """With identical weights, the x0-model's velocity is (x_t - raw) / sigma where raw is what
     the velocity-model outputs; its training target is noise - x0 above the sigma floor."""
@@ -184,6 +201,8 @@ def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
         loss_weight(sigma, "eps")
     with pytest.raises(ValueError, match="prediction"):
         FlexTok(**kwargs, prediction="eps", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mixing_init must be 'normal' or 'dct'"):
+        FlexTok(**(kwargs | {"mixing_init": "pca"}), rngs=nnx.Rngs(0))
 
 
 class _PointMassFlow(FlexTok):

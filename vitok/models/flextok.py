@@ -66,6 +66,10 @@ class FlexTok(nnx.Module):
         only the first k tokens inform the image). Attention learns where to read only slowly;
         this linear route (a linear autoencoder, which nested dropout orders like PCA) carries
         spatial layout from the first steps. A CPU-budget option; full-scale presets leave it off.
+      mixing_init: how the two mixing maps start: "normal" (random, N(0, 1/fan_in)) or "dct"
+        (register i reads, and writes back, the i-th 2D DCT basis function over the patch grid,
+        lowest frequencies first). "dct" starts the route at the ordering nested dropout asks
+        for (register 1 the mean, then ever finer detail); training then adapts it.
       prediction: what the decoder's output layer predicts: "velocity" (noise - x0, the
         published model) or "x0" (the clean patches; the velocity is then (x_t - x0) / sigma,
         Li & He 2025, who argue for it when a pixel patch is large next to the width: a velocity
@@ -95,6 +99,7 @@ class FlexTok(nnx.Module):
         time_shift: float = 1.0,
         prediction: str = "velocity",
         register_mixing: bool = False,
+        mixing_init: str = "normal",
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(dtype)
@@ -127,11 +132,18 @@ class FlexTok(nnx.Module):
         unit = nnx.initializers.normal(stddev=1.0)
         self.enc_registers = param(rngs, unit, (num_registers, we), (None, "embed"))
         p, n = self.num_patches, num_registers
+        if mixing_init == "normal":
+            enc_mix_init, dec_mix_init = normal_fan_in(p), normal_fan_in(n)
+        elif mixing_init == "dct":
+            basis = dct_basis(self.grid, n)  # [N, P], orthonormal rows, low frequencies first
+            enc_mix_init, dec_mix_init = constant_init(basis), constant_init(basis.T)
+        else:
+            raise ValueError(f"mixing_init must be 'normal' or 'dct', got {mixing_init!r}")
         self.enc_register_mix = (
-            param(rngs, normal_fan_in(p), (n, p), (None, None)) if register_mixing else None
+            param(rngs, enc_mix_init, (n, p), (None, None)) if register_mixing else None
         )
         self.dec_patch_mix = (
-            param(rngs, normal_fan_in(n), (p, n), (None, None)) if register_mixing else None
+            param(rngs, dec_mix_init, (p, n), (None, None)) if register_mixing else None
         )
         self.encoder = Encoder(
             we,
@@ -396,6 +408,36 @@ def floored_sigma(sigma: jax.Array) -> jax.Array:
     """sigma [B] -> max(sigma, X0_SIGMA_FLOOR) float32: the divisor that turns an x0 error into
     a velocity error."""
     return jnp.maximum(sigma.astype(jnp.float32), X0_SIGMA_FLOOR)
+
+
+def dct_basis(grid: tuple[int, int], count: int) -> np.ndarray:
+    """The first ``count`` orthonormal 2D DCT-II basis functions over a gh x gw grid, ordered
+    coarse to fine (by u + v, then by max(u, v), then u): [count, gh*gw] float32. Rows past the
+    gh*gw available ones are zero."""
+    gh, gw = grid
+    pairs = sorted(
+        ((u, v) for u in range(gh) for v in range(gw)), key=lambda t: (sum(t), max(t), t)
+    )
+
+    def dct_1d(n: int, u: int) -> np.ndarray:
+        scale = np.sqrt((1.0 if u == 0 else 2.0) / n)
+        return scale * np.cos(np.pi * (2 * np.arange(n) + 1) * u / (2 * n))
+
+    basis = np.zeros((count, gh * gw), np.float32)
+    for row, (u, v) in enumerate(pairs[:count]):
+        basis[row] = np.outer(dct_1d(gh, u), dct_1d(gw, v)).reshape(-1)
+    return basis
+
+
+def constant_init(value: np.ndarray):
+    """An initializer that returns ``value`` (its shape must match)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        if tuple(shape) != value.shape:
+            raise ValueError(f"constant init of shape {value.shape} asked for {tuple(shape)}")
+        return jnp.asarray(value, dtype)
+
+    return init
 
 
 def normal_fan_in(fan_in: int):

@@ -158,6 +158,7 @@ class ViT(nnx.Module):
             mlp_dim=self.encoder.mlp_dim,
             num_classes=0 if self.head is None else self.head.kernel.shape[1],
             pool=self.pool,
+            dense_classes=self.dense_classes,
         )
 
     def check_images(self, images: jax.Array) -> None:
@@ -279,11 +280,21 @@ def build_vit(config, rngs: nnx.Rngs) -> ViT:
 
 
 def vit_forward_flops(
-    *, image_size, patch_size, channels, width, depth, mlp_dim, num_classes, pool="cls", **_
+    *,
+    image_size,
+    patch_size,
+    channels,
+    width,
+    depth,
+    mlp_dim,
+    num_classes,
+    pool="cls",
+    dense_classes=0,
+    **_,
 ) -> float:
     """Analytic matmul FLOPs of one forward pass for one image (2 FLOPs per multiply-add)."""
     n = (image_size[0] // patch_size) * (image_size[1] // patch_size)
     length = n + (pool == "cls")
     embed = 2 * n * patch_size * patch_size * channels * width
-    head = 2 * width * num_classes
+    head = 2 * width * num_classes + 2 * n * width * patch_size * patch_size * dense_classes
     return float(embed + transformer_flops(length, width, depth, mlp_dim) + head)
