@@ -4,8 +4,9 @@
 
 Lengths are the token counts of a 224px image at patch sizes 4, 2 and 1. Heads and head size
 are ViT-Ti's (3 x 64), batch 1. Peak memory is XLA's own accounting of the compiled
-forward+backward (arguments + outputs + temporaries), so it is exact and repeatable; time is
-the median of a few runs. Dense attention is skipped where its [L, L] scores would not fit in
+forward+backward (arguments + outputs + temporaries), so it is exact and repeatable; "working"
+memory is the temporaries alone, what a backend needs beyond q, k, v and their gradients (those
+grow 4x per 4x of length under any backend). Time is the median of a few runs. Dense attention is skipped where its [L, L] scores would not fit in
 ``--dense_limit_gib``. The last line is one JSON object.
 """
 
@@ -36,6 +37,12 @@ def compiled_peak_bytes(compiled) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
+def compiled_working_bytes(compiled) -> int:
+    """Temporaries only: the memory beyond the inputs and their gradients (which every backend
+    holds alike and which grow 4x per 4x of length by themselves)."""
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def median_seconds(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
@@ -46,16 +53,19 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
-def attention_fwd_bwd(backend: str, length: int, repeats: int) -> tuple[float, float]:
-    """(peak MiB, median ms) of grad(sum(attention(q, k, v))) at batch 1."""
+def attention_fwd_bwd(backend: str, length: int, repeats: int) -> tuple[float, float, float]:
+    """(peak MiB, working MiB, median ms) of grad(sum(attention(q, k, v))) at batch 1."""
     shape = (1, length, HEADS, HEAD_DIM)
     grad = jax.jit(
         jax.grad(lambda q, k, v: attn.attention(q, k, v, backend=backend).sum(), argnums=(0, 1, 2))
     )
     q = jax.random.normal(jax.random.key(0), shape, jnp.float32)
     compiled = grad.lower(q, q, q).compile()
-    return compiled_peak_bytes(compiled) / 2**20, 1e3 * median_seconds(
-        compiled, q, q, q, repeats=repeats
+    seconds = median_seconds(compiled, q, q, q, repeats=repeats)
+    return (
+        compiled_peak_bytes(compiled) / 2**20,
+        compiled_working_bytes(compiled) / 2**20,
+        1e3 * seconds,
     )
 
 
@@ -79,23 +89,31 @@ def main() -> None:
 
     backends = ["dense", "chunked"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
     peak: dict[str, dict[int, float | None]] = {b: {} for b in backends}
+    working: dict[str, dict[int, float | None]] = {b: {} for b in backends}
     ms: dict[str, dict[int, float | None]] = {b: {} for b in backends}
     for length in args.lengths:
         for backend in backends:
             scores_gib = 3 * HEADS * length**2 * 4 / 2**30  # probabilities + 2 gradients
             if backend == "dense" and scores_gib > args.dense_limit_gib:
-                peak[backend][length] = ms[backend][length] = None
+                peak[backend][length] = working[backend][length] = ms[backend][length] = None
                 print(f"{backend:8s} L={length:6d}: skipped (~{scores_gib:.0f} GiB of scores)")
                 continue
             repeats = args.repeats if length <= 12544 else 1
-            peak[backend][length], ms[backend][length] = attention_fwd_bwd(backend, length, repeats)
+            peak[backend][length], working[backend][length], ms[backend][length] = (
+                attention_fwd_bwd(backend, length, repeats)
+            )
             print(
-                f"{backend:8s} L={length:6d}: peak {peak[backend][length]:9.1f} MiB, "
-                f"{ms[backend][length]:10.1f} ms",
+                f"{backend:8s} L={length:6d}: peak {peak[backend][length]:9.1f} MiB "
+                f"(working {working[backend][length]:9.1f} MiB), {ms[backend][length]:10.1f} ms",
                 flush=True,
             )
 
-    result = {"device": jax.devices()[0].device_kind, "peak_mib": peak, "ms": ms}
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "peak_mib": peak,
+        "working_mib": working,
+        "ms": ms,
+    }
     lengths = sorted(args.lengths)
     for backend in backends:
         pairs = [
@@ -105,6 +123,9 @@ def main() -> None:
         ]
         result[f"{backend}_peak_growth_per_4x"] = [
             peak[backend][b] / peak[backend][a] for a, b in pairs
+        ]
+        result[f"{backend}_working_growth_per_4x"] = [
+            working[backend][b] / working[backend][a] for a, b in pairs
         ]
     if ms["dense"].get(lengths[0]) and ms["chunked"].get(lengths[0]):
         result["chunked_over_dense_time_at_min_length"] = (
