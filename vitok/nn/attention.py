@@ -133,6 +133,39 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
+def splash_mask(mask: Mask, q_len: int, kv_len: int, num_heads: int):
+    """Our mask as a Pallas splash-attention ``MultiHeadMask`` (causal and full masks keep their
+    structure, so the kernel skips empty blocks without reading an [L, L] array)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    shape = (q_len, kv_len)
+    if isinstance(mask, FullMask):
+        head = splash.FullMask(shape)
+    elif isinstance(mask, CausalMask):
+        head = splash.CausalMask(shape)
+    else:
+        head = splash.NumpyMask(np.asarray(mask.dense(q_len, kv_len), dtype=bool))
+    return splash.MultiHeadMask([head] * num_heads)
+
+
+@register_backend("splash")
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+    """Pallas splash attention (TPU only): block-sparse flash attention over the mask's
+    structure. Sequence lengths must be multiples of the kernel's block size (128)."""
+    if jax.default_backend() != "tpu":
+        raise ValueError("attention backend 'splash' needs a TPU; use 'chunked' or 'dense' here")
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    _, q_len, heads, head_dim = q.shape
+    kernel = splash.make_splash_mha(
+        splash_mask(mask, q_len, k.shape[1], heads), head_shards=1, q_seq_shards=1
+    )
+    to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, L, H, Dh] -> [B, H, L, Dh]
+    scaled = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    out = jax.vmap(kernel)(to_heads(scaled), to_heads(k), to_heads(v))
+    return to_heads(out).astype(q.dtype)
+
+
 @register_backend("sequence_parallel")
 def _sequence_parallel(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
     """Queries stay sharded over the ``sequence`` mesh axis; keys and values are all-gathered
