@@ -36,3 +36,10 @@ def transformer_flops(length: int, width: int, depth: int, mlp_dim: int, kv_leng
     scores = 2 * 2 * length * kv_length * width
     mlp = 2 * 2 * length * width * mlp_dim
     return float(depth * (projections + scores + mlp))
+
+
+def compiled_peak_bytes(compiled) -> int:
+    """XLA's own memory accounting of a compiled function: arguments + outputs + temporaries
+    (exact and repeatable, unlike sampling the process's memory)."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)

@@ -28,13 +28,9 @@ from flax import nnx  # noqa: E402
 
 from vitok.nn import attention as attn  # noqa: E402
 from vitok.nn.transformer import Block  # noqa: E402
+from vitok.perf import compiled_peak_bytes  # noqa: E402
 
 HEADS, HEAD_DIM = 3, 64
-
-
-def compiled_peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
 def compiled_working_bytes(compiled) -> int:

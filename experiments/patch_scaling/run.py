@@ -32,6 +32,7 @@ from configs import patch_scaling  # noqa: E402
 from vitok import train  # noqa: E402
 from vitok.models import ModelHandle  # noqa: E402
 from vitok.models.vit import vit_forward_flops  # noqa: E402
+from vitok.perf import compiled_peak_bytes  # noqa: E402
 from vitok.registry import TASKS  # noqa: E402
 
 METRIC = {"digits": ("eval/accuracy", "top-1 accuracy"), "digits_seg": ("eval/miou", "mIoU")}
@@ -58,9 +59,7 @@ def train_step_peak_mib(config) -> float:
 
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     compiled = jax.jit(jax.grad(loss)).lower(params, extra, batch, rng).compile()
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return total / 2**20
+    return compiled_peak_bytes(compiled) / 2**20
 
 
 def read_rows(workdir: str) -> list[dict]:
