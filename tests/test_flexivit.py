@@ -190,3 +190,23 @@ def test_segmentation_trains_at_sampled_patch_sizes_and_reports_miou(tmp_path):
     # Most pixels are background: the pixel accuracy beats 0.5 quickly, mIoU is in [0, 1].
     assert final["eval/pixel_accuracy"] > 0.5
     assert 0.0 < final["eval/miou"] <= 1.0
+
+
+def test_patch_scaling_presets_share_one_recipe_and_build():
+    from configs import patch_scaling
+    from vitok.models import ModelHandle
+
+    digits = [patch_scaling.get_config(f"digits_p{p}") for p in patch_scaling.DIGIT_PATCHES]
+    recipe = {k: v for k, v in digits[0].to_dict().items() if k != "model"}
+    for c in digits:  # only the patch size differs
+        assert {k: v for k, v in c.to_dict().items() if k != "model"} == recipe
+        assert c.model.to_dict() | {"patch_size": 4} == digits[0].model.to_dict() | {
+            "patch_size": 4
+        }
+    pixels = patch_scaling.get_config("deit_b_224px_p1")
+    assert pixels.model.patch_size == 1 and tuple(pixels.model.image_size) == (224, 224)
+    assert pixels.mesh.sequence == 8 and pixels.model.attention_backend == "sequence_parallel"
+    handle = ModelHandle.abstract(pixels.model)  # shapes only: 50,176 learned position embeddings
+    assert handle.param_template["posemb"][...].shape == (224 * 224, 768)
+    with pytest.raises(ValueError, match="unknown preset 'digits_p3'"):
+        patch_scaling.get_config("digits_p3")
