@@ -207,6 +207,6 @@ def test_patch_scaling_presets_share_one_recipe_and_build():
     assert pixels.model.patch_size == 1 and tuple(pixels.model.image_size) == (224, 224)
     assert pixels.mesh.sequence == 8 and pixels.model.attention_backend == "sequence_parallel"
     handle = ModelHandle.abstract(pixels.model)  # shapes only: 50,176 learned position embeddings
-    assert handle.param_template["posemb"][...].shape == (224 * 224, 768)
+    assert handle.param_template["posemb"].get_value().shape == (224 * 224, 768)
     with pytest.raises(ValueError, match="unknown preset 'digits_p3'"):
         patch_scaling.get_config("digits_p3")
