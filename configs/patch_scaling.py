@@ -6,6 +6,8 @@ Presets (P is the patch size):
                    P in {14, 7, 4, 2, 1}; the CPU study (experiments/patch_scaling/run.py).
   digits_seg_pP    the same ViT with the decoder-free per-token head segmenting the digits
                    (background + 10 classes per pixel), scored by mIoU.
+  digits_fg_pP     the same, foreground vs background only (2 classes): how finely the
+                   per-token head can draw the stroke at each patch size.
   deit_b_64px_pP   the paper's DeiT-B on ImageNet at 64x64 (tfds imagenet_resized/64x64),
                    P in {16, 8, 4, 2, 1}, 300 epochs at batch 1024; TPU/GPU pods.
   deit_b_224px_p1  DeiT-B on 224x224 ImageNet with 1x1 patches: 50,176 tokens per image, the
@@ -60,6 +62,14 @@ def digits_seg(patch_size: int) -> ml_collections.ConfigDict:
     return c
 
 
+def digits_fg(patch_size: int) -> ml_collections.ConfigDict:
+    c = digits_seg(patch_size)
+    c.model.dense_classes = 2
+    c.data.pp = "decode(channels=1)|digit_segmentation(0.5, binary=True)|value_range(0, 1)"
+    c.evals.test.data.pp = c.data.pp
+    return c
+
+
 def deit_b_64px(patch_size: int) -> ml_collections.ConfigDict:
     """DeiT-B recipe (Touvron et al. 2021) at 64x64: AdamW, lr 5e-4 x batch / 512, 5 warm-up
     epochs, cosine, weight decay 0.05, label smoothing 0.1."""
@@ -101,6 +111,7 @@ def deit_b_224px_p1() -> ml_collections.ConfigDict:
 _PATTERNS = {
     r"digits_p(\d+)": (digits, DIGIT_PATCHES),
     r"digits_seg_p(\d+)": (digits_seg, DIGIT_PATCHES),
+    r"digits_fg_p(\d+)": (digits_fg, DIGIT_PATCHES),
     r"deit_b_64px_p(\d+)": (deit_b_64px, IMAGENET64_PATCHES),
 }
 

@@ -161,6 +161,8 @@ def test_digit_segmentation_op_labels_the_stroke_with_the_digit():
     expected = np.zeros((4, 4), np.int32)
     expected[1:3, 2] = 8
     np.testing.assert_array_equal(out["segmentation"], expected)
+    binary = ops.parse("digit_segmentation(0.5, binary=True)")({"image": image, "label": 7}, None)
+    np.testing.assert_array_equal(binary["segmentation"], (expected > 0).astype(np.int32))
 
 
 def test_segmentation_trains_at_sampled_patch_sizes_and_reports_miou(tmp_path):

@@ -243,18 +243,18 @@ def value_range(low: float = -1.0, high: float = 1.0) -> Op:
 
 
 @op("digit_segmentation")
-def digit_segmentation(threshold: float = 0.5) -> Op:
+def digit_segmentation(threshold: float = 0.5, binary: bool = False) -> Op:
     """A per-pixel class map from a digit and its label: ``segmentation`` [H, W] int32 is 0 where
-    the (uint8) image is at most ``threshold`` * 255 (background) and label + 1 on the stroke.
-    Runs before ``value_range``."""
+    the (uint8) image is at most ``threshold`` * 255 (background) and label + 1 on the stroke
+    (11 classes), or 1 on the stroke with ``binary`` (2 classes). Runs before ``value_range``."""
 
     def fn(example: Example, rng: np.random.Generator) -> Example:
         image = np.asarray(example["image"])
         if image.dtype != np.uint8:
             raise ValueError(f"{_where(example)}: digit_segmentation needs the uint8 image")
         stroke = image.max(axis=-1) > threshold * 255
-        label = int(example["label"])
-        return example | {"segmentation": np.where(stroke, label + 1, 0).astype(np.int32)}
+        foreground = 1 if binary else int(example["label"]) + 1
+        return example | {"segmentation": np.where(stroke, foreground, 0).astype(np.int32)}
 
     return fn
 
