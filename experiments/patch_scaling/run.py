@@ -144,6 +144,8 @@ def plot(results: list[dict], path: str) -> None:
         ):
             ax.plot(x, metric, "o-")
             ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(x, [str(v) for v in x])
             ax.set_xlabel(xlabel)
             ax.set_ylabel(METRIC[task][1])
             ax.set_title(task)
