@@ -30,6 +30,7 @@ from vitok.config import unknown_preset
 
 DIGIT_PATCHES = (14, 7, 4, 2, 1)
 IMAGENET64_PATCHES = (16, 8, 4, 2, 1)
+STUDY_STEPS = 300
 
 
 def _vit_config(preset: str) -> ml_collections.ConfigDict:
@@ -41,25 +42,21 @@ def _vit_config(preset: str) -> ml_collections.ConfigDict:
     return module.get_config(preset)
 
 
-def digits(patch_size: int) -> ml_collections.ConfigDict:
-    c = _vit_config("tiny")
-    c.total_steps = 400
+def _study_recipe(c: ml_collections.ConfigDict, patch_size: int) -> ml_collections.ConfigDict:
+    """The one CPU recipe every digits study preset shares; only the patch size varies."""
+    c.total_steps = c.eval_every = c.checkpoint_every = STUDY_STEPS
     c.batch_size = 64
-    c.eval_every = 400
-    c.checkpoint_every = 400
     c.model.patch_size = patch_size
     c.model.pool = "gap"  # no class token: the sequence is exactly the pixels / patches
     return c
 
 
+def digits(patch_size: int) -> ml_collections.ConfigDict:
+    return _study_recipe(_vit_config("tiny"), patch_size)
+
+
 def digits_seg(patch_size: int) -> ml_collections.ConfigDict:
-    c = _vit_config("tiny_seg")
-    c.total_steps = 400
-    c.batch_size = 64
-    c.eval_every = 400
-    c.checkpoint_every = 400
-    c.model.patch_size = patch_size
-    return c
+    return _study_recipe(_vit_config("tiny_seg"), patch_size)
 
 
 def digits_fg(patch_size: int) -> ml_collections.ConfigDict:

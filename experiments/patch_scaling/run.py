@@ -1,7 +1,7 @@
 """The patch-size scaling study on the CPU: one recipe, patch sizes down to 1x1.
 
     python experiments/patch_scaling/run.py --workdir workdirs/patch_scaling \
-        [--tasks digits digits_seg] [--patch_sizes 14 7 4 2 1] [--steps 400]
+        [--tasks digits digits_seg digits_fg] [--patch_sizes 14 7 4 2 1] [--steps 300]
 
 For each task and patch size it trains ``configs/patch_scaling.py:<task>_p<P>`` from scratch
 (same steps, batch, optimiser and augmentation for every size) and records the held-out metric
@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--patch_sizes", nargs="+", type=int, default=list(patch_scaling.DIGIT_PATCHES)
     )
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=patch_scaling.STUDY_STEPS)
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     results = []
