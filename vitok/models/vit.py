@@ -86,8 +86,6 @@ class ViT(nnx.Module):
         rngs: nnx.Rngs,
     ):
         h, w = image_size
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"patch_size {patch_size} does not divide the image size {h}x{w}")
         if posemb not in ("sincos2d", "learn"):
             raise ValueError(f"posemb must be 'sincos2d' or 'learn', got {posemb!r}")
         if pool not in ("cls", "gap"):
@@ -96,7 +94,7 @@ class ViT(nnx.Module):
         self.image_size = (h, w)
         self.patch_size = patch_size
         self.channels = channels
-        self.grid = (h // patch_size, w // patch_size)
+        self.grid = self.grid_for(patch_size)  # checks that patch_size divides the image
         self.pool = pool
         self.dtype = dtype
         self.dropout = dropout
