@@ -62,13 +62,44 @@ class RegisterCausalMask:
         return _dense(self, q_len, kv_len)
 
 
+@dataclasses.dataclass(frozen=True)
+class NeighbourMask:
+    """NAR's proximity mask over ``[prefix (P), grid tokens in raster order]``.
+
+    A grid token at coordinates c has "diagonal" d = sum(c) (its Manhattan distance from the
+    first corner); prefix tokens (the class token) have d = -1. Query q may attend to key k when
+    d(k) <= d(q): every earlier diagonal, the prefix, and its own diagonal in both directions.
+    On a 1D grid this is the causal mask with the prefix in front.
+    """
+
+    grid: tuple[int, ...]
+    prefix: int = 1
+
+    def diagonal(self, pos):
+        """Positions (numpy or jax ints) -> diagonal index; works on tracers and constants."""
+        rel = pos - self.prefix
+        total = 0
+        stride = int(np.prod(self.grid))
+        for dim in self.grid:
+            stride //= dim
+            total = total + (rel // stride) % dim
+        is_prefix = pos < self.prefix
+        return total * (1 - is_prefix) - is_prefix
+
+    def allowed(self, q_pos, k_pos, q_len: int, kv_len: int):
+        return self.diagonal(k_pos)[None, :] <= self.diagonal(q_pos)[:, None]
+
+    def dense(self, q_len: int, kv_len: int) -> np.ndarray:
+        return _dense(self, q_len, kv_len)
+
+
 def _dense(mask, q_len: int, kv_len: int) -> np.ndarray:
     """The reference [q_len, kv_len] boolean matrix (True = may attend)."""
     allowed = mask.allowed(np.arange(q_len), np.arange(kv_len), q_len, kv_len)
     return np.ones((q_len, kv_len), bool) if allowed is None else np.asarray(allowed, bool)
 
 
-Mask = FullMask | CausalMask | RegisterCausalMask
+Mask = FullMask | CausalMask | RegisterCausalMask | NeighbourMask
 
 Backend = Callable[..., jax.Array]
 _BACKENDS: dict[str, Backend] = {}
@@ -106,11 +137,21 @@ def attention(
 @register_backend("dense")
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
     """Materialises the [B, H, Lq, Lk] score matrix; softmax in float32."""
+    allowed = None if isinstance(mask, FullMask) else mask.dense(q.shape[1], k.shape[1])
+    return masked_attention(q, k, v, allowed)
+
+
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | np.ndarray | None
+) -> jax.Array:
+    """Dense attention under an explicit boolean ``allowed`` [Lq, Lk] or [B, Lq, Lk] (True = may
+    attend), e.g. a KV-cached decoding step whose mask depends on the step."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
     logits = logits.astype(jnp.float32)
-    if not isinstance(mask, FullMask):
-        allowed = jnp.asarray(mask.dense(q.shape[1], k.shape[1]))
+    if allowed is not None:
+        allowed = jnp.asarray(allowed)
+        allowed = allowed[:, None] if allowed.ndim == 3 else allowed
         logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -232,10 +273,21 @@ class MultiHeadAttention(nnx.Module):
         self, x: jax.Array, mask: Mask | None = None, *, dropout_rng: jax.Array | None = None
     ) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]"""
+        q, k, v = self.project(x)
+        y = attention(q, k, v, mask, backend=self.backend)
+        return dropout(self.combine(y), self.dropout, dropout_rng, 2)
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, L, D] -> q, k, v: [B, L, H, Dh] (a KV cache stores the k and v)."""
         dt = self.dtype
         qkv = jnp.einsum("bld,dthk->tblhk", x.astype(dt), self.qkv[...].astype(dt))
         qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
         q, k, v = (sharding.constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
-        y = attention(q, k, v, mask, backend=self.backend)
-        y = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
-        return dropout(y, self.dropout, dropout_rng, 2)
+        return q, k, v
+
+    def combine(self, y: jax.Array) -> jax.Array:
+        """Per-head outputs y: [B, L, H, Dh] -> [B, L, D]."""
+        dt = self.dtype
+        return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(
+            dt
+        )
