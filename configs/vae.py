@@ -6,6 +6,10 @@ Presets:
                 f8 autoencoders (channel mults 1,2,4,4; 2 ResBlocks per level; base width 128)
                 with 4/8/16 latent channels on ImageNet 256; TPU/GPU pods. FlexTok's presets
                 use the c16 one (point ``model.vae.checkpoint`` at its workdir).
+  mnist_fsq     FSQ autoencoder, digits -> 7x7 codes (256-entry codebook): the 2D token source
+                of the NAR / raster AR digits presets (configs/nar.py); CPU, minutes.
+  imagenet256_fsq16
+                FSQ autoencoder, ImageNet 256 -> 16x16 codes, 16,384-entry codebook (f16).
 
     python -m vitok.train --config=configs/vae.py:tiny --workdir=workdirs/vae_tiny
 """
@@ -125,8 +129,50 @@ def _imagenet256_f8(latent_channels: int) -> ml_collections.ConfigDict:
     return c
 
 
+def _fsq(c: ml_collections.ConfigDict, levels: tuple[int, ...]) -> ml_collections.ConfigDict:
+    """Turns a KL preset into an FSQ autoencoder (discrete codes for the generators)."""
+    c.task = "fsq_ae"
+    c.model.name = "fsq_ae"
+    c.model.levels = levels
+    del c.model.latent_channels
+    del c.model.latent_scale
+    del c.vae.kl_weight
+    return c
+
+
+def mnist_fsq() -> ml_collections.ConfigDict:
+    """28x28 digits -> 7x7 codes from a 256-entry FSQ codebook (8 x 8 x 4); CPU, minutes.
+    The 2D token source of configs/nar.py's digits presets."""
+    c = _fsq(base(), (8, 8, 4))
+    c.total_steps = 1500
+    c.batch_size = 64
+    c.eval_every = 500
+    c.model.image_size = (28, 28)
+    c.model.channels = 1
+    c.model.width = 32
+    c.model.mults = (1, 2, 2)
+    c.data.source = "mnist5k"
+    c.data.pp = "decode(channels=1)|value_range(-1, 1)"
+    del c.data.crop_size
+    c.evals.recon.data = ml_collections.ConfigDict(
+        {"source": "mnist5k", "split": "test", "pp": "decode(channels=1)|value_range(-1, 1)"}
+    )
+    c.evals.recon.max_examples = 1000
+    return c
+
+
+def imagenet256_fsq16() -> ml_collections.ConfigDict:
+    """ImageNet 256 -> 16x16 codes from a 16,384-entry FSQ codebook (8, 8, 8, 8, 4): the grid
+    and codebook size of LlamaGen's VQ-16, the tokenizer NAR's ImageNet results use."""
+    c = _fsq(_imagenet256_f8(4), (8, 8, 8, 8, 4))
+    c.model.mults = (1, 1, 2, 2, 4)
+    return c
+
+
 PRESETS = {
     "tiny": tiny,
+    "mnist_fsq": mnist_fsq,
+    "imagenet256_fsq16": imagenet256_fsq16,
     "imagenet256_f8c4": lambda: _imagenet256_f8(4),
     "imagenet256_f8c8": lambda: _imagenet256_f8(8),
     "imagenet256_f8c16": lambda: _imagenet256_f8(16),

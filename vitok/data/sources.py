@@ -16,6 +16,7 @@ import functools
 import gzip
 import importlib.resources
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ _SOURCE_KEYS = {
     "folder": ("path",),
     "mnist5k": (),
     "photo_crops": ("crop_size", "num_examples", "min_scale", "photos"),
+    "codes": ("path",),
 }
 
 
@@ -130,6 +132,42 @@ class FolderSource:
 
 def _nested(path: str, root: str) -> bool:
     return os.sep in os.path.relpath(path, root)
+
+
+# --- pre-extracted token codes ------------------------------------------------------------------
+
+
+@SOURCES.register("codes")
+class CodesSource:
+    """Token grids written by ``python -m vitok.tools.extract_codes``: an .npz per split with
+    ``codes`` (int32 [N, *grid]) and ``label`` (int32 [N]). ``path`` may hold ``{split}``
+    (e.g. ``codes/mnist_{split}.npz``). Examples: {"codes": [*grid], "label": []}."""
+
+    def __init__(self, *, path: str, split: str = "train"):
+        self.path = path.format(split=split)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(
+                f"codes file {self.path!r} not found; write it with "
+                f"python -m vitok.tools.extract_codes"
+            )
+        try:
+            with np.load(self.path) as data:
+                self.codes = np.asarray(data["codes"], np.int32)
+                self.labels = np.asarray(data["label"], np.int32)
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+            raise ValueError(
+                f"{self.path}: not a codes file with 'codes' and 'label' arrays ({e})"
+            ) from None
+        if len(self.codes) != len(self.labels):
+            raise ValueError(
+                f"{self.path}: {len(self.codes)} code grids but {len(self.labels)} labels"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"codes": self.codes[index], "label": self.labels[index]}
 
 
 # --- embedded real data --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from flax import nnx
 from vitok.models.frozen import freeze
 from vitok.nn.attention import attention
 from vitok.nn.layers import param
+from vitok.nn.quantizers import FSQ
 from vitok.perf import transformer_flops
 from vitok.registry import MODELS
 
@@ -170,15 +171,20 @@ class KLAutoencoder(nnx.Module):
 
     def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B, H, W, C] in [-1, 1] -> (mean, logvar) [B, H/f, W/f, z] float32."""
+        mean, logvar = jnp.split(self.encoder_features(images), 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def encoder_features(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> the encoder's output [B, H/f, W/f, enc_out channels] float32."""
         expected = (*self.image_size, self.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"the VAE expects images [B, {expected}], got {tuple(images.shape)}")
+            raise ValueError(
+                f"the autoencoder expects images [B, {expected}], got {tuple(images.shape)}"
+            )
         x = self.enc_in(images)
         for block in (*self.enc_blocks, *self.enc_mid):
             x = block(x)
-        x = self.enc_out(jax.nn.silu(self.enc_norm(x))).astype(jnp.float32)
-        mean, logvar = jnp.split(x, 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        return self.enc_out(jax.nn.silu(self.enc_norm(x))).astype(jnp.float32)
 
     def decode_latents(self, z: jax.Array) -> jax.Array:
         """z [B, H/f, W/f, z] (unscaled) -> images [B, H, W, C] float32."""
@@ -217,6 +223,48 @@ class KLAutoencoder(nnx.Module):
         return float(total)
 
 
+class FSQAutoencoder(KLAutoencoder):
+    """The same convolutional encoder and decoder with an FSQ bottleneck: an image becomes a
+    grid of discrete codes, the 2D token source of the generators (NAR, raster AR).
+
+        images [B, H, W, C] ──encoder──► z [B, h, w, len(levels)] ──FSQ──► ids [B, h, w]
+        ids ──codes in [-1, 1]──► decoder ──► images
+
+    ``levels`` sets the codebook: prod(levels) codes, e.g. (8, 5, 5, 5) = 1,000 or
+    (8, 8, 8, 8, 4) = 16,384 (the size of LlamaGen's VQ-16 codebook).
+    """
+
+    def __init__(self, *, levels: tuple[int, ...], rngs: nnx.Rngs, **kwargs):
+        super().__init__(latent_channels=len(levels), rngs=rngs, **kwargs)
+        self.quantizer = FSQ(levels)
+        self.codebook_size = self.quantizer.codebook_size
+        # One output channel per FSQ level (the KL encoder's head outputs mean and logvar).
+        widths = self._widths
+        self.enc_out = Conv(widths[-1], len(levels), rngs=rngs, dtype=self.enc_in.dtype)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The code grid (h, w) of one image."""
+        return self.latent_shape()[:2]
+
+    def tokenize(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] in [-1, 1] -> ids int32 [B, h, w]."""
+        return self.quantizer(self.encoder_features(images))[1]
+
+    def detokenize(self, ids: jax.Array) -> jax.Array:
+        """ids int [B, h, w] -> images [B, H, W, C] float32."""
+        if tuple(ids.shape[1:]) != self.grid:
+            raise ValueError(
+                f"the autoencoder decodes code grids [B, {self.grid}], got {ids.shape}"
+            )
+        return self.decode_latents(self.quantizer.ids_to_codes(ids))
+
+    def __call__(self, images: jax.Array, rng: jax.Array | None = None):
+        """-> (reconstruction [B, H, W, C], ids [B, h, w]); straight-through gradients."""
+        codes, ids = self.quantizer(self.encoder_features(images))
+        return self.decode_latents(codes), ids
+
+
 class Upsample(nnx.Module):
     """Nearest-neighbour 2x upsampling and a 3x3 convolution."""
 
@@ -238,6 +286,13 @@ def _vae_kwargs(config) -> dict:
 @MODELS.register("vae")
 def build_vae(config, rngs: nnx.Rngs) -> KLAutoencoder:
     return KLAutoencoder(**_vae_kwargs(config), rngs=rngs)
+
+
+@MODELS.register("fsq_ae")
+def build_fsq_autoencoder(config, rngs: nnx.Rngs) -> FSQAutoencoder:
+    kwargs = _vae_kwargs(config)
+    kwargs["levels"] = tuple(int(x) for x in kwargs["levels"])
+    return FSQAutoencoder(**kwargs, rngs=rngs)
 
 
 def build_frozen_vae(config, rngs: nnx.Rngs) -> KLAutoencoder:

@@ -39,3 +39,23 @@ class VAETask:
         recon_loss = jnp.mean(jnp.abs(err) if self.loss_type == "l1" else jnp.square(err))
         kl = gaussian_kl(mean, logvar).mean() / images[0].size  # per pixel, like the recon loss
         return recon_loss + self.kl_weight * kl, {"train/recon_loss": recon_loss, "train/kl": kl}
+
+
+@TASKS.register("fsq_ae")
+class FSQAutoencoderTask:
+    """FSQ autoencoder training: pixel loss only (FSQ needs no codebook or commitment loss).
+    Logs ``train/code_usage``, the fraction of the codebook a batch uses. Batches hold
+    ``image: [B, H, W, C]`` in [-1, 1]; config ``vae.loss`` is "l1" or "l2"."""
+
+    def __init__(self, config: Any):
+        self.loss_type = config.get("vae", {}).get("loss", "l1")
+        if self.loss_type not in ("l1", "l2"):
+            raise ValueError(f"vae.loss must be 'l1' or 'l2', got {self.loss_type!r}")
+
+    def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        images = batch["image"].astype(jnp.float32)
+        recon, ids = model(images)
+        err = recon - images
+        loss = jnp.mean(jnp.abs(err) if self.loss_type == "l1" else jnp.square(err))
+        counts = jnp.zeros((model.codebook_size,), jnp.int32).at[ids.reshape(-1)].add(1)
+        return loss, {"train/code_usage": (counts > 0).mean()}

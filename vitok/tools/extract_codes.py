@@ -1,0 +1,120 @@
+"""Write a dataset's 2D token codes to disk, so that generators train on pre-extracted codes.
+
+    python -m vitok.tools.extract_codes --workdir=workdirs/fsq_mnist \
+        --out='codes/mnist_{split}.npz' [--splits=train,test] [--flip]
+
+Reads every example of each split through the tokenizer run's deterministic eval data config
+(``config.evals.<first>.data``, the split replaced; ``--data_source``/``--data_name`` point it
+at another dataset), tokenizes it with the trained FSQ autoencoder and writes one .npz per split
+with ``codes`` (int32 [N, h, w]) and ``label`` (int32 [N]; -1 when the data has no labels).
+``--flip`` adds each image's horizontal mirror as a second example (the papers extract codes of
+flipped crops too). The file is written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+class CodeExtractor:
+    """A trained FSQ autoencoder's ``tokenize``, jitted: images in [-1, 1] -> int32 ids."""
+
+    def __init__(self, workdir: str):
+        import jax
+
+        from vitok import sharding
+        from vitok.inference import load_config, load_params
+
+        self.config = load_config(workdir)
+        if self.config.model.name != "fsq_ae":
+            raise ValueError(
+                f"{workdir!r} holds a {self.config.model.name!r} model; codes come from an "
+                f"'fsq_ae' run (configs/vae.py:mnist_fsq)"
+            )
+        mesh = sharding.make_mesh({"data": -1})
+        setup, self.params, self.extra, self.step = load_params(self.config, workdir, mesh)
+        handle = setup.model
+        self.model = handle.merge(self.params, self.extra)
+        self._tokenize = jax.jit(lambda p, e, x: handle.merge(p, e).tokenize(x))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self._tokenize(self.params, self.extra, images))
+
+
+def data_config(config, split: str, source: str = "", name: str = ""):
+    """The tokenizer run's first eval data config, for ``split`` (optionally another source)."""
+    evals = list(config.get("evals", {}).values())
+    if not evals:
+        raise ValueError("the tokenizer's config has no evals section to take a data config from")
+    data = evals[0].data.copy_and_resolve_references()
+    data.split = split
+    if source:
+        data.source = source
+    if name:
+        data.name = name
+    return data
+
+
+def extract(
+    extractor: CodeExtractor, data, batch_size: int = 256, flip: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> (codes int32 [N, h, w], labels int32 [N]) of every example of ``data``."""
+    from vitok.data import pipeline
+
+    codes, labels = [], []
+    for batch in pipeline.eval_batches(data, global_batch_size=batch_size):
+        keep = batch["mask"] > 0
+        images = batch["image"][keep].astype(np.float32)
+        label = batch["label"][keep] if "label" in batch else np.full((len(images),), -1)
+        variants = [images, images[:, :, ::-1]] if flip else [images]
+        for x in variants:
+            pad = batch_size - len(x)  # one compiled shape for every batch
+            ids = extractor(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]))
+            codes.append(ids[: len(x)])
+            labels.append(np.asarray(label, np.int32))
+    return np.concatenate(codes).astype(np.int32), np.concatenate(labels)
+
+
+def save_codes(path: str, codes: np.ndarray, labels: np.ndarray) -> None:
+    """Writes the .npz atomically: a crash never leaves a truncated codes file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, codes=codes, label=labels)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="an fsq_ae training run's workdir")
+    parser.add_argument("--out", required=True, help="output .npz path with {split}")
+    parser.add_argument("--splits", default="train,test")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--flip", action="store_true", help="also store mirrored images")
+    parser.add_argument("--data_source", default="", help="another data source than the run's")
+    parser.add_argument("--data_name", default="", help="tfds dataset name for --data_source")
+    args = parser.parse_args(argv)
+    splits = [s for s in args.splits.split(",") if s]
+    if len(splits) > 1 and "{split}" not in args.out:
+        sys.exit("vitok.tools.extract_codes: --out needs {split} when writing several splits")
+    try:
+        extractor = CodeExtractor(args.workdir)
+        for split in splits:
+            data = data_config(extractor.config, split, args.data_source, args.data_name)
+            codes, labels = extract(extractor, data, args.batch_size, args.flip)
+            path = args.out.format(split=split)
+            save_codes(path, codes, labels)
+            grid = "x".join(map(str, codes.shape[1:]))
+            print(
+                f"vitok: wrote {len(codes)} {grid} code grids ({split}, codebook "
+                f"{extractor.model.codebook_size}) to {path}"
+            )
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"vitok.tools.extract_codes: {e}")
+
+
+if __name__ == "__main__":
+    main()
