@@ -26,7 +26,20 @@ def schedule(config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
         )
-    raise ValueError(f"config.optim.schedule must be 'cosine' or 'constant', got {kind!r}")
+    if kind == "step":  # NAR / LlamaGen-style: lr x factor at each fraction of training
+        fractions = tuple(float(f) for f in config.get("step_fractions", (0.5, 2 / 3, 5 / 6)))
+        factor = float(config.get("step_factor", 0.2))
+        boundaries = {
+            max(int(f * total_steps) - warmup, 1): factor for f in fractions
+        }  # after warmup
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, lr, max(warmup, 1)),
+                optax.piecewise_constant_schedule(lr, boundaries),
+            ],
+            [warmup],
+        )
+    raise ValueError(f"config.optim.schedule must be 'cosine', 'constant' or 'step', got {kind!r}")
 
 
 def _decay_mask(params: Any) -> Any:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
 
 class Registry:
-    """A named table of constructors; ``lookup`` imports ``package.<name>`` on first use."""
+    """A named table of constructors; ``lookup`` imports ``package.<name>`` on first use, and
+    every module of the package when that does not register the name."""
 
     def __init__(self, kind: str, package: str):
         self.kind = kind
@@ -32,6 +34,10 @@ class Registry:
             except ModuleNotFoundError as e:
                 if e.name != f"{self.package}.{module}":
                     raise
+        if name not in self._table:  # registered under another module's name (e.g. "ar" in nar)
+            package = importlib.import_module(self.package)
+            for info in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{self.package}.{info.name}")
         if name not in self._table:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {sorted(self._table)}")
         return self._table[name]

@@ -30,10 +30,10 @@ class CodeExtractor:
         from vitok.inference import load_config, load_params
 
         self.config = load_config(workdir)
-        if self.config.model.name != "fsq_ae":
+        if self.config.model.name not in ("fsq_ae", "fsq_vit"):
             raise ValueError(
                 f"{workdir!r} holds a {self.config.model.name!r} model; codes come from an "
-                f"'fsq_ae' run (configs/vae.py:mnist_fsq)"
+                f"'fsq_ae' or 'fsq_vit' run (configs/vae.py:mnist_fsq)"
             )
         mesh = sharding.make_mesh({"data": -1})
         setup, self.params, self.extra, self.step = load_params(self.config, workdir, mesh)

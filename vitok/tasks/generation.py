@@ -1,0 +1,46 @@
+"""Class-conditional token generation (NAR, raster AR, 1D AR): cross-entropy of every token.
+
+Batches hold ``codes: int [B, *grid]`` (pre-extracted with ``vitok.tools.extract_codes``) and
+``label: int [B]``. Config ``generation.class_dropout`` (default 0.1, as NAR and LlamaGen) is the
+probability of replacing a label by the null class, which classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from vitok.registry import TASKS
+
+
+def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, null_class: int) -> jax.Array:
+    """Each label becomes ``null_class`` with probability ``rate``."""
+    if rate <= 0:
+        return labels
+    return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null_class, labels)
+
+
+@TASKS.register("generation")
+class GenerationTask:
+    def __init__(self, config: Any):
+        self.class_dropout = float(config.get("generation", {}).get("class_dropout", 0.1))
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(
+                f"generation.class_dropout must be in [0, 1), got {self.class_dropout}"
+            )
+
+    def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        drop_rng, dropout_rng = jax.random.split(rng)
+        codes = batch["codes"].astype(jnp.int32)
+        labels = drop_labels(drop_rng, batch["label"], self.class_dropout, model.num_classes)
+        logits = model(codes, labels, dropout_rng=dropout_rng)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+        loss = losses.mean()
+        return loss, {
+            "train/token_accuracy": (logits.argmax(-1) == codes).mean(),
+            "train/perplexity": jnp.exp(loss),
+        }
