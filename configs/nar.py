@@ -1,0 +1,169 @@
+"""Token generators: NAR (He et al. 2025, next-neighbour decoding) and the raster AR baseline on
+the same backbone, trained on pre-extracted 2D codes.
+
+Presets:
+  digits_nar / digits_raster
+        class-conditional NAR / raster AR over the 7x7 codes (256-entry FSQ codebook) of the
+        embedded MNIST-5k digits; CPU, minutes. experiments/nar/run.py builds what they read:
+        the tokenizer (configs/vae.py:mnist_fsq), the codes (vitok.tools.extract_codes) and a
+        ViT classifier that judges the samples.
+  imagenet256_nar_{b,m,l,xl} / imagenet256_raster_{b,l,xl}
+        the paper's NAR-B/M/L/XL and LlamaGen-B/L/XL shapes on 16x16 ImageNet-256 codes with a
+        16,384-entry codebook (configs/vae.py:imagenet256_fsq16), class dropout 0.1, AdamW
+        (0.9, 0.95), lr 1e-4, wd 0.05, clip 1.0, batch 256, 300 epochs; NAR's lr steps x0.2 at
+        50/67/83% of training, raster keeps it constant (as LlamaGen); TPU/GPU pods.
+
+    python -m vitok.train --config=configs/nar.py:digits_nar --workdir=workdirs/nar_digits/nar
+
+Backbone: pre-LayerNorm GELU blocks with a learned position embedding (the paper uses LlamaGen's
+RMSNorm/SwiGLU blocks with 2D RoPE; widths, depths and heads match, parameter counts are close).
+"""
+
+import ml_collections
+
+from vitok.config import unknown_preset
+from vitok.sharding import DEFAULT_RULES
+
+DIGITS_ROOT = "workdirs/nar_digits"
+IMAGENET_EPOCH_STEPS = 1_281_167 // 256
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "generation"
+    c.total_steps = 3000
+    c.batch_size = 64
+    c.log_every = 50
+    c.eval_every = 3000
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    c.async_checkpoints = True
+    c.peak_flops_per_device = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "nar"  # "ar": raster order on the same backbone
+    c.model.grid = (7, 7)
+    c.model.vocab_size = 256
+    c.model.num_classes = 10
+    c.model.width = 128
+    c.model.depth = 4
+    c.model.num_heads = 4
+    c.model.mlp_dim = 512
+    c.model.dropout = 0.1
+    c.model.attention_backend = "dense"
+    c.model.remat = False
+    c.model.scan_layers = False
+    c.model.dtype = "float32"
+
+    c.generation = ml_collections.ConfigDict({"class_dropout": 0.1})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "codes"
+    c.data.path = f"{DIGITS_ROOT}/codes/mnist_{{split}}.npz"
+    c.data.split = "train"
+    c.data.pp = ""
+    c.data.skip_bad = False
+    c.data.num_threads = 2
+    c.data.prefetch = 16
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.samples = ml_collections.ConfigDict()
+    c.evals.samples.type = "generation"
+    c.evals.samples.prefix = "samples"
+    c.evals.samples.tokenizer_workdir = f"{DIGITS_ROOT}/tokenizer"
+    c.evals.samples.classifier_workdir = f"{DIGITS_ROOT}/classifier"
+    c.evals.samples.classifier_range = (0.0, 1.0)
+    c.evals.samples.samples_per_class = 100
+    c.evals.samples.batch_size = 100
+    c.evals.samples.temperature = 1.0
+    c.evals.samples.top_k = 0
+    c.evals.samples.top_p = 1.0
+    c.evals.samples.cfg_scale = 2.0
+    c.evals.samples.data = ml_collections.ConfigDict(
+        {"source": "mnist5k", "split": "test", "pp": "decode(channels=1)|value_range(-1, 1)"}
+    )
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.05
+    c.optim.clip_norm = 1.0
+    c.optim.ema_decay = 0.0
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+    return c
+
+
+def digits_nar() -> ml_collections.ConfigDict:
+    return base()
+
+
+def digits_raster() -> ml_collections.ConfigDict:
+    c = base()
+    c.model.name = "ar"
+    return c
+
+
+# (width, depth, heads) of the paper's models; NAR adds one extra block and a second head.
+SIZES = {"b": (768, 12, 12), "m": (1024, 18, 16), "l": (1024, 24, 16), "xl": (1280, 36, 20)}
+
+
+def _imagenet256(name: str, size: str) -> ml_collections.ConfigDict:
+    c = base()
+    width, depth, heads = SIZES[size]
+    c.total_steps = 300 * IMAGENET_EPOCH_STEPS
+    c.batch_size = 256
+    c.log_every = 100
+    c.eval_every = 50 * IMAGENET_EPOCH_STEPS
+    c.checkpoint_every = 5000
+    c.model.name = name
+    c.model.grid = (16, 16)
+    c.model.vocab_size = 16384
+    c.model.num_classes = 1000
+    c.model.width, c.model.depth, c.model.num_heads = width, depth, heads
+    c.model.mlp_dim = 4 * width
+    c.model.scan_layers = True
+    c.model.dtype = "bfloat16"
+    c.data.path = "codes/imagenet256_{split}.npz"  # vitok.tools.extract_codes --flip
+    c.data.num_threads = 16
+    c.data.prefetch = 64
+    s = c.evals.samples
+    s.tokenizer_workdir = "workdirs/imagenet256_fsq16"
+    s.classifier_workdir = ""  # a ViT ImageNet classifier run gives accuracy and feature FID
+    s.samples_per_class = 50
+    s.batch_size = 250
+    s.data = ml_collections.ConfigDict(
+        {
+            "source": "tfds",
+            "name": "imagenet2012",
+            "split": "validation",
+            "data_dir": "",
+            "pp": "decode(channels=3)|resize(256)|central_crop(256)|value_range(-1, 1)",
+        }
+    )
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "step" if name == "nar" else "constant"
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    return c
+
+
+PRESETS = {
+    "digits_nar": digits_nar,
+    "digits_raster": digits_raster,
+    **{f"imagenet256_nar_{s}": (lambda s=s: _imagenet256("nar", s)) for s in SIZES},
+    **{f"imagenet256_raster_{s}": (lambda s=s: _imagenet256("ar", s)) for s in ("b", "l", "xl")},
+}
+
+
+def get_config(preset: str = "digits_nar") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise unknown_preset("nar", preset, PRESETS)
+    return PRESETS[preset]()

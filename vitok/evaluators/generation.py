@@ -1,0 +1,161 @@
+"""Class-conditional samples from a token generator, decoded and judged by a trained classifier.
+
+For each class the evaluator samples ``samples_per_class`` token grids (KV-cached decoding with
+the configured temperature, top-k, top-p and CFG scale), decodes them with the tokenizer run in
+``tokenizer_workdir`` and reports
+
+    {prefix}/class_accuracy   fraction of samples the classifier assigns to the requested class
+    {prefix}/real_accuracy    the same classifier on the real eval images (its ceiling)
+    {prefix}/fid              Fréchet distance of the classifier's pooled features, samples vs
+                              the real eval images ("classifier-feature FID")
+    {prefix}/passes           forward passes per sampling call (n + m - 1 for NAR, n * m raster)
+    {prefix}/images_per_sec   sampling + decoding throughput of the last timed batch
+
+and writes ``{prefix}_samples.png``: one row per class. The classifier is a ViT run's workdir
+(e.g. configs/vit.py:tiny on the same images); ``classifier_range`` is the pixel range it was
+trained on. Without ``classifier_workdir`` only the grid, passes and throughput are produced.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vitok.evaluators.fid import FeatureStats, fid_from_stats
+from vitok.evaluators.reconstruction import save_grid
+from vitok.registry import EVALUATORS
+
+
+def _load_run(workdir: str, what: str):
+    """A trained run's model (EMA params if kept), merged on the host's devices."""
+    from vitok import sharding
+    from vitok.inference import load_config, load_params
+
+    if not workdir:
+        raise ValueError(f"the generation evaluator needs {what}")
+    config = load_config(workdir)
+    setup, params, extra, _ = load_params(config, workdir, sharding.make_mesh({"data": -1}))
+    return setup.model.merge(params, extra)
+
+
+class Classifier:
+    """A trained ViT: images in [-1, 1] -> (logits [B, K], pooled features [B, D])."""
+
+    def __init__(self, workdir: str, value_range: tuple[float, float] = (0.0, 1.0)):
+        model = _load_run(workdir, "classifier_workdir")
+        if not hasattr(model, "tokens"):
+            raise ValueError(f"{workdir!r} is not a ViT classifier run")
+        self.graphdef, self.state = nnx.split(model)
+        self.low, self.high = (float(v) for v in value_range)
+
+        def run(state, images):
+            vit = nnx.merge(self.graphdef, state)
+            x = (images + 1) / 2 * (self.high - self.low) + self.low
+            tokens = vit.tokens(x)
+            pooled = tokens[:, 0] if getattr(vit, "pool", "gap") == "cls" else tokens.mean(1)
+            return vit(x).astype(jnp.float32), pooled.astype(jnp.float32)
+
+        self._run = jax.jit(run)
+
+    def __call__(self, images: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = self._run(self.state, images)
+        return np.asarray(logits), np.asarray(features)
+
+
+@EVALUATORS.register("generation")
+class GenerationEvaluator:
+    def __init__(self, config: Any, context: Any):
+        from vitok.models.nar import sample
+
+        self.config, self.context = config, context
+        self.prefix = config.get("prefix", "samples")
+        self.per_class = int(config.get("samples_per_class", 100))
+        self.batch_size = int(config.get("batch_size", 100))
+        self.grid_columns = int(config.get("grid_columns", 10))
+        tokenizer = _load_run(config.get("tokenizer_workdir", ""), "tokenizer_workdir")
+        self.tok_def, self.tok_state = nnx.split(tokenizer)
+        self.classifier = (
+            Classifier(config.classifier_workdir, tuple(config.get("classifier_range", (0, 1))))
+            if config.get("classifier_workdir", "")
+            else None
+        )
+        options = dict(
+            temperature=float(config.get("temperature", 1.0)),
+            top_k=int(config.get("top_k", 0)),
+            top_p=float(config.get("top_p", 1.0)),
+            cfg_scale=float(config.get("cfg_scale", 1.0)),
+        )
+        handle = context.model
+
+        def generate(params, extra, tok_state, labels, rng):
+            out = sample(handle.merge(params, extra), labels, rng, **options)
+            images = nnx.merge(self.tok_def, tok_state).detokenize(out["tokens"])
+            return jnp.clip(images, -1, 1), out["passes"]
+
+        self._generate = jax.jit(generate)
+
+    def samples(self, params: Any, extra: Any, seed: int = 0) -> dict:
+        """Every class's samples: {"images": [K, per_class, H, W, C] in [-1, 1], "passes",
+        "images_per_sec"}."""
+        num_classes = self.context.model.merge(params, extra).num_classes
+        labels = np.repeat(np.arange(num_classes, dtype=np.int32), self.per_class)
+        images, passes, rate = [], 0, 0.0
+        for i in range(0, len(labels), self.batch_size):
+            batch = labels[i : i + self.batch_size]
+            pad = self.batch_size - len(batch)
+            t0 = time.perf_counter()
+            out, passes = self._generate(
+                params,
+                extra,
+                self.tok_state,
+                np.concatenate([batch, np.zeros((pad,), np.int32)]),
+                jax.random.fold_in(jax.random.key(seed), i),
+            )
+            out = np.asarray(out)[: len(batch)]
+            rate = len(batch) / (time.perf_counter() - t0)
+            images.append(out)
+        images = np.concatenate(images).reshape(num_classes, self.per_class, *out.shape[1:])
+        return {"images": images, "passes": int(passes), "images_per_sec": rate}
+
+    def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
+        out = self.samples(params, extra)
+        images = out["images"]
+        p = self.prefix
+        results = {
+            f"{p}/passes": float(out["passes"]),
+            f"{p}/images_per_sec": out["images_per_sec"],
+        }
+        if jax.process_index() == 0:
+            os.makedirs(self.context.workdir, exist_ok=True)
+            columns = min(self.grid_columns, images.shape[1])
+            save_grid(
+                os.path.join(self.context.workdir, f"{p}_samples.png"),
+                (images[:, :columns] + 1) / 2,
+            )
+        if self.classifier is None:
+            return results
+        k, n = images.shape[:2]
+        flat = images.reshape(k * n, *images.shape[2:])
+        requested = np.repeat(np.arange(k), n)
+        fake, correct = FeatureStats(), 0
+        for i in range(0, len(flat), self.batch_size):
+            logits, features = self.classifier(flat[i : i + self.batch_size])
+            correct += int((logits.argmax(-1) == requested[i : i + self.batch_size]).sum())
+            fake.add(features)
+        real, real_correct, real_count = FeatureStats(), 0, 0
+        for batch in self.context.eval_batches(self.config):
+            keep = batch["mask"] > 0
+            logits, features = self.classifier(np.asarray(batch["image"]))
+            real.add(features[np.asarray(keep)])
+            real_correct += int((logits.argmax(-1) == np.asarray(batch["label"]))[keep].sum())
+            real_count += int(np.asarray(keep).sum())
+        results[f"{p}/class_accuracy"] = correct / len(flat)
+        results[f"{p}/real_accuracy"] = real_correct / max(real_count, 1)
+        results[f"{p}/fid"] = fid_from_stats(real, fake)
+        return results
