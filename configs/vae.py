@@ -137,6 +137,8 @@ def _fsq(c: ml_collections.ConfigDict, levels: tuple[int, ...]) -> ml_collection
     del c.model.latent_channels
     del c.model.latent_scale
     del c.vae.kl_weight
+    c.vae.loss = "l2"
+    c.vae.latent_penalty = 0.1
     return c
 
 
@@ -147,7 +149,8 @@ def mnist_fsq() -> ml_collections.ConfigDict:
     c = _fsq(base(), (8, 8, 4))
     c.total_steps = 1200
     c.batch_size = 64
-    c.eval_every = 500
+    c.eval_every = 600
+    c.optim.lr = 3e-4
     c.model = ml_collections.ConfigDict(
         {
             "name": "fsq_vit",

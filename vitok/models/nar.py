@@ -521,7 +521,13 @@ def sample(
         if guided:
             logits = guide(logits, cfg_scale)
         if teacher is None:
-            new = sample_tokens(step_key, logits, temperature, top_k, top_p)
+            # One key per emitted slot, so a pass's samples do not depend on its padded width.
+            keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(width))
+            new = jax.vmap(
+                lambda k, lg: sample_tokens(k, lg, temperature, top_k, top_p),
+                in_axes=(0, 1),
+                out_axes=1,
+            )(keys, logits)
         else:
             new = jnp.take(teacher, emit_at, axis=1)
             all_logits = jax.lax.dynamic_update_slice(all_logits, logits[None], (s, 0, 0, 0))
