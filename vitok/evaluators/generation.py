@@ -11,7 +11,9 @@ the configured temperature, top-k, top-p and CFG scale), decodes them with the t
     {prefix}/passes           forward passes per sampling call (n + m - 1 for NAR, n * m raster)
     {prefix}/images_per_sec   sampling + decoding throughput of the last timed batch
 
-and writes ``{prefix}_samples.png``: one row per class. The classifier is a ViT run's workdir
+and writes ``{prefix}_samples.png``: one row per class. With a FlexTok tokenizer run the
+generator is a GPT over its 1D tokens: ``num_tokens`` (default all) are sampled and decoded
+with ``decode_steps`` Euler steps. The classifier is a ViT run's workdir
 (e.g. configs/vit.py:tiny on the same images); ``classifier_range`` is the pixel range it was
 trained on. Without ``classifier_workdir`` only the grid, passes and throughput are produced.
 """
@@ -85,17 +87,27 @@ class GenerationEvaluator:
             if config.get("classifier_workdir", "")
             else None
         )
+        num_tokens = int(config.get("num_tokens", 0)) or None
         options = dict(
             temperature=float(config.get("temperature", 1.0)),
             top_k=int(config.get("top_k", 0)),
             top_p=float(config.get("top_p", 1.0)),
             cfg_scale=float(config.get("cfg_scale", 1.0)),
+            num_tokens=num_tokens,
         )
+        one_d = hasattr(tokenizer, "num_registers")  # FlexTok: decode the first k tokens
+        decode_steps = int(config.get("decode_steps", 10))
         handle = context.model
 
         def generate(params, extra, tok_state, labels, rng):
-            out = sample(handle.merge(params, extra), labels, rng, **options)
-            images = nnx.merge(self.tok_def, tok_state).detokenize(out["tokens"])
+            sample_rng, decode_rng = jax.random.split(rng)
+            out = sample(handle.merge(params, extra), labels, sample_rng, **options)
+            tok = nnx.merge(self.tok_def, tok_state)
+            if one_d:
+                k = num_tokens or out["tokens"].shape[1]
+                images = tok.detokenize(out["tokens"][:, :k], decode_rng, steps=decode_steps)
+            else:
+                images = tok.detokenize(out["tokens"])
             return jnp.clip(images, -1, 1), out["passes"]
 
         self._generate = jax.jit(generate)

@@ -36,7 +36,9 @@ class GenerationTask:
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         drop_rng, dropout_rng = jax.random.split(rng)
         codes = batch["codes"].astype(jnp.int32)
-        labels = drop_labels(drop_rng, batch["label"], self.class_dropout, model.num_classes)
+        # Unlabelled data (label -1, e.g. codes of an unlabelled folder) trains the null class.
+        labels = jnp.where(batch["label"] < 0, model.num_classes, batch["label"])
+        labels = drop_labels(drop_rng, labels, self.class_dropout, model.num_classes)
         logits = model(codes, labels, dropout_rng=dropout_rng)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
         loss = losses.mean()

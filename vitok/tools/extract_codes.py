@@ -1,4 +1,4 @@
-"""Write a dataset's 2D token codes to disk, so that generators train on pre-extracted codes.
+"""Write a dataset's token codes to disk, so that generators train on pre-extracted codes.
 
     python -m vitok.tools.extract_codes --workdir=workdirs/fsq_mnist \
         --out='codes/mnist_{split}.npz' [--splits=train,test] [--flip]
@@ -6,7 +6,9 @@
 Reads every example of each split through the tokenizer run's deterministic eval data config
 (``config.evals.<first>.data``, the split replaced; ``--data_source``/``--data_name`` point it
 at another dataset), tokenizes it with the trained FSQ autoencoder and writes one .npz per split
-with ``codes`` (int32 [N, h, w]) and ``label`` (int32 [N]; -1 when the data has no labels).
+with ``codes`` (int32 [N, h, w] from an FSQ autoencoder run, or [N, T] coarse-to-fine 1D tokens
+from a FlexTok run) and ``label`` (int32 [N]; -1 when the data has no labels).
+``--num_examples`` overrides the size of a generated source (photo_crops).
 ``--flip`` adds each image's horizontal mirror as a second example (the papers extract codes of
 flipped crops too). The file is written to a temporary name and renamed when complete.
 """
@@ -19,9 +21,12 @@ import sys
 
 import numpy as np
 
+TOKENIZERS = ("fsq_ae", "fsq_vit", "flextok")
+
 
 class CodeExtractor:
-    """A trained FSQ autoencoder's ``tokenize``, jitted: images in [-1, 1] -> int32 ids."""
+    """A trained tokenizer's ``tokenize``, jitted: images in [-1, 1] -> int32 ids
+    ([B, h, w] from an FSQ autoencoder, [B, T] from FlexTok)."""
 
     def __init__(self, workdir: str):
         import jax
@@ -30,22 +35,24 @@ class CodeExtractor:
         from vitok.inference import load_config, load_params
 
         self.config = load_config(workdir)
-        if self.config.model.name not in ("fsq_ae", "fsq_vit"):
+        if self.config.model.name not in TOKENIZERS:
             raise ValueError(
-                f"{workdir!r} holds a {self.config.model.name!r} model; codes come from an "
-                f"'fsq_ae' or 'fsq_vit' run (configs/vae.py:mnist_fsq)"
+                f"{workdir!r} holds a {self.config.model.name!r} model; codes come from a "
+                f"tokenizer run ({', '.join(TOKENIZERS)}), e.g. configs/vae.py:mnist_fsq"
             )
         mesh = sharding.make_mesh({"data": -1})
         setup, self.params, self.extra, self.step = load_params(self.config, workdir, mesh)
         handle = setup.model
         self.model = handle.merge(self.params, self.extra)
+        fsq = getattr(self.model, "fsq", None) or self.model.quantizer
+        self.codebook_size = fsq.codebook_size
         self._tokenize = jax.jit(lambda p, e, x: handle.merge(p, e).tokenize(x))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self._tokenize(self.params, self.extra, images))
 
 
-def data_config(config, split: str, source: str = "", name: str = ""):
+def data_config(config, split: str, source: str = "", name: str = "", num_examples: int = 0):
     """The tokenizer run's first eval data config, for ``split`` (optionally another source)."""
     evals = list(config.get("evals", {}).values())
     if not evals:
@@ -56,6 +63,8 @@ def data_config(config, split: str, source: str = "", name: str = ""):
         data.source = source
     if name:
         data.name = name
+    if num_examples:
+        data.num_examples = num_examples
     return data
 
 
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flip", action="store_true", help="also store mirrored images")
     parser.add_argument("--data_source", default="", help="another data source than the run's")
     parser.add_argument("--data_name", default="", help="tfds dataset name for --data_source")
+    parser.add_argument("--num_examples", type=int, default=0, help="size of a generated source")
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s]
     if len(splits) > 1 and "{split}" not in args.out:
@@ -103,14 +113,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         extractor = CodeExtractor(args.workdir)
         for split in splits:
-            data = data_config(extractor.config, split, args.data_source, args.data_name)
+            data = data_config(
+                extractor.config, split, args.data_source, args.data_name, args.num_examples
+            )
             codes, labels = extract(extractor, data, args.batch_size, args.flip)
             path = args.out.format(split=split)
             save_codes(path, codes, labels)
             grid = "x".join(map(str, codes.shape[1:]))
             print(
                 f"vitok: wrote {len(codes)} {grid} code grids ({split}, codebook "
-                f"{extractor.model.codebook_size}) to {path}"
+                f"{extractor.codebook_size}) to {path}"
             )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"vitok.tools.extract_codes: {e}")
