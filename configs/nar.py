@@ -7,6 +7,12 @@ Presets:
         embedded MNIST-5k digits; CPU, minutes. experiments/nar/run.py builds what they read:
         the tokenizer (configs/vae.py:mnist_fsq), the codes (vitok.tools.extract_codes) and a
         ViT classifier that judges the samples.
+  photos_flextok_gpt
+        a GPT (raster AR on a 1D grid) over the 32 coarse-to-fine tokens of FlexTok tiny
+        (configs/flextok.py:tiny), conditioned on which of the 8 training photos a crop comes
+        from; samples any first k tokens and decodes them with FlexTok's flow decoder.
+  imagenet256_flextok_gpt_{b,l}
+        the same over the 256 tokens of configs/flextok.py:imagenet256_d18 (64,000 codes).
   imagenet256_nar_{b,m,l,xl} / imagenet256_raster_{b,l,xl}
         the paper's NAR-B/M/L/XL and LlamaGen-B/L/XL shapes on 16x16 ImageNet-256 codes with a
         16,384-entry codebook (configs/vae.py:imagenet256_fsq16), class dropout 0.1, AdamW
@@ -32,10 +38,10 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = "generation"
-    c.total_steps = 3000
+    c.total_steps = 2000  # ~0.4 s a step on 2 CPU cores: ~14 minutes per generator
     c.batch_size = 64
     c.log_every = 50
-    c.eval_every = 3000
+    c.eval_every = 1000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
     c.async_checkpoints = True
@@ -46,10 +52,10 @@ def base() -> ml_collections.ConfigDict:
     c.model.grid = (7, 7)
     c.model.vocab_size = 256
     c.model.num_classes = 10
-    c.model.width = 128
+    c.model.width = 64
     c.model.depth = 4
     c.model.num_heads = 4
-    c.model.mlp_dim = 512
+    c.model.mlp_dim = 256
     c.model.dropout = 0.1
     c.model.attention_backend = "dense"
     c.model.remat = False
@@ -111,6 +117,24 @@ def digits_raster() -> ml_collections.ConfigDict:
     return c
 
 
+def photos_flextok_gpt() -> ml_collections.ConfigDict:
+    c = base()
+    c.model.name = "ar"
+    c.model.grid = (32,)
+    c.model.vocab_size = 8 * 5 * 5 * 5  # FlexTok tiny's FSQ levels (8, 5, 5, 5)
+    c.model.num_classes = 8
+    c.data.path = "workdirs/flextok_gpt/codes/photos_{split}.npz"
+    s = c.evals.samples
+    s.tokenizer_workdir = "workdirs/flextok_tiny"
+    s.classifier_workdir = ""
+    s.num_tokens = 0  # 0: all 32; k: the first k, coarse to fine
+    s.decode_steps = 10
+    s.samples_per_class = 8
+    s.batch_size = 64
+    s.grid_columns = 8
+    return c
+
+
 # (width, depth, heads) of the paper's models; NAR adds one extra block and a second head.
 SIZES = {"b": (768, 12, 12), "m": (1024, 18, 16), "l": (1024, 24, 16), "xl": (1280, 36, 20)}
 
@@ -155,9 +179,22 @@ def _imagenet256(name: str, size: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _imagenet256_flextok_gpt(size: str) -> ml_collections.ConfigDict:
+    c = _imagenet256("ar", size)
+    c.model.grid = (256,)
+    c.model.vocab_size = 8 * 8 * 8 * 5 * 5 * 5  # FlexTok d18's FSQ codebook: 64,000
+    c.data.path = "codes/imagenet256_flextok_d18_{split}.npz"
+    c.evals.samples.tokenizer_workdir = "workdirs/flextok_imagenet256_d18"
+    c.evals.samples.decode_steps = 25
+    return c
+
+
 PRESETS = {
     "digits_nar": digits_nar,
     "digits_raster": digits_raster,
+    "photos_flextok_gpt": photos_flextok_gpt,
+    "imagenet256_flextok_gpt_b": lambda: _imagenet256_flextok_gpt("b"),
+    "imagenet256_flextok_gpt_l": lambda: _imagenet256_flextok_gpt("l"),
     **{f"imagenet256_nar_{s}": (lambda s=s: _imagenet256("nar", s)) for s in SIZES},
     **{f"imagenet256_raster_{s}": (lambda s=s: _imagenet256("ar", s)) for s in ("b", "l", "xl")},
 }

@@ -87,15 +87,18 @@ def test_training_logits_are_the_mean_of_the_heads_that_reach_a_token():
     model = small_generator()
     tokens = jax.random.randint(jax.random.key(2), (2, 4, 5), 0, 13)
     labels = jnp.array([1, 3])  # 3 = the null class
-    logits = model(tokens, labels)
 
-    seq = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tokens.reshape(2, -1)], 1)
-    x = model._embed(labels, seq, jnp.arange(21))
-    for block in model.blocks:
-        x = block(x, model.mask)
-    row = model.heads[0](model.head_norms[0](x))
-    col_hidden = model.extra_blocks[0](x, model.mask)
-    col = model.heads[1](model.head_norms[1](col_hidden))
+    @jax.jit
+    def by_model_and_by_hand(tokens, labels):
+        seq = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tokens.reshape(2, -1)], 1)
+        x = model._embed(labels, seq, jnp.arange(21))
+        for block in model.blocks:
+            x = block(x, model.mask)
+        row = model.heads[0](model.head_norms[0](x))
+        col = model.heads[1](model.head_norms[1](model.extra_blocks[0](x, model.mask)))
+        return model(tokens, labels), row, col
+
+    logits, row, col = by_model_and_by_hand(tokens, labels)
     pos = lambda r, c: 1 + r * 5 + c  # noqa: E731
     np.testing.assert_allclose(logits[:, 0, 0], (row[:, 0] + col[:, 0]) / 2, atol=1e-5)
     np.testing.assert_allclose(logits[:, 0, 3], row[:, pos(0, 2)], atol=1e-5)
@@ -105,14 +108,15 @@ def test_training_logits_are_the_mean_of_the_heads_that_reach_a_token():
     )
 
 
-def test_a_token_never_sees_its_own_diagonal_or_later():
+def test_logits_up_to_a_diagonal_do_not_depend_on_tokens_from_it_on():
     model = small_generator(grid=(4, 4))
     tokens = jax.random.randint(jax.random.key(3), (1, 4, 4), 0, 13)
-    base = model(tokens, jnp.array([0]))
+    forward = jax.jit(lambda t: model(t, jnp.array([0])))
+    base = forward(tokens)
     diag = np.add.outer(np.arange(4), np.arange(4))
     for d in range(7):
         changed = jnp.where(jnp.asarray(diag >= d), (tokens + 5) % 13, tokens)
-        out = model(changed, jnp.array([0]))
+        out = forward(changed)
         np.testing.assert_allclose(out[0][diag <= d], base[0][diag <= d], atol=1e-5)
         if d < 6:  # the next diagonal does depend on this one
             assert np.abs(out[0][diag == d + 1] - base[0][diag == d + 1]).max() > 1e-4
@@ -218,6 +222,21 @@ def test_top_k_and_top_p_keep_the_right_sets():
     assert kept(filter_logits(logits, top_k=4, top_p=1.0)) == {1, 2, 3, 4}
 
 
+def test_bad_sampling_options_and_labels_are_clear_errors():
+    model = small_generator((3, 3))
+    key, labels = jax.random.key(0), jnp.array([0, 1])
+    for options, message in [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"cfg_scale": -1.0}, "cfg_scale"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sample(model, labels, key, **options)
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\]"):
+        sample(model, jnp.array([0, 4]), key)
+
+
 def test_wrong_grid_and_bad_order_are_clear_errors():
     model = small_generator((4, 5))
     with pytest.raises(ValueError, match=r"token grids \[B, \(4, 5\)\]"):
@@ -273,6 +292,23 @@ def test_extracted_codes_are_the_tokenizers_codes_of_every_digit(digit_codes):
     np.testing.assert_array_equal(extractor(images), [test[i]["codes"] for i in range(8)])
 
 
+def test_codes_that_do_not_fit_the_generator_are_refused_before_training(digit_codes):
+    from configs import nar
+    from vitok.tasks.generation import GenerationTask
+
+    _, codes = digit_codes
+    for field, value, message in [
+        ("vocab_size", 100, "256-entry codebook"),
+        ("grid", (8, 8), "the codes are"),
+        ("num_classes", 5, "labels go up to 9"),
+    ]:
+        c = nar.get_config("digits_nar")
+        c.data.path = codes
+        c.model[field] = value
+        with pytest.raises(ValueError, match=message):
+            GenerationTask(c)
+
+
 def test_codes_source_names_a_missing_or_corrupt_file(tmp_path):
     from vitok.data.sources import CodesSource
 
@@ -308,7 +344,7 @@ def test_generator_trains_sharded_and_its_samples_are_judged(digit_codes, tmp_pa
     s = c.evals.samples
     s.tokenizer_workdir = str(root / "tokenizer")
     s.classifier_workdir = classifier
-    s.samples_per_class, s.batch_size, s.grid_columns = 2, 20, 2
+    s.samples_per_class, s.batch_size, s.grid_columns = 2, 16, 2  # 20 samples, 2 batches
     s.max_examples = 64
     workdir = str(tmp_path / "nar")
     final = train.train_and_evaluate(c, workdir)
@@ -319,3 +355,36 @@ def test_generator_trains_sharded_and_its_samples_are_judged(digit_codes, tmp_pa
     assert final["samples/passes"] == 13  # 7 + 7 - 1
     assert 0.0 <= final["samples/class_accuracy"] <= 1.0 and final["samples/fid"] > 0
     assert os.path.exists(os.path.join(workdir, "samples_samples.png"))
+
+
+def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(tmp_path):
+    """FlexTok run -> its 1D codes on disk -> a class-conditional GPT (raster AR on a line)
+    -> k sampled tokens decoded by FlexTok's flow decoder."""
+    from configs import nar
+    from tests.conftest import small_flextok_config
+    from vitok import train
+    from vitok.data.sources import CodesSource
+    from vitok.tools import extract_codes
+
+    flextok = str(tmp_path / "flextok")
+    train.train_and_evaluate(small_flextok_config(), flextok)
+    codes = str(tmp_path / "photos_{split}.npz")
+    extract_codes.main(["--workdir", flextok, "--out", codes, "--num_examples", "64"])
+    train_codes = CodesSource(path=codes, split="train")
+    assert train_codes[0]["codes"].shape == (4,) and len(train_codes) == 64
+    assert {int(train_codes[i]["label"]) for i in range(16)} == set(range(8))  # photo index
+
+    c = nar.get_config("photos_flextok_gpt")
+    c.total_steps = c.eval_every = c.checkpoint_every = 2
+    c.batch_size = 16
+    c.model.grid = (4,)
+    c.model.vocab_size = 15  # the small FlexTok's FSQ levels (5, 3)
+    c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 1, 2, 64
+    c.data.path = codes
+    s = c.evals.samples
+    s.tokenizer_workdir = flextok
+    s.num_tokens, s.decode_steps = 2, 2
+    s.samples_per_class, s.batch_size, s.grid_columns = 1, 8, 1
+    final = train.train_and_evaluate(c, str(tmp_path / "gpt"))
+    assert final["samples/passes"] == 2  # k tokens, k passes
+    assert os.path.exists(tmp_path / "gpt" / "samples_samples.png")

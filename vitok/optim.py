@@ -29,9 +29,10 @@ def schedule(config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     if kind == "step":  # NAR / LlamaGen-style: lr x factor at each fraction of training
         fractions = tuple(float(f) for f in config.get("step_fractions", (0.5, 2 / 3, 5 / 6)))
         factor = float(config.get("step_factor", 0.2))
-        boundaries = {
-            max(int(f * total_steps) - warmup, 1): factor for f in fractions
-        }  # after warmup
+        boundaries: dict[int, float] = {}  # steps after warmup -> factor; coinciding multiply
+        for f in fractions:
+            step = max(int(f * total_steps) - warmup, 1)
+            boundaries[step] = boundaries.get(step, 1.0) * factor
         return optax.join_schedules(
             [
                 optax.linear_schedule(0.0, lr, max(warmup, 1)),

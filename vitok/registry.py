@@ -37,7 +37,10 @@ class Registry:
         if name not in self._table:  # registered under another module's name (e.g. "ar" in nar)
             package = importlib.import_module(self.package)
             for info in pkgutil.iter_modules(package.__path__):
-                importlib.import_module(f"{self.package}.{info.name}")
+                try:
+                    importlib.import_module(f"{self.package}.{info.name}")
+                except ImportError:  # a module with a missing optional dependency
+                    continue
         if name not in self._table:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {sorted(self._table)}")
         return self._table[name]

@@ -154,6 +154,7 @@ class CodesSource:
             with np.load(self.path) as data:
                 self.codes = np.asarray(data["codes"], np.int32)
                 self.labels = np.asarray(data["label"], np.int32)
+                self.codebook_size = int(data["codebook_size"]) if "codebook_size" in data else 0
         except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
             raise ValueError(
                 f"{self.path}: not a codes file with 'codes' and 'label' arrays ({e})"

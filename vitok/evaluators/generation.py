@@ -9,7 +9,7 @@ the configured temperature, top-k, top-p and CFG scale), decodes them with the t
     {prefix}/fid              Fréchet distance of the classifier's pooled features, samples vs
                               the real eval images ("classifier-feature FID")
     {prefix}/passes           forward passes per sampling call (n + m - 1 for NAR, n * m raster)
-    {prefix}/images_per_sec   sampling + decoding throughput of the last timed batch
+    {prefix}/images_per_sec   sampling + decoding throughput (compiled; every batch timed)
 
 and writes ``{prefix}_samples.png``: one row per class. With a FlexTok tokenizer run the
 generator is a GPT over its 1D tokens: ``num_tokens`` (default all) are sampled and decoded
@@ -34,23 +34,23 @@ from vitok.evaluators.reconstruction import save_grid
 from vitok.registry import EVALUATORS
 
 
-def _load_run(workdir: str, what: str):
-    """A trained run's model (EMA params if kept), merged on the host's devices."""
-    from vitok import sharding
+def _load_run(workdir: str, what: str, mesh):
+    """A trained run's model (EMA params if kept), laid out on ``mesh`` (the generator's, so
+    that one jit can take both)."""
     from vitok.inference import load_config, load_params
 
     if not workdir:
         raise ValueError(f"the generation evaluator needs {what}")
     config = load_config(workdir)
-    setup, params, extra, _ = load_params(config, workdir, sharding.make_mesh({"data": -1}))
+    setup, params, extra, _ = load_params(config, workdir, mesh)
     return setup.model.merge(params, extra)
 
 
 class Classifier:
     """A trained ViT: images in [-1, 1] -> (logits [B, K], pooled features [B, D])."""
 
-    def __init__(self, workdir: str, value_range: tuple[float, float] = (0.0, 1.0)):
-        model = _load_run(workdir, "classifier_workdir")
+    def __init__(self, workdir: str, mesh, value_range: tuple[float, float] = (0.0, 1.0)):
+        model = _load_run(workdir, "classifier_workdir", mesh)
         if not hasattr(model, "tokens"):
             raise ValueError(f"{workdir!r} is not a ViT classifier run")
         self.graphdef, self.state = nnx.split(model)
@@ -61,7 +61,7 @@ class Classifier:
             x = (images + 1) / 2 * (self.high - self.low) + self.low
             tokens = vit.tokens(x)
             pooled = tokens[:, 0] if getattr(vit, "pool", "gap") == "cls" else tokens.mean(1)
-            return vit(x).astype(jnp.float32), pooled.astype(jnp.float32)
+            return vit.head(pooled).astype(jnp.float32), pooled.astype(jnp.float32)
 
         self._run = jax.jit(run)
 
@@ -80,10 +80,22 @@ class GenerationEvaluator:
         self.per_class = int(config.get("samples_per_class", 100))
         self.batch_size = int(config.get("batch_size", 100))
         self.grid_columns = int(config.get("grid_columns", 10))
-        tokenizer = _load_run(config.get("tokenizer_workdir", ""), "tokenizer_workdir")
+        shards = context.mesh.shape["data"] * context.mesh.shape["fsdp"]
+        if self.batch_size % shards:
+            raise ValueError(
+                f"evaluator {self.prefix!r}: batch_size {self.batch_size} must be divisible by "
+                f"the {shards} devices the batch is split over"
+            )
+        tokenizer = _load_run(
+            config.get("tokenizer_workdir", ""), "tokenizer_workdir", context.mesh
+        )
         self.tok_def, self.tok_state = nnx.split(tokenizer)
         self.classifier = (
-            Classifier(config.classifier_workdir, tuple(config.get("classifier_range", (0, 1))))
+            Classifier(
+                config.classifier_workdir,
+                context.mesh,
+                tuple(config.get("classifier_range", (0, 1))),
+            )
             if config.get("classifier_workdir", "")
             else None
         )
@@ -117,23 +129,23 @@ class GenerationEvaluator:
         "images_per_sec"}."""
         num_classes = self.context.model.merge(params, extra).num_classes
         labels = np.repeat(np.arange(num_classes, dtype=np.int32), self.per_class)
-        images, passes, rate = [], 0, 0.0
-        for i in range(0, len(labels), self.batch_size):
+
+        def generate(i: int):
             batch = labels[i : i + self.batch_size]
-            pad = self.batch_size - len(batch)
+            padded = np.concatenate([batch, np.zeros((self.batch_size - len(batch),), np.int32)])
+            rng = jax.random.fold_in(jax.random.key(seed), i)
+            out, passes = self._generate(params, extra, self.tok_state, padded, rng)
+            return np.asarray(out)[: len(batch)], int(passes)
+
+        generate(0)  # compile and warm up, so that the rate is the sampler's
+        images, seconds = [], 0.0
+        for i in range(0, len(labels), self.batch_size):
             t0 = time.perf_counter()
-            out, passes = self._generate(
-                params,
-                extra,
-                self.tok_state,
-                np.concatenate([batch, np.zeros((pad,), np.int32)]),
-                jax.random.fold_in(jax.random.key(seed), i),
-            )
-            out = np.asarray(out)[: len(batch)]
-            rate = len(batch) / (time.perf_counter() - t0)
+            out, passes = generate(i)
+            seconds += time.perf_counter() - t0
             images.append(out)
         images = np.concatenate(images).reshape(num_classes, self.per_class, *out.shape[1:])
-        return {"images": images, "passes": int(passes), "images_per_sec": rate}
+        return {"images": images, "passes": passes, "images_per_sec": len(labels) / seconds}
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
         out = self.samples(params, extra)

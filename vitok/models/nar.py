@@ -106,7 +106,9 @@ class Schedule:
 
     @property
     def pad_position(self) -> int:
-        """Sequence position padded feed slots write their keys to (masked from everyone)."""
+        """The sequence position of padded feed slots. Their outputs are never read, and the
+        keys they write land on cache slots of later diagonals (see ``cache_diagonal``), which
+        no query may read before a later pass rewrites them."""
         return self.num_tokens + 1
 
 
@@ -333,11 +335,15 @@ class TokenGenerator(nnx.Module):
             self.attention_heads,
             self.width // self.attention_heads,
         )
+        axes = ("layers", "batch", None, "heads", "kv")
+        zeros = lambda layers: sharding.constrain(  # noqa: E731
+            jnp.zeros((layers, *shape), self.dtype), axes
+        )
         return {
-            "k": jnp.zeros((self.depth, *shape), self.dtype),
-            "v": jnp.zeros((self.depth, *shape), self.dtype),
-            "extra_k": jnp.zeros((len(self.extra_blocks), *shape), self.dtype),
-            "extra_v": jnp.zeros((len(self.extra_blocks), *shape), self.dtype),
+            "k": zeros(self.depth),
+            "v": zeros(self.depth),
+            "extra_k": zeros(len(self.extra_blocks)),
+            "extra_v": zeros(len(self.extra_blocks)),
         }
 
     def decode_step(
@@ -422,9 +428,31 @@ def _cached_block(
 # --- sampling -----------------------------------------------------------------------------------
 
 
+def check_sampling_options(temperature: float, top_k: int, top_p: float, cfg_scale: float):
+    """Clear errors for options that would otherwise sample garbage silently."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0 (1 is no guidance), got {cfg_scale}")
+
+
+def check_labels(labels: np.ndarray, num_classes: int) -> None:
+    """Labels must be classes 0..num_classes - 1 or the null class ``num_classes``."""
+    if labels.size and (labels.min() < 0 or labels.max() > num_classes):
+        raise ValueError(
+            f"class labels must lie in [0, {num_classes}] ({num_classes} is the null class), "
+            f"got values in [{labels.min()}, {labels.max()}]"
+        )
+
+
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Keeps the ``top_k`` largest logits (0 = all) and the smallest set whose probability
-    reaches ``top_p`` (1.0 = all); the rest become -inf. logits: [..., V] float32."""
+    """Keeps the ``top_k`` largest logits (0 = all; ties with the k-th are kept too) and the
+    smallest set whose probability reaches ``top_p`` (1.0 = all); the rest become -inf.
+    logits: [..., V] float32."""
     neg = jnp.asarray(-jnp.inf, logits.dtype)
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
@@ -482,6 +510,11 @@ def sample(
     Returns {"tokens": int32 [B, *grid] (tokens past ``num_tokens`` are 0), "passes": the
     number of forward passes run, and with teacher tokens "logits": [S, B, T, V]}.
     """
+    check_sampling_options(temperature, top_k, top_p, cfg_scale)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape [B], got {labels.shape}")
+    if not isinstance(labels, jax.core.Tracer):
+        check_labels(np.asarray(labels), model.num_classes)
     schedule = model.schedule
     passes = schedule.num_passes
     if num_tokens is not None:

@@ -251,6 +251,14 @@ class FSQAutoencoder(KLAutoencoder):
         """images [B, H, W, C] in [-1, 1] -> ids int32 [B, h, w]."""
         return self.quantizer(self.encoder_features(images))[1]
 
+    def moments(self, images: jax.Array):
+        raise ValueError(
+            "an FSQ autoencoder has discrete codes, not a Gaussian latent: use tokenize"
+        )
+
+    def encode(self, images: jax.Array):
+        raise ValueError("an FSQ autoencoder has discrete codes, not a latent space: use tokenize")
+
     def detokenize(self, ids: jax.Array) -> jax.Array:
         """ids int [B, h, w] -> images [B, H, W, C] float32."""
         if tuple(ids.shape[1:]) != self.grid:

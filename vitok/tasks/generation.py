@@ -24,6 +24,25 @@ def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, null_class: int)
     return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null_class, labels)
 
 
+def check_codes(data_config: Any, model_config: Any) -> None:
+    """Clear errors, before anything compiles, for a codes file that does not fit the model
+    (inside jit an id past the vocabulary or a label past the classes would only give NaNs)."""
+    from vitok.data.sources import CodesSource
+
+    source = CodesSource(path=data_config.path, split=data_config.get("split", "train"))
+    grid = tuple(int(g) for g in model_config.grid)
+    vocab, classes = int(model_config.vocab_size), int(model_config.num_classes)
+    where = f"{source.path} (model.grid={grid}, vocab_size={vocab}, num_classes={classes})"
+    if tuple(source.codes.shape[1:]) != grid:
+        raise ValueError(f"{where}: the codes are {source.codes.shape[1:]} grids")
+    if source.codebook_size and source.codebook_size != vocab:
+        raise ValueError(f"{where}: the codes come from a {source.codebook_size}-entry codebook")
+    if source.codes.size and (source.codes.min() < 0 or source.codes.max() >= vocab):
+        raise ValueError(f"{where}: code ids span [{source.codes.min()}, {source.codes.max()}]")
+    if source.labels.size and source.labels.max() >= classes:
+        raise ValueError(f"{where}: labels go up to {source.labels.max()}")
+
+
 @TASKS.register("generation")
 class GenerationTask:
     def __init__(self, config: Any):
@@ -32,6 +51,8 @@ class GenerationTask:
             raise ValueError(
                 f"generation.class_dropout must be in [0, 1), got {self.class_dropout}"
             )
+        if config.data.get("source") == "codes":
+            check_codes(config.data, config.model)
 
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         drop_rng, dropout_rng = jax.random.split(rng)

@@ -88,17 +88,19 @@ def extract(
     return np.concatenate(codes).astype(np.int32), np.concatenate(labels)
 
 
-def save_codes(path: str, codes: np.ndarray, labels: np.ndarray) -> None:
+def save_codes(path: str, codes: np.ndarray, labels: np.ndarray, codebook_size: int) -> None:
     """Writes the .npz atomically: a crash never leaves a truncated codes file behind."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, codes=codes, label=labels)
+    np.savez(tmp, codes=codes, label=labels, codebook_size=np.int64(codebook_size))
     os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="an fsq_ae training run's workdir")
+    parser.add_argument(
+        "--workdir", required=True, help="a tokenizer run's workdir (fsq_ae, fsq_vit, flextok)"
+    )
     parser.add_argument("--out", required=True, help="output .npz path with {split}")
     parser.add_argument("--splits", default="train,test")
     parser.add_argument("--batch_size", type=int, default=256)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             codes, labels = extract(extractor, data, args.batch_size, args.flip)
             path = args.out.format(split=split)
-            save_codes(path, codes, labels)
+            save_codes(path, codes, labels, extractor.codebook_size)
             grid = "x".join(map(str, codes.shape[1:]))
             print(
                 f"vitok: wrote {len(codes)} {grid} code grids ({split}, codebook "
