@@ -2,8 +2,6 @@
 sampler against the full forward, pass counts, sampling filters and sharded training."""
 
 import itertools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -144,8 +142,8 @@ def test_schedule_emits_every_token_once_after_its_sources(grid, order, passes):
 
 @pytest.mark.parametrize(
     "grid,order,scan_layers,buckets",
-    [((4, 5), "neighbour", False, True), ((4, 5), "neighbour", True, False),
-     ((4, 5), "raster", False, True), ((2, 3, 3), "neighbour", True, True)],
+    [((4, 5), "neighbour", False, True), ((4, 5), "raster", False, False),
+     ((2, 3, 3), "neighbour", True, True)],
 )  # fmt: skip
 def test_kv_cached_decoding_matches_the_full_forward_at_every_pass(
     grid, order, scan_layers, buckets
@@ -168,22 +166,6 @@ def test_kv_cached_decoding_matches_the_full_forward_at_every_pass(
     assert checked == model.num_tokens
 
 
-def test_guided_decoding_matches_guided_full_forward():
-    model = small_generator((3, 3))
-    tokens = jax.random.randint(jax.random.key(6), (2, 3, 3), 0, 13)
-    labels = jnp.array([0, 1])
-    null = jnp.full((2,), 3)
-    want = guide(jnp.concatenate([model(tokens, labels), model(tokens, null)]), 3.0)
-    out = sample(model, labels, jax.random.key(0), cfg_scale=3.0, teacher_tokens=tokens)
-    schedule = model.schedule
-    for s in range(schedule.num_passes):
-        for t, j in enumerate(schedule.target[s]):
-            if j < 9:
-                np.testing.assert_allclose(
-                    out["logits"][s, :, t], want.reshape(2, 9, 13)[:, j], atol=2e-5
-                )
-
-
 def test_sampling_counts_passes_and_buckets_do_not_change_samples():
     model = small_generator((6, 6))
     labels = jnp.array([0, 1, 2])
@@ -204,7 +186,9 @@ def test_sampling_counts_passes_and_buckets_do_not_change_samples():
         sample(model, labels, jax.random.key(0), num_tokens=3)
 
 
-def test_greedy_sampling_picks_the_argmax_of_the_guided_logits():
+def test_greedy_guided_sampling_picks_the_argmax_of_the_guided_full_forward():
+    """Every token of a greedy CFG sample is the argmax of the guided logits the full forward
+    gives for that sample: the cached, guided decoding path agrees with training's."""
     model = small_generator((3, 3))
     labels = jnp.array([2])
     out = sample(model, labels, jax.random.key(0), temperature=0.0, cfg_scale=1.5)
@@ -243,148 +227,3 @@ def test_wrong_grid_and_bad_order_are_clear_errors():
         model(jnp.zeros((1, 5, 4), jnp.int32), jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="model.order"):
         small_generator((4, 5), order="spiral")
-
-
-# --- the pipeline: tokenizer -> codes on disk -> sharded generator training -> samples judged ---
-
-
-def _small_tokenizer_config():
-    from configs import vae
-
-    c = vae.get_config("mnist_fsq")
-    c.total_steps = 3
-    c.batch_size = 16
-    c.log_every = 1
-    c.eval_every = 3
-    c.checkpoint_every = 3
-    c.model.width, c.model.depth, c.model.num_heads = 32, 1, 2
-    c.evals.recon.max_examples = 32
-    c.evals.recon.batch_size = 32
-    c.peak_flops_per_device = 1e9
-    return c
-
-
-@pytest.fixture(scope="module")
-def digit_codes(tmp_path_factory):
-    """A (tiny, briefly trained) tokenizer run and the codes it writes for both splits."""
-    from vitok import train
-    from vitok.tools import extract_codes
-
-    root = tmp_path_factory.mktemp("tokens")
-    train.train_and_evaluate(_small_tokenizer_config(), str(root / "tokenizer"))
-    out = str(root / "codes_{split}.npz")
-    extract_codes.main(["--workdir", str(root / "tokenizer"), "--out", out, "--batch_size", "500"])
-    return root, out
-
-
-def test_extracted_codes_are_the_tokenizers_codes_of_every_digit(digit_codes):
-    from vitok.data.sources import CodesSource, Mnist5kSource
-    from vitok.tools.extract_codes import CodeExtractor
-
-    root, out = digit_codes
-    test = CodesSource(path=out, split="test")
-    digits = Mnist5kSource(split="test")
-    assert len(test) == len(digits) == 1000 and len(CodesSource(path=out, split="train")) == 4000
-    assert test[0]["codes"].shape == (7, 7) and test[0]["codes"].dtype == np.int32
-    np.testing.assert_array_equal([test[i]["label"] for i in range(50)], digits.labels[:50])
-    extractor = CodeExtractor(str(root / "tokenizer"))
-    images = np.stack([digits[i]["image"] for i in range(8)]).astype(np.float32) / 127.5 - 1
-    np.testing.assert_array_equal(extractor(images), [test[i]["codes"] for i in range(8)])
-
-
-def test_codes_that_do_not_fit_the_generator_are_refused_before_training(digit_codes):
-    from configs import nar
-    from vitok.tasks.generation import GenerationTask
-
-    _, codes = digit_codes
-    for field, value, message in [
-        ("vocab_size", 100, "256-entry codebook"),
-        ("grid", (8, 8), "the codes are"),
-        ("num_classes", 5, "labels go up to 9"),
-    ]:
-        c = nar.get_config("digits_nar")
-        c.data.path = codes
-        c.model[field] = value
-        with pytest.raises(ValueError, match=message):
-            GenerationTask(c)
-
-
-def test_codes_source_names_a_missing_or_corrupt_file(tmp_path):
-    from vitok.data.sources import CodesSource
-
-    with pytest.raises(FileNotFoundError, match="extract_codes"):
-        CodesSource(path=str(tmp_path / "none_{split}.npz"), split="train")
-    bad = tmp_path / "bad_train.npz"
-    bad.write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="not a codes file"):
-        CodesSource(path=str(tmp_path / "bad_{split}.npz"), split="train")
-
-
-def test_generator_trains_sharded_and_its_samples_are_judged(digit_codes, tmp_path):
-    """NAR on the 8-device mesh (data 4 x fsdp 2) on real codes: the loss falls, parameters
-    are sharded, and the generation evaluator decodes, classifies and grids the samples."""
-    from configs import nar
-    from tests.conftest import small_vit_config
-    from vitok import train
-
-    root, codes = digit_codes
-    classifier = str(tmp_path / "classifier")
-    train.train_and_evaluate(small_vit_config(total_steps=2, eval_every=2), classifier)
-    c = nar.get_config("digits_nar")
-    c.total_steps = 12
-    c.batch_size = 32
-    c.log_every = 1
-    c.eval_every = 12
-    c.checkpoint_every = 12
-    c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 1, 2, 64
-    c.data.path = codes
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 1
-    c.mesh.data, c.mesh.fsdp = 4, 2
-    s = c.evals.samples
-    s.tokenizer_workdir = str(root / "tokenizer")
-    s.classifier_workdir = classifier
-    s.samples_per_class, s.batch_size, s.grid_columns = 2, 16, 2  # 20 samples, 2 batches
-    s.max_examples = 64
-    workdir = str(tmp_path / "nar")
-    final = train.train_and_evaluate(c, workdir)
-
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
-    assert final["samples/passes"] == 13  # 7 + 7 - 1
-    assert 0.0 <= final["samples/class_accuracy"] <= 1.0 and final["samples/fid"] > 0
-    assert os.path.exists(os.path.join(workdir, "samples_samples.png"))
-
-
-def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(tmp_path):
-    """FlexTok run -> its 1D codes on disk -> a class-conditional GPT (raster AR on a line)
-    -> k sampled tokens decoded by FlexTok's flow decoder."""
-    from configs import nar
-    from tests.conftest import small_flextok_config
-    from vitok import train
-    from vitok.data.sources import CodesSource
-    from vitok.tools import extract_codes
-
-    flextok = str(tmp_path / "flextok")
-    train.train_and_evaluate(small_flextok_config(), flextok)
-    codes = str(tmp_path / "photos_{split}.npz")
-    extract_codes.main(["--workdir", flextok, "--out", codes, "--num_examples", "64"])
-    train_codes = CodesSource(path=codes, split="train")
-    assert train_codes[0]["codes"].shape == (4,) and len(train_codes) == 64
-    assert {int(train_codes[i]["label"]) for i in range(16)} == set(range(8))  # photo index
-
-    c = nar.get_config("photos_flextok_gpt")
-    c.total_steps = c.eval_every = c.checkpoint_every = 2
-    c.batch_size = 16
-    c.model.grid = (4,)
-    c.model.vocab_size = 15  # the small FlexTok's FSQ levels (5, 3)
-    c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 1, 2, 64
-    c.data.path = codes
-    s = c.evals.samples
-    s.tokenizer_workdir = flextok
-    s.num_tokens, s.decode_steps = 2, 2
-    s.samples_per_class, s.batch_size, s.grid_columns = 1, 8, 1
-    final = train.train_and_evaluate(c, str(tmp_path / "gpt"))
-    assert final["samples/passes"] == 2  # k tokens, k passes
-    assert os.path.exists(tmp_path / "gpt" / "samples_samples.png")
