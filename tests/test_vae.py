@@ -45,7 +45,7 @@ def test_vae_downsamples_by_its_factor_and_rejects_wrong_sizes():
     recon, mean, logvar = jax.eval_shape(lambda x: model(x, jax.random.key(0)), images)
     assert recon.shape == images.shape and mean.shape == logvar.shape == (2, 4, 4, 4)
     assert jax.eval_shape(model.encode, images).shape == (2, 4, 4, 4)
-    with pytest.raises(ValueError, match="VAE expects images"):
+    with pytest.raises(ValueError, match="autoencoder expects images"):
         jax.eval_shape(model, jnp.zeros((2, 8, 8, 3)))
 
 
