@@ -4,6 +4,7 @@ samples decoded and judged; and the GPT over FlexTok's 1D tokens."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import small_flextok_config, small_vit_config
@@ -32,7 +33,8 @@ def digit_codes(tmp_path_factory):
     from vitok.tools import extract_codes
 
     root = tmp_path_factory.mktemp("tokens")
-    train.train_and_evaluate(_small_tokenizer_config(), str(root / "tokenizer"))
+    one_device = jax.devices()[:1]  # the tokenizer only feeds the tests; sharding is tested below
+    train.train_and_evaluate(_small_tokenizer_config(), str(root / "tokenizer"), one_device)
     out = str(root / "codes_{split}.npz")
     extract_codes.main(["--workdir", str(root / "tokenizer"), "--out", out, "--batch_size", "500"])
     return root, out
@@ -89,7 +91,9 @@ def test_generator_trains_sharded_and_its_samples_are_judged(digit_codes, tmp_pa
 
     root, codes = digit_codes
     classifier = str(tmp_path / "classifier")
-    train.train_and_evaluate(small_vit_config(total_steps=2, eval_every=2), classifier)
+    train.train_and_evaluate(
+        small_vit_config(total_steps=2, eval_every=2), classifier, jax.devices()[:1]
+    )
     c = nar.get_config("digits_nar")
     c.total_steps = 12
     c.batch_size = 32
@@ -126,7 +130,8 @@ def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(tmp_path):
     from vitok.tools import extract_codes
 
     flextok = str(tmp_path / "flextok")
-    train.train_and_evaluate(small_flextok_config(), flextok)
+    one_device = jax.devices()[:1]  # this test is about the pipeline; sharding is tested above
+    train.train_and_evaluate(small_flextok_config(), flextok, one_device)
     codes = str(tmp_path / "photos_{split}.npz")
     extract_codes.main(["--workdir", flextok, "--out", codes, "--num_examples", "64"])
     train_codes = CodesSource(path=codes, split="train")
@@ -144,6 +149,6 @@ def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(tmp_path):
     s.tokenizer_workdir = flextok
     s.num_tokens, s.decode_steps = 2, 2
     s.samples_per_class, s.batch_size, s.grid_columns = 1, 8, 1
-    final = train.train_and_evaluate(c, str(tmp_path / "gpt"))
+    final = train.train_and_evaluate(c, str(tmp_path / "gpt"), one_device)
     assert final["samples/passes"] == 2  # k tokens, k passes
     assert os.path.exists(tmp_path / "gpt" / "samples_samples.png")
