@@ -137,6 +137,27 @@ def _nested(path: str, root: str) -> bool:
 # --- pre-extracted token codes ------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)
+def _load_codes(path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(codes, labels, codebook_size or 0) of a codes file, read once per process (the task's
+    checks and the pipeline share it)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"codes file {path!r} not found; write it with python -m vitok.tools.extract_codes"
+        )
+    try:
+        with np.load(path) as data:
+            codes = np.asarray(data["codes"], np.int32)
+            labels = np.asarray(data["label"], np.int32)
+            codebook_size = int(data["codebook_size"]) if "codebook_size" in data else 0
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{path}: not a codes file with 'codes' and 'label' arrays ({e})"
+        ) from None
+    codes.flags.writeable = labels.flags.writeable = False  # shared between readers
+    return codes, labels, codebook_size
+
+
 @SOURCES.register("codes")
 class CodesSource:
     """Token grids written by ``python -m vitok.tools.extract_codes``: an .npz per split with
@@ -145,20 +166,7 @@ class CodesSource:
 
     def __init__(self, *, path: str, split: str = "train"):
         self.path = path.format(split=split)
-        if not os.path.exists(self.path):
-            raise FileNotFoundError(
-                f"codes file {self.path!r} not found; write it with "
-                f"python -m vitok.tools.extract_codes"
-            )
-        try:
-            with np.load(self.path) as data:
-                self.codes = np.asarray(data["codes"], np.int32)
-                self.labels = np.asarray(data["label"], np.int32)
-                self.codebook_size = int(data["codebook_size"]) if "codebook_size" in data else 0
-        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-            raise ValueError(
-                f"{self.path}: not a codes file with 'codes' and 'label' arrays ({e})"
-            ) from None
+        self.codes, self.labels, self.codebook_size = _load_codes(self.path)
         if len(self.codes) != len(self.labels):
             raise ValueError(
                 f"{self.path}: {len(self.codes)} code grids but {len(self.labels)} labels"

@@ -362,20 +362,20 @@ class ViTFSQAutoencoder(nnx.Module):
         return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
 
     def _latents(self, images: jax.Array) -> jax.Array:
+        from vitok.models.vit import patchify
+
         expected = (*self.image_size, self.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"the tokenizer expects images [B, {expected}], got {images.shape}")
-        b, (h, w), p = images.shape[0], self.grid, self.patch_size
-        x = images.reshape(b, h, p, w, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
-        x = self.embed_in(x.reshape(b, h * w, -1)) + self.posemb[...]
+        x = self.embed_in(patchify(images, self.patch_size)) + self.posemb[...]
         return self.to_code(self.encoder(x)).astype(jnp.float32)
 
     def _decode_codes(self, codes: jax.Array) -> jax.Array:
-        b, (h, w), p = codes.shape[0], self.grid, self.patch_size
+        from vitok.models.vit import unpatchify
+
         x = self.from_code(codes) + self.posemb[...]
-        x = self.to_pixels(self.decoder(x)).astype(jnp.float32)
-        x = x.reshape(b, h, w, p, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, *self.image_size, self.channels)
+        patches = self.to_pixels(self.decoder(x)).astype(jnp.float32)
+        return unpatchify(patches, self.grid, self.patch_size)
 
     def tokenize(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] in [-1, 1] -> ids int32 [B, h, w]."""
