@@ -25,8 +25,8 @@ def test_notebook_runs(path, tmp_path):
     script.write_text("import matplotlib\nmatplotlib.use('Agg')\n" + source)
     env = dict(
         os.environ,
-        VITOK_COLAB_STEPS="12",
-        VITOK_COLAB_EVAL_EXAMPLES="32",
+        VITOK_COLAB_STEPS="4",
+        VITOK_COLAB_EVAL_EXAMPLES="16",
         VITOK_COLAB_WORKDIR=str(tmp_path / "work"),
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
     )

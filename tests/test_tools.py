@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import small_flextok_config
@@ -81,3 +82,33 @@ def test_tools_reject_bad_input_with_clear_messages(trained, tmp_path):
         tokenize.main(["--workdir", trained, "--images", str(corrupt), "--out", "x.npz"])
     with pytest.raises(SystemExit, match="config.json not found"):
         tokenize.main(["--workdir", str(tmp_path), "--images", big, "--out", "x.npz"])
+
+
+def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(trained, tmp_path):
+    """FlexTok run -> its 1D codes on disk -> a class-conditional GPT (raster AR on a line)
+    -> k sampled tokens decoded by FlexTok's flow decoder."""
+    from configs import nar
+    from vitok.data.sources import CodesSource
+    from vitok.tools import extract_codes
+
+    flextok = trained  # the FlexTok run of this module
+    codes = str(tmp_path / "photos_{split}.npz")
+    extract_codes.main(["--workdir", flextok, "--out", codes, "--num_examples", "64"])
+    train_codes = CodesSource(path=codes, split="train")
+    assert train_codes[0]["codes"].shape == (4,) and len(train_codes) == 64
+    assert {int(train_codes[i]["label"]) for i in range(16)} == set(range(8))  # photo index
+
+    c = nar.get_config("photos_flextok_gpt")
+    c.total_steps = c.eval_every = c.checkpoint_every = 2
+    c.batch_size = 16
+    c.model.grid = (4,)
+    c.model.vocab_size = 15  # the small FlexTok's FSQ levels (5, 3)
+    c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 1, 2, 64
+    c.data.path = codes
+    s = c.evals.samples
+    s.tokenizer_workdir = flextok
+    s.num_tokens, s.decode_steps = 2, 2
+    s.samples_per_class, s.batch_size, s.grid_columns = 1, 8, 1
+    final = train.train_and_evaluate(c, str(tmp_path / "gpt"), jax.devices()[:1])
+    assert final["samples/passes"] == 2  # k tokens, k passes
+    assert os.path.exists(tmp_path / "gpt" / "samples_samples.png")
