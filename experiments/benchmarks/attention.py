@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -49,13 +48,15 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
-def attention_fwd_bwd(backend: str, length: int, repeats: int) -> tuple[float, float, float]:
+def attention_fwd_bwd(
+    backend: str, length: int, repeats: int, dtype: str = "float32"
+) -> tuple[float, float, float]:
     """(peak MiB, working MiB, median ms) of grad(sum(attention(q, k, v))) at batch 1."""
     shape = (1, length, HEADS, HEAD_DIM)
     grad = jax.jit(
         jax.grad(lambda q, k, v: attn.attention(q, k, v, backend=backend).sum(), argnums=(0, 1, 2))
     )
-    q = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    q = jax.random.normal(jax.random.key(0), shape, dtype)
     compiled = grad.lower(q, q, q).compile()
     seconds = median_seconds(compiled, q, q, q, repeats=repeats)
     return (
@@ -65,11 +66,14 @@ def attention_fwd_bwd(backend: str, length: int, repeats: int) -> tuple[float, f
     )
 
 
-def vit_block_fwd_bwd(length: int) -> tuple[float, float]:
-    """(peak MiB, seconds) of one ViT-Ti block (chunked attention) forward+backward, batch 1."""
-    block = Block(192, HEADS, 768, rngs=nnx.Rngs(0), attention_backend="chunked")
+def vit_block_fwd_bwd(
+    length: int, backend: str = "chunked", dtype: str = "float32"
+) -> tuple[float, float]:
+    """(peak MiB, seconds) of one ViT-Ti block forward+backward at batch 1 (float32 weights,
+    activations in ``dtype``)."""
+    block = Block(192, HEADS, 768, rngs=nnx.Rngs(0), attention_backend=backend)
     graphdef, state = nnx.split(block)
-    x = jax.random.normal(jax.random.key(0), (1, length, 192), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (1, length, 192), dtype)
     grad = jax.jit(jax.grad(lambda s, x: nnx.merge(graphdef, s)(x).sum()))
     compiled = grad.lower(state, x).compile()
     return compiled_peak_bytes(compiled) / 2**20, median_seconds(compiled, state, x, repeats=1)
@@ -81,9 +85,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense_limit_gib", type=float, default=6.0)
     parser.add_argument("--skip_block", action="store_true", help="skip the 50,176-token block")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="q, k, v dtype (cuDNN flash attention takes bfloat16/float16 only)",
+    )  # fmt: skip
+    parser.add_argument("--block_backend", default="chunked", help="the ViT block's attention")
     args = parser.parse_args()
+    if args.dtype == "float32" and jax.default_backend() == "gpu":
+        print("note: cuDNN is skipped in float32; pass --dtype bfloat16 to compare it", flush=True)
 
-    backends = ["dense", "chunked"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    on_gpu = jax.default_backend() == "gpu" and args.dtype != "float32"
+    backends = ["dense", "chunked"] + (["cudnn"] if on_gpu else [])
     peak: dict[str, dict[int, float | None]] = {b: {} for b in backends}
     working: dict[str, dict[int, float | None]] = {b: {} for b in backends}
     ms: dict[str, dict[int, float | None]] = {b: {} for b in backends}
@@ -96,7 +108,7 @@ def main() -> None:
                 continue
             repeats = args.repeats if length <= 12544 else 1
             peak[backend][length], working[backend][length], ms[backend][length] = (
-                attention_fwd_bwd(backend, length, repeats)
+                attention_fwd_bwd(backend, length, repeats, args.dtype)
             )
             print(
                 f"{backend:8s} L={length:6d}: peak {peak[backend][length]:9.1f} MiB "
@@ -106,6 +118,7 @@ def main() -> None:
 
     result = {
         "device": jax.devices()[0].device_kind,
+        "dtype": args.dtype,
         "peak_mib": peak,
         "working_mib": working,
         "ms": ms,
@@ -127,9 +140,23 @@ def main() -> None:
         result["chunked_over_dense_time_at_min_length"] = (
             ms["chunked"][lengths[0]] / ms["dense"][lengths[0]]
         )
+    if "cudnn" in backends:
+        result["chunked_over_cudnn_time"] = {
+            n: ms["chunked"][n] / ms["cudnn"][n]
+            for n in lengths
+            if ms["chunked"][n] and ms["cudnn"][n]
+        }
+        result["chunked_over_cudnn_peak"] = {
+            n: peak["chunked"][n] / peak["cudnn"][n]
+            for n in lengths
+            if peak["chunked"][n] and peak["cudnn"][n]
+        }
     if not args.skip_block:
-        block_mib, block_s = vit_block_fwd_bwd(50176)
-        print(f"ViT-Ti block, 50,176 tokens, fwd+bwd: peak {block_mib:.0f} MiB, {block_s:.1f} s")
+        block_mib, block_s = vit_block_fwd_bwd(50176, args.block_backend, args.dtype)
+        print(
+            f"ViT-Ti block ({args.block_backend}), 50,176 tokens, fwd+bwd: "
+            f"peak {block_mib:.0f} MiB, {block_s:.2f} s"
+        )
         result["vit_block_50176_peak_mib"] = block_mib
         result["vit_block_50176_seconds"] = block_s
     print(json.dumps(result))
