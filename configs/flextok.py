@@ -18,7 +18,7 @@ Presets:
 
 import ml_collections
 
-from vitok.config import unknown_preset
+from vitok.config import init_from_section, unknown_preset
 from vitok.sharding import DEFAULT_RULES
 
 
@@ -32,6 +32,7 @@ def _transformer(width: int, depth: int) -> ml_collections.ConfigDict:
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init_from = init_from_section()  # workdir of a run to start from (fine-tuning)
     c.task = "flextok"
     c.total_steps = 800
     c.batch_size = 64

@@ -27,7 +27,7 @@ RMSNorm/SwiGLU blocks with 2D RoPE; widths, depths and heads match, parameter co
 
 import ml_collections
 
-from vitok.config import unknown_preset
+from vitok.config import init_from_section, unknown_preset
 from vitok.sharding import DEFAULT_RULES
 
 DIGITS_ROOT = "workdirs/nar_digits"
@@ -37,6 +37,7 @@ IMAGENET_EPOCH_STEPS = 1_281_167 // 256
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init_from = init_from_section()  # workdir of a run to start from (fine-tuning)
     c.task = "generation"
     c.total_steps = 2000  # ~0.4 s a step on 2 CPU cores: ~14 minutes per generator
     c.batch_size = 64

@@ -13,6 +13,12 @@ Presets (P is the patch size):
   deit_b_224px_p1  DeiT-B on 224x224 ImageNet with 1x1 patches: 50,176 tokens per image, the
                    sequence sharded over the mesh's `sequence` axis (sequence-parallel
                    attention), layers scanned and rematerialised; a TPU pod.
+  deit_b_224px_p1_sK  the paper's progressive-resolution recipe for it, stage K in {1, 2, 3}:
+                   300 epochs at 128x128 (16,384 tokens), 100 epochs at 224x224 started from
+                   stage 1, a 20-epoch low-lr fine-tune started from stage 2. Each stage names
+                   the previous one's workdir in ``init_from.workdir`` (override it).
+  digits_progressive_sK  the same recipe shrunk to the CPU at patch 2: stage 1 at 14x14 (49
+                   tokens, 300 steps), stage 2 at 28x28 (196 tokens, 100 steps) from stage 1.
 
     python -m vitok.train --config=configs/patch_scaling.py:digits_p2 --workdir=workdirs/p2
 
@@ -26,7 +32,7 @@ import re
 
 import ml_collections
 
-from vitok.config import unknown_preset
+from vitok.config import init_from_section, unknown_preset
 
 DIGIT_PATCHES = (14, 7, 4, 2, 1)
 IMAGENET64_PATCHES = (16, 8, 4, 2, 1)
@@ -105,11 +111,56 @@ def deit_b_224px_p1() -> ml_collections.ConfigDict:
     return c
 
 
+def digits_progressive(stage: int) -> ml_collections.ConfigDict:
+    """Stage 1: the study's recipe at 14x14 (digits downsampled); stage 2: 28x28 for a third of
+    the steps, started from stage 1's weights (patch kernel unchanged, sincos posemb recomputed
+    for the larger grid)."""
+    c = digits(2)
+    if stage == 1:
+        c.model.image_size = (14, 14)
+        c.data.pp = "decode(channels=1)|resize(16)|random_crop(14)|value_range(0, 1)"
+        c.evals.test.data.pp = "decode(channels=1)|resize(16)|central_crop(14)|value_range(0, 1)"
+    else:
+        c.total_steps = c.eval_every = c.checkpoint_every = STUDY_STEPS // 3
+        c.optim.warmup_steps = 10
+        c.init_from = init_from_section("workdirs/patch_scaling/digits_progressive_s1")
+    return c
+
+
+def deit_b_224px_p1_stage(stage: int) -> ml_collections.ConfigDict:
+    """The multi-stage recipe of the paper's public training scripts (there for ViT/Adventurer
+    at patch 16; here at patch 1): (1) 128px, 300 epochs, lr 5e-4 x batch/512, wd 0.05, no
+    label smoothing; (2) 224px, 100 epochs, same optimiser, from stage 1; (3) 224px, 20 epochs,
+    batch 512, lr 1e-5 (not scaled), wd 0.1, label smoothing 0.1, from stage 2. The public
+    scripts also raise drop-path (0.1 / 0.4 / 0.6) and switch augmentations per stage; our ViT
+    has neither drop-path nor RandAugment, so those are not reproduced."""
+    c = deit_b_224px_p1()
+    examples = 1_281_167
+    c.label_smoothing = 0.0
+    if stage == 1:
+        c.model.image_size = (128, 128)
+        c.data.pp = "decode(channels=3)|resize(146)|random_crop(128)|flip_lr|value_range(-1, 1)"
+        c.evals.test.data.pp = "decode(channels=3)|resize(146)|central_crop(128)|value_range(-1, 1)"
+        return c
+    epochs = 100 if stage == 2 else 20
+    if stage == 3:
+        c.batch_size = 512
+        c.optim.lr = 1e-5
+        c.optim.weight_decay = 0.1
+        c.label_smoothing = 0.1
+    c.total_steps = epochs * examples // c.batch_size
+    c.optim.warmup_steps = 5 * examples // c.batch_size if stage == 2 else 0
+    c.init_from = init_from_section(f"workdirs/deit_b_224px_p1_s{stage - 1}")
+    return c
+
+
 _PATTERNS = {
     r"digits_p(\d+)": (digits, DIGIT_PATCHES),
     r"digits_seg_p(\d+)": (digits_seg, DIGIT_PATCHES),
     r"digits_fg_p(\d+)": (digits_fg, DIGIT_PATCHES),
     r"deit_b_64px_p(\d+)": (deit_b_64px, IMAGENET64_PATCHES),
+    r"deit_b_224px_p1_s(\d+)": (deit_b_224px_p1_stage, (1, 2, 3)),
+    r"digits_progressive_s(\d+)": (digits_progressive, (1, 2)),
 }
 
 

@@ -14,13 +14,14 @@ Presets:
 
 import ml_collections
 
-from vitok.config import unknown_preset
+from vitok.config import init_from_section, unknown_preset
 from vitok.sharding import DEFAULT_RULES
 
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init_from = init_from_section()  # workdir of a run to start from (fine-tuning)
     c.task = "classification"
     c.total_steps = 1000
     c.batch_size = 128

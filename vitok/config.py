@@ -33,6 +33,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config is missing the section config.{section}")
 
 
+def init_from_section(workdir: str = "", skip: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """``config.init_from``: start a fresh run from ``workdir``'s weights, keeping the params
+    whose 'a/b/c' paths match a ``skip`` pattern at their init (``vitok.models.transfer``)."""
+    return ml_collections.ConfigDict({"workdir": workdir, "skip": tuple(skip)})
+
+
 def unknown_preset(name: str, preset: str, known) -> ConfigError:
     return ConfigError(
         f"unknown preset {preset!r} for configs/{name}.py; known presets: {sorted(known)}"

@@ -167,6 +167,32 @@ class ViT(nnx.Module):
                 f"got {tuple(images.shape)}"
             )
 
+    def adapt_pretrained(
+        self, path: tuple[str, ...], value: jax.Array, source: ViT
+    ) -> jax.Array | None:
+        """A weight of another ViT (``source``: other patch size or image size) for this one,
+        or None (see ``vitok.models.transfer``): the patch kernel is PI-resized to this patch
+        size, a learned position embedding is resized to this token grid, the dense head's
+        per-pixel outputs are resized to this patch."""
+        if path == ("embed", "kernel") and source.channels == self.channels:
+            return pi_resize_patch_kernel(
+                value, old=source.patch_size, new=self.patch_size, channels=self.channels
+            )
+        if path == ("posemb",) and self.posemb is not None:
+            return resize_posemb(value, source.grid, self.grid)
+        if (
+            path[0] == "dense_head"
+            and self.dense_head is not None
+            and source.dense_classes == self.dense_classes
+        ):
+            d = self.width
+            old, new, classes = source.patch_size, self.patch_size, self.dense_classes
+            kernel = value if path[1] == "kernel" else jnp.zeros((d, old * old * classes))
+            bias = value if path[1] == "bias" else jnp.zeros((old * old * classes,))
+            kernel, bias = _resize_dense_head(kernel, bias, old, new, classes)
+            return kernel if path[1] == "kernel" else bias
+        return None
+
     def grid_for(self, patch_size: int) -> tuple[int, int]:
         h, w = self.image_size
         if patch_size < 1 or h % patch_size or w % patch_size:

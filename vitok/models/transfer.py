@@ -1,0 +1,128 @@
+"""Starting a run from another run's weights (fine-tuning, progressive resolution).
+
+``config.init_from.workdir`` names a finished (or running) training run. When a run starts
+from scratch, every trainable parameter is taken from that run's latest good checkpoint (its EMA
+weights if it kept them) instead of its random init; the optimizer starts fresh. Parameters whose
+shape differs are adapted by the model where it knows how (a ViT PI-resizes its patch kernel to
+a new patch size and resizes its position embedding to a new token grid, FlexiViT-style), and
+``config.init_from.skip`` (regular expressions over 'a/b/c' parameter paths) keeps chosen
+parameters at their fresh init, e.g. a classifier head for a new label set. Anything else that
+does not match is an error naming the parameter, before a step is taken. A resumed run restores
+its own checkpoint and never reads ``init_from`` again.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+from flax import nnx
+
+from vitok.models import ModelHandle
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict):
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _unflatten_like(template: dict, leaves: dict, prefix: tuple = ()) -> dict:
+    return {
+        key: (
+            _unflatten_like(value, leaves, (*prefix, str(key)))
+            if isinstance(value, dict)
+            else leaves[(*prefix, str(key))]
+        )
+        for key, value in template.items()
+    }
+
+
+def adapt_params(
+    source_params: dict,
+    source_model: nnx.Module,
+    target_params: dict,
+    target_model: nnx.Module,
+    skip: tuple[str, ...] = (),
+    where: str = "the source run",
+) -> tuple[dict, dict[str, list[str]]]:
+    """Pure dicts of the source run's params -> params with ``target_params``' structure.
+
+    Each target leaf is the source leaf at the same path when shapes agree, else
+    ``target_model.adapt_pretrained(path, value, source_model)`` (None: no adaptation known),
+    or the target's own value when its 'a/b/c' path matches a ``skip`` pattern. Returns the
+    params and a report {"copied", "adapted", "skipped", "unused": [paths]}.
+    """
+    patterns = [re.compile(p) for p in skip]
+    source = _flatten(source_params)
+    target = _flatten(target_params)
+    adapt = getattr(target_model, "adapt_pretrained", None)
+    report: dict[str, list[str]] = {"copied": [], "adapted": [], "skipped": [], "unused": []}
+    leaves = {}
+    for path, current in target.items():
+        name = "/".join(path)
+        if any(p.fullmatch(name) for p in patterns):
+            leaves[path] = current
+            report["skipped"].append(name)
+            continue
+        if path not in source:
+            raise ValueError(
+                f"init_from: {where} has no parameter {name!r}; add a pattern matching it to "
+                f"init_from.skip to keep its fresh init"
+            )
+        value = source[path]
+        if tuple(value.shape) == tuple(current.shape):
+            leaves[path] = value
+            report["copied"].append(name)
+            continue
+        adapted = adapt(path, value, source_model) if adapt is not None else None
+        if adapted is None or tuple(adapted.shape) != tuple(current.shape):
+            raise ValueError(
+                f"init_from: {name} has shape {tuple(value.shape)} in {where}, this model "
+                f"expects {tuple(current.shape)}, and {type(target_model).__name__} cannot "
+                f"adapt it; add a pattern matching {name!r} to init_from.skip to keep its "
+                f"fresh init"
+            )
+        leaves[path] = adapted.astype(current.dtype)
+        report["adapted"].append(name)
+    report["unused"] = ["/".join(p) for p in source if p not in target]
+    return _unflatten_like(target_params, leaves), report
+
+
+def init_from_run(config: Any, model: ModelHandle, params: dict) -> dict:
+    """The trainer's hook: ``params`` (fresh, sharded) -> the same structure and shardings with
+    the weights of ``config.init_from.workdir`` (unchanged when that is empty)."""
+    spec = config.get("init_from")
+    if spec is None or not spec.get("workdir"):
+        return params
+    from vitok import sharding
+    from vitok.inference import load_config, load_params
+
+    workdir = spec.workdir
+    source_config = load_config(workdir)  # a clear error when it is no training run
+    mesh = sharding.make_mesh({"data": -1})
+    _, source_params, _, step = load_params(source_config, workdir, mesh)
+    source_handle = ModelHandle.abstract(source_config.model, source_config.seed)
+    source_model = nnx.merge(
+        source_handle.graphdef, source_handle.param_template, source_handle.extra_template
+    )
+    target_model = nnx.merge(model.graphdef, model.param_template, model.extra_template)
+    loaded, report = adapt_params(
+        source_params,
+        source_model,
+        params,
+        target_model,
+        tuple(spec.get("skip", ())),
+        where=f"{workdir!r} (step {step})",
+    )
+    if jax.process_index() == 0:
+        counts = ", ".join(f"{len(v)} {k}" for k, v in report.items())
+        adapted = f"; adapted: {report['adapted']}" if report["adapted"] else ""
+        print(f"vitok: initialised from {workdir} at step {step} ({counts}){adapted}")
+    return jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, params)
