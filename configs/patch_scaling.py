@@ -8,6 +8,9 @@ Presets (P is the patch size):
                    (background + 10 classes per pixel), scored by mIoU.
   digits_fg_pP     the same, foreground vs background only (2 classes): how finely the
                    per-token head can draw the stroke at each patch size.
+  photos_pP        the same ViT telling which of 7 training photos of scikit-image a 32x32
+                   RGB crop (random position, 1-100% of the area) comes from; test crops are
+                   new crops of those photos. P in {16, 8, 4, 2, 1}: 4 to 1,024 tokens.
   deit_b_64px_pP   the paper's DeiT-B on ImageNet at 64x64 (tfds imagenet_resized/64x64),
                    P in {16, 8, 4, 2, 1}, 300 epochs at batch 1024; TPU/GPU pods.
   deit_b_224px_p1  DeiT-B on 224x224 ImageNet with 1x1 patches: 50,176 tokens per image, the
@@ -36,6 +39,7 @@ from vitok.config import init_from_section, unknown_preset
 
 DIGIT_PATCHES = (14, 7, 4, 2, 1)
 IMAGENET64_PATCHES = (16, 8, 4, 2, 1)
+PHOTO_PATCHES = (16, 8, 4, 2, 1)
 STUDY_STEPS = 300
 
 
@@ -70,6 +74,29 @@ def digits_fg(patch_size: int) -> ml_collections.ConfigDict:
     c.model.dense_classes = 2
     c.data.pp = "decode(channels=1)|digit_segmentation(0.5, binary=True)|value_range(0, 1)"
     c.evals.test.data.pp = c.data.pp
+    return c
+
+
+def photos(patch_size: int) -> ml_collections.ConfigDict:
+    """Photo-of-origin classification on natural crops: texture and colour at 32x32."""
+    from vitok.data.sources import PHOTO_SPLITS
+
+    c = digits(patch_size)
+    # motorcycle_right is the other half of motorcycle_left's stereo pair: left out as a class.
+    names = [n for n in PHOTO_SPLITS["train"] if n != "motorcycle_right.png"]
+    train_photos = ",".join(names)
+    c.model.image_size = (32, 32)
+    c.model.channels = 3
+    c.model.num_classes = len(names)
+    c.data = ml_collections.ConfigDict(
+        dict(source="photo_crops", split="train", crop_size=32, photos=train_photos, min_scale=0.01,
+             num_examples=50_000, pp="decode(channels=3)|flip_lr|value_range(-1, 1)",
+             skip_bad=False, num_threads=4, prefetch=32)
+    )  # fmt: skip
+    c.evals.test.data = c.data.copy_and_resolve_references()
+    c.evals.test.data.split = "test"  # new crops (another seed) of the same photos
+    c.evals.test.data.num_examples = 1024
+    c.evals.test.data.pp = "decode(channels=3)|value_range(-1, 1)"
     return c
 
 
@@ -158,6 +185,7 @@ _PATTERNS = {
     r"digits_p(\d+)": (digits, DIGIT_PATCHES),
     r"digits_seg_p(\d+)": (digits_seg, DIGIT_PATCHES),
     r"digits_fg_p(\d+)": (digits_fg, DIGIT_PATCHES),
+    r"photos_p(\d+)": (photos, PHOTO_PATCHES),
     r"deit_b_64px_p(\d+)": (deit_b_64px, IMAGENET64_PATCHES),
     r"deit_b_224px_p1_s(\d+)": (deit_b_224px_p1_stage, (1, 2, 3)),
     r"digits_progressive_s(\d+)": (digits_progressive, (1, 2)),

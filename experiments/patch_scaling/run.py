@@ -1,15 +1,18 @@
 """The patch-size scaling study on the CPU: one recipe, patch sizes down to 1x1.
 
     python experiments/patch_scaling/run.py --workdir workdirs/patch_scaling \
-        [--tasks digits digits_seg digits_fg] [--patch_sizes 14 7 4 2 1] [--steps 300]
+        [--tasks digits digits_seg digits_fg photos] [--patch_sizes 14 7 4 2 1] [--steps 300] \
+        [--progressive] [--finished_only]
 
 For each task and patch size it trains ``configs/patch_scaling.py:<task>_p<P>`` from scratch
 (same steps, batch, optimiser and augmentation for every size) and records the held-out metric
-(top-1 accuracy for ``digits``, mIoU for ``digits_seg`` and ``digits_fg``), the analytic forward GFLOPs per image,
-the peak memory of one compiled training step (XLA's accounting) and the median training
-step time. It writes ``results.json``, ``results.md`` (one table per task) and
-``patch_scaling.png`` (metric against patch size and against sequence length). A finished
-(task, size) run is read back, not retrained, so the sweep can be resumed.
+(top-1 accuracy for ``digits`` and ``photos``, mIoU for ``digits_seg`` and ``digits_fg``), the
+analytic forward GFLOPs per image, the peak memory of one compiled training step (XLA's
+accounting) and the median training step time. It writes ``results.json``, ``results.md`` (one
+table per task) and ``patch_scaling.png`` (metric against patch size and against sequence
+length). A finished (task, size) run is read back, not retrained, so the sweep can be resumed;
+``--finished_only`` tabulates what has finished without training. ``--progressive`` adds the
+two-stage progressive-resolution recipe (14x14 then 28x28 digits at patch 2).
 """
 
 from __future__ import annotations
@@ -35,10 +38,17 @@ from vitok.models.vit import vit_forward_flops  # noqa: E402
 from vitok.perf import compiled_peak_bytes  # noqa: E402
 from vitok.registry import TASKS  # noqa: E402
 
+TASK_PATCHES = {
+    "digits": patch_scaling.DIGIT_PATCHES,
+    "digits_seg": patch_scaling.DIGIT_PATCHES,
+    "digits_fg": patch_scaling.DIGIT_PATCHES,
+    "photos": patch_scaling.PHOTO_PATCHES,
+}
 METRIC = {
     "digits": ("eval/accuracy", "top-1 accuracy"),
     "digits_seg": ("eval/miou", "mIoU, 11 classes"),
     "digits_fg": ("eval/miou", "mIoU, foreground / background"),
+    "photos": ("eval/accuracy", "top-1 accuracy, photo of origin (7)"),
 }
 
 
@@ -106,6 +116,55 @@ def run_one(task: str, patch_size: int, steps: int, root: str) -> dict:
     return result
 
 
+def run_progressive(root: str) -> dict:
+    """The progressive-resolution recipe at CPU size (``digits_progressive_s1`` then ``_s2``,
+    started from stage 1's weights): held-out accuracy after each stage and the total cost."""
+    path = os.path.join(root, "progressive.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    out = {"wall_s": 0.0}
+    for stage in (1, 2):
+        config = patch_scaling.get_config(f"digits_progressive_s{stage}")
+        workdir = os.path.join(root, f"digits_progressive_s{stage}")
+        if stage == 2:
+            with config.unlocked():
+                config.init_from.workdir = os.path.join(root, "digits_progressive_s1")
+        start = time.perf_counter()
+        final = train.train_and_evaluate(config, workdir)
+        out["wall_s"] += time.perf_counter() - start
+        h, w = config.model.image_size
+        out[f"s{stage}"] = {
+            "image_size": h,
+            "tokens": (h // config.model.patch_size) * (w // config.model.patch_size),
+            "steps": config.total_steps,
+            "accuracy": final["eval/accuracy"],
+        }
+    with open(path, "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def progressive_markdown(prog: dict, results: list[dict]) -> str:
+    scratch = [r for r in results if r["task"] == "digits" and r["patch_size"] == 2]
+    lines = [
+        "### progressive resolution (digits, patch 2)\n",
+        "| run | tokens | steps | top-1 accuracy |",
+        "|---|---:|---:|---:|",
+    ]
+    for stage, name in ((1, "stage 1: 14x14"), (2, "stage 2: 28x28, from stage 1")):
+        s = prog[f"s{stage}"]
+        lines.append(f"| {name} | {s['tokens']} | {s['steps']} | {s['accuracy']:.4f} |")
+    for r in scratch:
+        lines.append(
+            f"| from scratch at 28x28 | {r['tokens']} | {r['steps']} | {r['metric']:.4f} |"
+        )
+    lines.append(f"\nProgressive total wall time: {prog['wall_s']:.0f} s")
+    if scratch:
+        lines[-1] += f" (from scratch: {scratch[0]['wall_s']:.0f} s)."
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[dict]) -> str:
     lines = []
     for task in dict.fromkeys(r["task"] for r in results):
@@ -161,23 +220,44 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="workdirs/patch_scaling")
     parser.add_argument("--tasks", nargs="+", default=list(METRIC), choices=METRIC)
     parser.add_argument(
-        "--patch_sizes", nargs="+", type=int, default=list(patch_scaling.DIGIT_PATCHES)
-    )
+        "--patch_sizes", nargs="+", type=int, default=None,
+        help="default: each task's sizes (digits 14 7 4 2 1, photos 16 8 4 2 1); sizes a task "
+        "does not have are skipped",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=patch_scaling.STUDY_STEPS)
+    parser.add_argument(
+        "--finished_only", action="store_true",
+        help="train nothing: tabulate the (task, size) runs that have finished",
+    )  # fmt: skip
+    parser.add_argument(
+        "--progressive", action="store_true",
+        help="also run the two-stage progressive-resolution recipe (digits_progressive_s1/2)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     results = []
     for task in args.tasks:
-        for p in args.patch_sizes:
+        sizes = TASK_PATCHES[task]
+        for p in [p for p in args.patch_sizes or sizes if p in sizes]:
+            preset = f"{task}_p{p}"
+            if args.finished_only and not os.path.exists(
+                os.path.join(args.workdir, preset, "result.json")
+            ):
+                continue
             r = run_one(task, p, args.steps, args.workdir)
             print(json.dumps(r), flush=True)
             results.append(r)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    table = markdown(results)
+    progressive_done = os.path.exists(os.path.join(args.workdir, "progressive.json"))
+    if args.progressive or progressive_done:
+        if not args.finished_only or progressive_done:
+            table += "\n" + progressive_markdown(run_progressive(args.workdir), results)
     with open(os.path.join(args.workdir, "results.md"), "w") as f:
-        f.write(markdown(results))
+        f.write(table)
     plot(results, os.path.join(args.workdir, "patch_scaling.png"))
-    print(markdown(results))
+    print(table)
 
 
 if __name__ == "__main__":
