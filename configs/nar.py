@@ -27,8 +27,13 @@ RMSNorm/SwiGLU blocks with 2D RoPE; widths, depths and heads match, parameter co
 
 import ml_collections
 
-from vitok.config import init_from_section, unknown_preset
-from vitok.sharding import DEFAULT_RULES
+from vitok.config import (
+    adamw_section,
+    init_from_section,
+    mesh_section,
+    sharding_section,
+    unknown_preset,
+)
 
 DIGITS_ROOT = "workdirs/nar_digits"
 IMAGENET_EPOCH_STEPS = 1_281_167 // 256
@@ -91,20 +96,9 @@ def base() -> ml_collections.ConfigDict:
         {"source": "mnist5k", "split": "test", "pp": "decode(channels=1)|value_range(-1, 1)"}
     )
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.weight_decay = 0.05
-    c.optim.clip_norm = 1.0
-    c.optim.ema_decay = 0.0
-
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = DEFAULT_RULES
+    c.optim = adamw_section(1e-3, b2=0.95, weight_decay=0.05, warmup_steps=100)
+    c.mesh = mesh_section()  # data parallel over every device
+    c.sharding = sharding_section()
     return c
 
 
@@ -176,7 +170,7 @@ def _imagenet256(name: str, size: str) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 0
     c.optim.schedule = "step" if name == "nar" else "constant"
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    c.mesh = mesh_section(data=1, fsdp=-1)
     return c
 
 

@@ -35,7 +35,7 @@ import re
 
 import ml_collections
 
-from vitok.config import init_from_section, unknown_preset
+from vitok.config import init_from_section, mesh_section, unknown_preset
 
 DIGIT_PATCHES = (14, 7, 4, 2, 1)
 IMAGENET64_PATCHES = (16, 8, 4, 2, 1)
@@ -134,7 +134,7 @@ def deit_b_224px_p1() -> ml_collections.ConfigDict:
     c.evals.test.data.name = "imagenet2012"
     c.evals.test.data.pp = "decode(channels=3)|resize(256)|central_crop(224)|value_range(-1, 1)"
     c.evals.test.batch_size = 256
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 8})
+    c.mesh = mesh_section(data=1, fsdp=-1, sequence=8)
     return c
 
 

@@ -16,8 +16,13 @@ Presets:
 
 import ml_collections
 
-from vitok.config import init_from_section, unknown_preset
-from vitok.sharding import DEFAULT_RULES
+from vitok.config import (
+    adamw_section,
+    init_from_section,
+    mesh_section,
+    sharding_section,
+    unknown_preset,
+)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -71,20 +76,9 @@ def base() -> ml_collections.ConfigDict:
     c.evals.recon.data.pp = "decode(channels=3)|value_range(-1, 1)"
     c.evals.recon.data.num_threads = 4
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.99
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-    c.optim.ema_decay = 0.0
-
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = DEFAULT_RULES
+    c.optim = adamw_section(1e-3, b2=0.99, weight_decay=0.0, warmup_steps=100)
+    c.mesh = mesh_section()  # data parallel over every device
+    c.sharding = sharding_section()
     return c
 
 
@@ -126,7 +120,7 @@ def _imagenet256_f8(latent_channels: int) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 5000
     c.optim.ema_decay = 0.9999
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    c.mesh = mesh_section(data=1, fsdp=-1)
     return c
 
 

@@ -14,8 +14,13 @@ Presets:
 
 import ml_collections
 
-from vitok.config import init_from_section, unknown_preset
-from vitok.sharding import DEFAULT_RULES
+from vitok.config import (
+    adamw_section,
+    init_from_section,
+    mesh_section,
+    sharding_section,
+    unknown_preset,
+)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -75,20 +80,9 @@ def base() -> ml_collections.ConfigDict:
     c.evals.test.data.pp = "decode(channels=1)|resize(32)|central_crop(28)|value_range(0, 1)"
     c.evals.test.data.num_threads = 4
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"
-    c.optim.lr = 2e-3
-    c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.weight_decay = 0.05
-    c.optim.clip_norm = 1.0
-    c.optim.ema_decay = 0.0
-
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    c.sharding = ml_collections.ConfigDict()
-    c.sharding.rules = DEFAULT_RULES
+    c.optim = adamw_section(2e-3, b2=0.999, weight_decay=0.05, warmup_steps=100)
+    c.mesh = mesh_section()  # data parallel over every device
+    c.sharding = sharding_section()
     return c
 
 
@@ -159,7 +153,7 @@ def i1k_b16() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.05
     c.optim.b2 = 0.999
     c.optim.ema_decay = 0.0
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    c.mesh = mesh_section(data=1, fsdp=-1)
     return c
 
 

@@ -33,6 +33,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config is missing the section config.{section}")
 
 
+def adamw_section(
+    lr: float,
+    *,
+    b2: float,
+    weight_decay: float,
+    warmup_steps: int = 100,
+    schedule: str = "cosine",
+    b1: float = 0.9,
+    clip_norm: float = 1.0,
+    ema_decay: float = 0.0,
+) -> ml_collections.ConfigDict:
+    """``config.optim`` for AdamW (``vitok.optim.make_optimizer``): warmup, then ``schedule``."""
+    return ml_collections.ConfigDict(
+        dict(name="adamw", lr=lr, warmup_steps=warmup_steps, schedule=schedule, b1=b1, b2=b2,
+             weight_decay=weight_decay, clip_norm=clip_norm, ema_decay=ema_decay)
+    )  # fmt: skip
+
+
+def mesh_section(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1
+) -> ml_collections.ConfigDict:
+    """``config.mesh``: devices per mesh axis, -1 = the rest (default: pure data parallel)."""
+    return ml_collections.ConfigDict(
+        {"data": data, "fsdp": fsdp, "tensor": tensor, "sequence": sequence}
+    )
+
+
+def sharding_section() -> ml_collections.ConfigDict:
+    """``config.sharding``: the default logical-axis -> mesh-axis rules."""
+    from vitok.sharding import DEFAULT_RULES
+
+    return ml_collections.ConfigDict({"rules": DEFAULT_RULES})
+
+
 def init_from_section(workdir: str = "", skip: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """``config.init_from``: start a fresh run from ``workdir``'s weights, keeping the params
     whose 'a/b/c' paths match a ``skip`` pattern at their init (``vitok.models.transfer``)."""
