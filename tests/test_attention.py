@@ -7,7 +7,7 @@ import pytest
 
 from vitok import sharding
 from vitok.nn import attention as attn
-from vitok.nn.flash import chunked_attention
+from vitok.nn.flash import chunked_attention, fit_chunk
 
 MASKS = [attn.FullMask(), attn.CausalMask()]
 
@@ -29,7 +29,9 @@ def loss_and_grads(fn, q, k, v):
 
 @pytest.mark.parametrize("mask", MASKS, ids=["full", "causal"])
 @pytest.mark.parametrize("chunks", [(8, 8), (16, 5)], ids=["8x8", "16x5"])
-@pytest.mark.parametrize("lengths", [(37, 37), (13, 29)], ids=["self", "cached"])
+@pytest.mark.parametrize(
+    "lengths", [(37, 37), (13, 29), (36, 24)], ids=["self", "cached", "fitted_blocks"]
+)
 def test_chunked_matches_dense(mask, chunks, lengths):
     q, k, v = qkv(lq=lengths[0], lk=lengths[1])
     dense = lambda q, k, v: attn.attention(q, k, v, mask, backend="dense")  # noqa: E731
@@ -39,6 +41,13 @@ def test_chunked_matches_dense(mask, chunks, lengths):
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     for a, b in zip(ga, gb, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_block_sizes_are_fitted_to_divide_the_length_when_they_can():
+    assert fit_chunk(3136, 512) == fit_chunk(12544, 512) == 448  # 224px at patch 4 and 2
+    assert fit_chunk(50176, 512) == 512 and fit_chunk(300, 512) == 300
+    assert fit_chunk(36, 8) == 6 and fit_chunk(24, 5) == 4
+    assert fit_chunk(37, 8) == 8  # a prime length keeps the block and pads
 
 
 def test_chunked_backend_bfloat16_close_to_float32():

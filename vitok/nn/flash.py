@@ -6,7 +6,8 @@ Rabe & Staats 2021; Dao et al. 2022). It saves only the output and the log-sum-e
 the custom backward pass recomputes each block's probabilities from them, so neither pass ever
 holds an [Lq, Lk] matrix. Runs on any backend, CPU included.
 
-Layout inside this module is [B, H, L, D]; ``attention`` takes and returns [B, L, H, D].
+Everything stays in the caller's [B, L, H, D] layout: blocks are sliced out of the inputs and
+written into the outputs in place, so no transposed or blocked copy of q, k, v is made.
 """
 
 from __future__ import annotations
@@ -29,55 +30,72 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _blocks(x: jax.Array, chunk: int) -> jax.Array:
-    """[B, H, L, D] (L a multiple of chunk) -> [L // chunk, B, H, chunk, D]."""
-    b, h, n, d = x.shape
-    return x.reshape(b, h, n // chunk, chunk, d).transpose(2, 0, 1, 3, 4)
+def fit_chunk(length: int, chunk: int) -> int:
+    """The block size used for ``length`` tokens: ``chunk`` if it divides ``length``, else the
+    largest divisor of ``length`` in [chunk / 2, chunk) (3,136 and 12,544 tokens -> 448), so
+    the inputs need no padded copy; ``chunk`` (with padding) when there is none."""
+    if length <= chunk:
+        return length
+    for size in range(chunk, chunk // 2 - 1, -1):
+        if length % size == 0:
+            return size
+    return chunk
 
 
-def _unblock(x: jax.Array) -> jax.Array:
-    """[nb, B, H, chunk, ...] -> [B, H, nb * chunk, ...]."""
-    nb, b, h, c = x.shape[:4]
-    return x.transpose(1, 2, 0, 3, *range(4, x.ndim)).reshape(b, h, nb * c, *x.shape[4:])
+def _block(x: jax.Array, index: jax.Array, chunk: int) -> jax.Array:
+    """Block ``index`` of ``chunk`` positions along axis 1 of [B, L, ...] (a slice, no copy of
+    the whole array)."""
+    return jax.lax.dynamic_slice_in_dim(x, index * chunk, chunk, axis=1)
+
+
+def _set_block(x: jax.Array, value: jax.Array, index: jax.Array, chunk: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(x, value, index * chunk, axis=1)
 
 
 def _block_scores(qb, kb, q_pos, k_pos, mask, q_len, kv_len, scale):
-    """Scaled, masked scores of one block in float32: [B, H, cq, ck]."""
-    s = jnp.einsum("bhqd,bhkd->bhqk", qb, kb, preferred_element_type=jnp.float32) * scale
-    valid = (k_pos < kv_len)[None, :]
+    """Scaled, masked scores of one block in float32: qb [B, cq, H, D], kb [B, ck, H, D] ->
+    [B, H, cq, ck]. Masked keys score ``_NEG`` (a fully masked row then averages every real key,
+    as the dense backend does); padding keys score -inf and never count."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", qb, kb, preferred_element_type=jnp.float32) * scale
     allowed = mask.allowed(q_pos, k_pos, q_len, kv_len)
-    valid = valid if allowed is None else valid & allowed
-    return jnp.where(valid, s, _NEG)
+    s = s if allowed is None else jnp.where(allowed, s, _NEG)
+    return jnp.where((k_pos < kv_len)[None, :], s, -jnp.inf)
 
 
 def _forward(q, k, v, q_offset, mask, mask_q_len, q_chunk, k_chunk):
-    """q: [B, H, Lq, D], k/v: [B, H, Lk, D] -> (out [B, H, Lq, D], lse [B, H, Lq] float32).
+    """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> (out [B, Lq, H, D], row max and log-normaliser
+    [B, Lq, H] float32; kept apart because in a fully masked row their sum would cancel
+    catastrophically against the masked scores).
 
     Query positions are ``q_offset + i`` and the mask is defined over ``mask_q_len`` queries:
     under sequence parallelism a shard holds queries [q_offset, q_offset + Lq) of the sequence.
+    Blocks are sliced out of the inputs and written into the outputs in place, so the only
+    [L]-sized arrays are the inputs, the output and the row statistics.
     """
-    q_len, kv_len = q.shape[2], k.shape[2]
-    scale = q.shape[-1] ** -0.5
-    qs = _blocks(_pad_to(q, 2, q_chunk), q_chunk)
-    ks = _blocks(_pad_to(k, 2, k_chunk), k_chunk)
-    vs = _blocks(_pad_to(v, 2, k_chunk), k_chunk)
-    b, h, _, d = q.shape
+    b, q_len, h, d = q.shape
+    kv_len = k.shape[1]
+    scale = d**-0.5
+    qp, kp, vp = _pad_to(q, 1, q_chunk), _pad_to(k, 1, k_chunk), _pad_to(v, 1, k_chunk)
+    num_k = kp.shape[1] // k_chunk
 
-    def one_q_block(_, inputs):
-        qb, qi = inputs
+    def one_q_block(carry, qi):
+        out, row_max, log_norm = carry
+        qb = _block(qp, qi, q_chunk)
         q_pos = q_offset + qi * q_chunk + jnp.arange(q_chunk)
 
-        def one_k_block(carry, kv):
-            m, norm, acc = carry
-            kb, vb, ki = kv
+        def one_k_block(state, ki):
+            m, norm, acc = state
+            vb = _block(vp, ki, k_chunk)
             k_pos = ki * k_chunk + jnp.arange(k_chunk)
-            s = _block_scores(qb, kb, q_pos, k_pos, mask, mask_q_len, kv_len, scale)
+            s = _block_scores(
+                qb, _block(kp, ki, k_chunk), q_pos, k_pos, mask, mask_q_len, kv_len, scale
+            )
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             norm = norm * correction + p.sum(-1)
             pv = jnp.einsum(
-                "bhqk,bhkd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+                "bhqk,bkhd->bhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32
             )
             return (m_new, norm, acc * correction[..., None] + pv), None
 
@@ -86,53 +104,74 @@ def _forward(q, k, v, q_offset, mask, mask_q_len, q_chunk, k_chunk):
             jnp.zeros((b, h, q_chunk), jnp.float32),
             jnp.zeros((b, h, q_chunk, d), jnp.float32),
         )
-        (m, norm, acc), _ = jax.lax.scan(one_k_block, init, (ks, vs, jnp.arange(ks.shape[0])))
-        return None, ((acc / norm[..., None]).astype(q.dtype), m + jnp.log(norm))
+        (m, norm, acc), _ = jax.lax.scan(one_k_block, init, jnp.arange(num_k))
+        out_b = (acc / norm[..., None]).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, cq, H, D]
+        return (
+            _set_block(out, out_b, qi, q_chunk),
+            _set_block(row_max, m.transpose(0, 2, 1), qi, q_chunk),  # [B, cq, H]
+            _set_block(log_norm, jnp.log(norm).transpose(0, 2, 1), qi, q_chunk),
+        ), None
 
-    _, (out, lse) = jax.lax.scan(one_q_block, None, (qs, jnp.arange(qs.shape[0])))
-    return _unblock(out)[:, :, :q_len], _unblock(lse[..., None])[..., 0][:, :, :q_len]
+    stats = jnp.zeros(qp.shape[:3], jnp.float32)
+    init = (jnp.zeros(qp.shape, q.dtype), stats, stats)
+    (out, row_max, log_norm), _ = jax.lax.scan(
+        one_q_block, init, jnp.arange(qp.shape[1] // q_chunk)
+    )
+    return out[:, :q_len], (row_max[:, :q_len], log_norm[:, :q_len])
 
 
-def _backward(q, k, v, q_offset, out, lse, dout, mask, mask_q_len, q_chunk, k_chunk):
-    """Gradients (dq, dk, dv) by block-wise recomputation of the probabilities."""
-    q_len, kv_len = q.shape[2], k.shape[2]
+def _backward(q, k, v, q_offset, out, stats, dout, mask, mask_q_len, q_chunk, k_chunk):
+    """Gradients (dq, dk, dv) by block-wise recomputation of the probabilities; all arrays
+    [B, L, H, D] (``stats``: the forward's row max and log-normaliser [B, Lq, H]), accumulated
+    in float32 buffers updated in place."""
+    q_len, kv_len = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, H, Lq]
-    qs = _blocks(_pad_to(q, 2, q_chunk), q_chunk)
-    dos = _blocks(_pad_to(dout, 2, q_chunk), q_chunk)
-    lses = _blocks(_pad_to(lse[..., None], 2, q_chunk), q_chunk)[..., 0]
-    deltas = _blocks(_pad_to(delta[..., None], 2, q_chunk), q_chunk)[..., 0]
-    ks = _blocks(_pad_to(k, 2, k_chunk), k_chunk)
-    vs = _blocks(_pad_to(v, 2, k_chunk), k_chunk)
-    q_index = jnp.arange(qs.shape[0])
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, Lq, H]
+    qp, dop = _pad_to(q, 1, q_chunk), _pad_to(dout, 1, q_chunk)
+    maxp, lognp, deltap = (_pad_to(x, 1, q_chunk) for x in (*stats, delta))
+    kp, vp = _pad_to(k, 1, k_chunk), _pad_to(v, 1, k_chunk)
+    num_q = qp.shape[1] // q_chunk
 
-    def one_k_block(dq_blocks, kv):
-        kb, vb, ki = kv
+    def one_k_block(carry, ki):
+        dq, dk, dv = carry
+        kb, vb = _block(kp, ki, k_chunk), _block(vp, ki, k_chunk)
         k_pos = ki * k_chunk + jnp.arange(k_chunk)
 
-        def one_q_block(carry, inputs):
-            dk, dv = carry
-            qb, dob, lseb, deltab, qi = inputs
+        def one_q_block(inner, qi):
+            dq, dk_b, dv_b = inner
+            qb, dob = _block(qp, qi, q_chunk), _block(dop, qi, q_chunk)
+            max_b, logn_b, delta_b = (
+                _block(x, qi, q_chunk).transpose(0, 2, 1)[..., None]  # [B, H, cq, 1]
+                for x in (maxp, lognp, deltap)
+            )
             q_pos = q_offset + qi * q_chunk + jnp.arange(q_chunk)
             s = _block_scores(qb, kb, q_pos, k_pos, mask, mask_q_len, kv_len, scale)
-            p = jnp.exp(s - lseb[..., None])  # [B, H, cq, ck], float32
-            dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, dob.astype(jnp.float32))
-            dp = jnp.einsum("bhqd,bhkd->bhqk", dob, vb, preferred_element_type=jnp.float32)
-            ds = p * (dp - deltab[..., None]) * scale
-            dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qb.astype(jnp.float32))
-            dq = jnp.einsum("bhqk,bhkd->bhqd", ds, kb.astype(jnp.float32))
-            return (dk, dv), dq
+            p = jnp.exp((s - max_b) - logn_b)  # [B, H, cq, ck], float32
+            dv_b = dv_b + jnp.einsum("bhqk,bqhd->bkhd", p, dob.astype(jnp.float32))
+            dp = jnp.einsum("bqhd,bkhd->bhqk", dob, vb, preferred_element_type=jnp.float32)
+            # Masked scores are constants (no gradient), which matters in fully masked rows.
+            ds = jnp.where(s > _NEG, p * (dp - delta_b), 0.0) * scale
+            dk_b = dk_b + jnp.einsum("bhqk,bqhd->bkhd", ds, qb.astype(jnp.float32))
+            dq_b = _block(dq, qi, q_chunk) + jnp.einsum(
+                "bhqk,bkhd->bqhd", ds, kb.astype(jnp.float32)
+            )
+            return (_set_block(dq, dq_b, qi, q_chunk), dk_b, dv_b), None
 
         zeros = jnp.zeros(kb.shape, jnp.float32)
-        (dk, dv), dq = jax.lax.scan(one_q_block, (zeros, zeros), (qs, dos, lses, deltas, q_index))
-        return dq_blocks + dq, (dk, dv)
+        (dq, dk_b, dv_b), _ = jax.lax.scan(one_q_block, (dq, zeros, zeros), jnp.arange(num_q))
+        return (dq, _set_block(dk, dk_b, ki, k_chunk), _set_block(dv, dv_b, ki, k_chunk)), None
 
-    dq0 = jnp.zeros(qs.shape, jnp.float32)
-    dq, (dk, dv) = jax.lax.scan(one_k_block, dq0, (ks, vs, jnp.arange(ks.shape[0])))
-    dq = _unblock(dq)[:, :, :q_len].astype(q.dtype)
-    dk = _unblock(dk)[:, :, :kv_len].astype(k.dtype)
-    dv = _unblock(dv)[:, :, :kv_len].astype(v.dtype)
-    return dq, dk, dv
+    init = (
+        jnp.zeros(qp.shape, jnp.float32),
+        jnp.zeros(kp.shape, jnp.float32),
+        jnp.zeros(kp.shape, jnp.float32),
+    )
+    (dq, dk, dv), _ = jax.lax.scan(one_k_block, init, jnp.arange(kp.shape[1] // k_chunk))
+    return (
+        dq[:, :q_len].astype(q.dtype),
+        dk[:, :kv_len].astype(k.dtype),
+        dv[:, :kv_len].astype(v.dtype),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -141,14 +180,14 @@ def _flash(q, k, v, q_offset, mask, mask_q_len, q_chunk, k_chunk):
 
 
 def _flash_fwd(q, k, v, q_offset, mask, mask_q_len, q_chunk, k_chunk):
-    out, lse = _forward(q, k, v, q_offset, mask, mask_q_len, q_chunk, k_chunk)
-    return out, (q, k, v, q_offset, out, lse)
+    out, stats = _forward(q, k, v, q_offset, mask, mask_q_len, q_chunk, k_chunk)
+    return out, (q, k, v, q_offset, out, stats)
 
 
 def _flash_bwd(mask, mask_q_len, q_chunk, k_chunk, residuals, dout):
-    q, k, v, q_offset, out, lse = residuals
+    q, k, v, q_offset, out, stats = residuals
     args = (mask, mask_q_len, q_chunk, k_chunk)
-    dq, dk, dv = _backward(q, k, v, q_offset, out, lse, dout, *args)
+    dq, dk, dv = _backward(q, k, v, q_offset, out, stats, dout, *args)
     return dq, dk, dv, np.zeros(np.shape(q_offset), jax.dtypes.float0)
 
 
@@ -170,24 +209,10 @@ def chunked_attention(
 
     ``q_offset`` / ``mask_q_len``: absolute position of the first query and the full query
     length the mask is defined over (defaults: 0 and Lq), for sequence-sharded queries.
+    Block sizes are fitted to the lengths (``fit_chunk``).
     """
-    q_chunk = min(q_chunk, q.shape[1])
-    k_chunk = min(k_chunk, k.shape[1])
+    q_chunk = fit_chunk(q.shape[1], q_chunk)
+    k_chunk = fit_chunk(k.shape[1], k_chunk)
     mask_q_len = q.shape[1] if mask_q_len is None else mask_q_len
     offset = jnp.asarray(q_offset, jnp.int32)
-    out = _flash(
-        _heads_first(q),
-        _heads_first(k),
-        _heads_first(v),
-        offset,
-        mask,
-        mask_q_len,
-        q_chunk,
-        k_chunk,
-    )
-    return _heads_first(out)
-
-
-def _heads_first(x: jax.Array) -> jax.Array:
-    """[B, L, H, D] <-> [B, H, L, D]."""
-    return x.transpose(0, 2, 1, 3)
+    return _flash(q, k, v, offset, mask, mask_q_len, q_chunk, k_chunk)
