@@ -30,7 +30,9 @@ def loss_and_grads(fn, q, k, v):
 @pytest.mark.parametrize("mask", MASKS, ids=["full", "causal"])
 @pytest.mark.parametrize("chunks", [(8, 8), (16, 5)], ids=["8x8", "16x5"])
 @pytest.mark.parametrize(
-    "lengths", [(37, 37), (13, 29), (36, 24)], ids=["self", "cached", "fitted_blocks"]
+    "lengths",
+    [(37, 37), (13, 29), (36, 24), (36, 23)],
+    ids=["self", "cached", "fitted_blocks", "masked_rows_and_padding"],
 )
 def test_chunked_matches_dense(mask, chunks, lengths):
     q, k, v = qkv(lq=lengths[0], lk=lengths[1])
@@ -47,7 +49,8 @@ def test_block_sizes_are_fitted_to_divide_the_length_when_they_can():
     assert fit_chunk(3136, 512) == fit_chunk(12544, 512) == 448  # 224px at patch 4 and 2
     assert fit_chunk(50176, 512) == 512 and fit_chunk(300, 512) == 300
     assert fit_chunk(36, 8) == 6 and fit_chunk(24, 5) == 4
-    assert fit_chunk(37, 8) == 8  # a prime length keeps the block and pads
+    assert fit_chunk(37, 8) == 8  # a prime length pads: 5 blocks of 8
+    assert fit_chunk(577, 512) == 296  # class token + 24 x 24: 2 blocks, 15 padded rows
 
 
 def test_chunked_backend_bfloat16_close_to_float32():

@@ -126,6 +126,10 @@ def test_a_missing_source_run_is_a_clear_error_before_training(tmp_path):
     _, s2 = _stage_configs(tmp_path)
     with pytest.raises(FileNotFoundError, match="is .* the workdir of a training run"):
         train.train_and_evaluate(s2, str(tmp_path / "s2"), devices=jax.devices()[:1])
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "config.json").write_text(s2.to_json())
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        train.train_and_evaluate(s2, str(tmp_path / "s2"), devices=jax.devices()[:1])
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,8 @@ def sharding_section() -> ml_collections.ConfigDict:
 def init_from_section(workdir: str = "", skip: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """``config.init_from``: start a fresh run from ``workdir``'s weights, keeping the params
     whose 'a/b/c' paths match a ``skip`` pattern at their init (``vitok.models.transfer``)."""
-    return ml_collections.ConfigDict({"workdir": workdir, "skip": tuple(skip)})
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    return ml_collections.ConfigDict({"workdir": workdir, "skip": skip})
 
 
 def unknown_preset(name: str, preset: str, known) -> ConfigError:

@@ -71,7 +71,7 @@ def vit_block_fwd_bwd(
 ) -> tuple[float, float]:
     """(peak MiB, seconds) of one ViT-Ti block forward+backward at batch 1 (float32 weights,
     activations in ``dtype``)."""
-    block = Block(192, HEADS, 768, rngs=nnx.Rngs(0), attention_backend=backend)
+    block = Block(192, HEADS, 768, rngs=nnx.Rngs(0), attention_backend=backend, dtype=dtype)
     graphdef, state = nnx.split(block)
     x = jax.random.normal(jax.random.key(0), (1, length, 192), dtype)
     grad = jax.jit(jax.grad(lambda s, x: nnx.merge(graphdef, s)(x).sum()))
@@ -94,8 +94,8 @@ def main() -> None:
     if args.dtype == "float32" and jax.default_backend() == "gpu":
         print("note: cuDNN is skipped in float32; pass --dtype bfloat16 to compare it", flush=True)
 
-    on_gpu = jax.default_backend() == "gpu" and args.dtype != "float32"
-    backends = ["dense", "chunked"] + (["cudnn"] if on_gpu else [])
+    cudnn_usable = jax.default_backend() == "gpu" and args.dtype != "float32"
+    backends = ["dense", "chunked"] + (["cudnn"] if cudnn_usable else [])
     peak: dict[str, dict[int, float | None]] = {b: {} for b in backends}
     working: dict[str, dict[int, float | None]] = {b: {} for b in backends}
     ms: dict[str, dict[int, float | None]] = {b: {} for b in backends}

@@ -13,6 +13,7 @@ its own checkpoint and never reads ``init_from`` again.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -54,12 +55,13 @@ def adapt_params(
 ) -> tuple[dict, dict[str, list[str]]]:
     """Pure dicts of the source run's params -> params with ``target_params``' structure.
 
-    Each target leaf is the source leaf at the same path when shapes agree, else
-    ``target_model.adapt_pretrained(path, value, source_model)`` (None: no adaptation known),
-    or the target's own value when its 'a/b/c' path matches a ``skip`` pattern. Returns the
-    params and a report {"copied", "adapted", "skipped", "unused": [paths]}.
+    Each target leaf is ``target_model.adapt_pretrained(path, value, source_model)`` where the
+    model adapts it (e.g. a patch kernel from another patch size), else the source leaf at the
+    same path if the shapes agree, or the target's own value when its 'a/b/c' path matches a
+    ``skip`` pattern. Returns the params and a report {"copied", "adapted", "skipped",
+    "unused": [paths]}.
     """
-    patterns = [re.compile(p) for p in skip]
+    patterns = [re.compile(p) for p in _as_patterns(skip)]
     source = _flatten(source_params)
     target = _flatten(target_params)
     adapt = getattr(target_model, "adapt_pretrained", None)
@@ -77,11 +79,11 @@ def adapt_params(
                 f"init_from.skip to keep its fresh init"
             )
         value = source[path]
-        if tuple(value.shape) == tuple(current.shape):
-            leaves[path] = value
+        adapted = adapt(path, value, source_model) if adapt is not None else None
+        if adapted is None and tuple(value.shape) == tuple(current.shape):
+            leaves[path] = value.astype(current.dtype)
             report["copied"].append(name)
             continue
-        adapted = adapt(path, value, source_model) if adapt is not None else None
         if adapted is None or tuple(adapted.shape) != tuple(current.shape):
             raise ValueError(
                 f"init_from: {name} has shape {tuple(value.shape)} in {where}, this model "
@@ -95,19 +97,39 @@ def adapt_params(
     return _unflatten_like(target_params, leaves), report
 
 
-def init_from_run(config: Any, model: ModelHandle, params: dict) -> dict:
-    """The trainer's hook: ``params`` (fresh, sharded) -> the same structure and shardings with
-    the weights of ``config.init_from.workdir`` (unchanged when that is empty)."""
+def _as_patterns(skip: Any) -> tuple[str, ...]:
+    return (skip,) if isinstance(skip, str) else tuple(skip)
+
+
+def source_workdir(config: Any) -> str | None:
+    """``config.init_from.workdir`` (None when unset), checked to hold a training run's config
+    and a checkpoint, so a wrong path fails before anything is compiled."""
     spec = config.get("init_from")
     if spec is None or not spec.get("workdir"):
-        return params
-    from vitok import sharding
-    from vitok.inference import load_config, load_params
+        return None
+    from vitok.inference import load_config
 
     workdir = spec.workdir
-    source_config = load_config(workdir)  # a clear error when it is no training run
-    mesh = sharding.make_mesh({"data": -1})
+    load_config(workdir)  # a clear error when it is no training run
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+        raise FileNotFoundError(f"init_from: {workdir!r} has no checkpoint in {checkpoints}")
+    return workdir
+
+
+def init_from_run(config: Any, model: ModelHandle, params: dict, mesh) -> dict:
+    """The trainer's hook: ``params`` (fresh, sharded over ``mesh``) -> the same structure and
+    shardings with the weights of ``config.init_from.workdir`` (unchanged when that is unset).
+    The source state is restored onto the trainer's mesh under the source run's sharding rules,
+    so an FSDP run never holds a replicated copy of it."""
+    workdir = source_workdir(config)
+    if workdir is None:
+        return params
+    from vitok.inference import load_config, load_params
+
+    source_config = load_config(workdir)
     _, source_params, _, step = load_params(source_config, workdir, mesh)
+    weights = "EMA" if source_config.optim.get("ema_decay", 0.0) else "trained"
     source_handle = ModelHandle.abstract(source_config.model, source_config.seed)
     source_model = nnx.merge(
         source_handle.graphdef, source_handle.param_template, source_handle.extra_template
@@ -118,11 +140,14 @@ def init_from_run(config: Any, model: ModelHandle, params: dict) -> dict:
         source_model,
         params,
         target_model,
-        tuple(spec.get("skip", ())),
+        _as_patterns(config.init_from.get("skip", ())),
         where=f"{workdir!r} (step {step})",
     )
     if jax.process_index() == 0:
         counts = ", ".join(f"{len(v)} {k}" for k, v in report.items())
         adapted = f"; adapted: {report['adapted']}" if report["adapted"] else ""
-        print(f"vitok: initialised from {workdir} at step {step} ({counts}){adapted}")
+        print(
+            f"vitok: initialised from the {weights} weights of {workdir} at step {step} "
+            f"({counts}){adapted}"
+        )
     return jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, params)

@@ -167,21 +167,23 @@ class ViT(nnx.Module):
                 f"got {tuple(images.shape)}"
             )
 
-    def adapt_pretrained(
-        self, path: tuple[str, ...], value: jax.Array, source: ViT
-    ) -> jax.Array | None:
-        """A weight of another ViT (``source``: other patch size or image size) for this one,
-        or None (see ``vitok.models.transfer``): the patch kernel is PI-resized to this patch
-        size, a learned position embedding is resized to this token grid, the dense head's
-        per-pixel outputs are resized to this patch."""
-        if path == ("embed", "kernel") and source.channels == self.channels:
+    def adapt_pretrained(self, path: tuple[str, ...], value: jax.Array, source) -> jax.Array | None:
+        """A weight of another model (``source``) for this ViT when the two differ in patch or
+        image size, else None (see ``vitok.models.transfer``): the patch kernel is PI-resized to
+        this patch size, a learned position embedding is resized to this token grid, and the
+        dense head's per-pixel outputs are resized to this patch."""
+        if not isinstance(source, ViT):
+            return None
+        new_patch = source.patch_size != self.patch_size
+        if path == ("embed", "kernel") and new_patch and source.channels == self.channels:
             return pi_resize_patch_kernel(
                 value, old=source.patch_size, new=self.patch_size, channels=self.channels
             )
-        if path == ("posemb",) and self.posemb is not None:
+        if path == ("posemb",) and self.posemb is not None and source.grid != self.grid:
             return resize_posemb(value, source.grid, self.grid)
         if (
             path[0] == "dense_head"
+            and new_patch
             and self.dense_head is not None
             and source.dense_classes == self.dense_classes
         ):

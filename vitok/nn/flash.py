@@ -1,10 +1,11 @@
 """Memory-efficient attention in pure JAX: online softmax over key blocks, O(N) memory.
 
 The forward pass visits [q_chunk, k_chunk] score blocks one at a time (``lax.scan``), keeping a
-running max ``m``, normaliser ``norm`` and output accumulator per query (Milakov & Gimelshein 2018;
-Rabe & Staats 2021; Dao et al. 2022). It saves only the output and the log-sum-exp per query, and
-the custom backward pass recomputes each block's probabilities from them, so neither pass ever
-holds an [Lq, Lk] matrix. Runs on any backend, CPU included.
+running max ``m``, normaliser ``norm`` and output accumulator per query (Milakov & Gimelshein
+2018; Rabe & Staats 2021; Dao et al. 2022). It saves only the output and two statistics per
+query (row max and log-normaliser), and the custom backward pass recomputes each block's
+probabilities from them, so neither pass ever holds an [Lq, Lk] matrix. Runs on any backend,
+CPU included.
 
 Everything stays in the caller's [B, L, H, D] layout: blocks are sliced out of the inputs and
 written into the outputs in place, so no transposed or blocked copy of q, k, v is made.
@@ -31,15 +32,19 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
 
 
 def fit_chunk(length: int, chunk: int) -> int:
-    """The block size used for ``length`` tokens: ``chunk`` if it divides ``length``, else the
-    largest divisor of ``length`` in [chunk / 2, chunk) (3,136 and 12,544 tokens -> 448), so
-    the inputs need no padded copy; ``chunk`` (with padding) when there is none."""
+    """The block size used for ``length`` tokens, at most ``chunk``: the largest divisor of
+    ``length`` in [chunk / 2, chunk] (a multiple of 8 for blocks of 64 and more), so the inputs
+    need no padded copy (3,136 and 12,544 tokens -> 448); failing that, the fewest blocks of
+    near-equal size, which pads by less than one alignment unit per block (577 -> 2 x 296)."""
     if length <= chunk:
         return length
-    for size in range(chunk, chunk // 2 - 1, -1):
+    align = 8 if chunk >= 64 else 1
+    for size in range(chunk - chunk % align, chunk // 2 - 1, -align):
         if length % size == 0:
             return size
-    return chunk
+    blocks = -(-length // chunk)
+    size = -(-length // blocks)
+    return min(chunk, -(-size // align) * align)
 
 
 def _block(x: jax.Array, index: jax.Array, chunk: int) -> jax.Array:
