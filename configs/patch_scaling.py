@@ -10,7 +10,10 @@ Presets (P is the patch size):
                    per-token head can draw the stroke at each patch size.
   photos_pP        the same ViT telling which of 7 training photos of scikit-image a 32x32
                    RGB crop (random position, 1-100% of the area) comes from; test crops are
-                   new crops of those photos. P in {16, 8, 4, 2, 1}: 4 to 1,024 tokens.
+                   new crops of those photos (so: recognising seen photos, not new ones).
+                   P in {16, 8, 4, 2, 1}: 4 to 1,024 tokens.
+  photos_gray_pP   the same with 10 photos (brick, grass, gravel, coins ... included) in
+                   grayscale: colour no longer names the photo.
   deit_b_64px_pP   the paper's DeiT-B on ImageNet at 64x64 (tfds imagenet_resized/64x64),
                    P in {16, 8, 4, 2, 1}, 300 epochs at batch 1024; TPU/GPU pods.
   deit_b_224px_p1  DeiT-B on 224x224 ImageNet with 1x1 patches: 50,176 tokens per image, the
@@ -100,6 +103,22 @@ def photos(patch_size: int) -> ml_collections.ConfigDict:
     return c
 
 
+GRAY_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png",
+               "coins.png", "grass.png", "gravel.png", "moon.png", "rocket.jpg")  # fmt: skip
+
+
+def photos_gray(patch_size: int) -> ml_collections.ConfigDict:
+    """The harder photo task: 10 photos (textures included) seen in grayscale, so colour gives
+    nothing away and the crop's texture and structure must."""
+    c = photos(patch_size)
+    c.model.channels = 1
+    c.model.num_classes = len(GRAY_PHOTOS)
+    for data in (c.data, c.evals.test.data):
+        data.photos = ",".join(GRAY_PHOTOS)
+        data.pp = data.pp.replace("decode(channels=3)", "decode(channels=1)")
+    return c
+
+
 def deit_b_64px(patch_size: int) -> ml_collections.ConfigDict:
     """DeiT-B recipe (Touvron et al. 2021) at 64x64: AdamW, lr 5e-4 x batch / 512, 5 warm-up
     epochs, cosine, weight decay 0.05, label smoothing 0.1."""
@@ -186,6 +205,7 @@ _PATTERNS = {
     r"digits_seg_p(\d+)": (digits_seg, DIGIT_PATCHES),
     r"digits_fg_p(\d+)": (digits_fg, DIGIT_PATCHES),
     r"photos_p(\d+)": (photos, PHOTO_PATCHES),
+    r"photos_gray_p(\d+)": (photos_gray, PHOTO_PATCHES),
     r"deit_b_64px_p(\d+)": (deit_b_64px, IMAGENET64_PATCHES),
     r"deit_b_224px_p1_s(\d+)": (deit_b_224px_p1_stage, (1, 2, 3)),
     r"digits_progressive_s(\d+)": (digits_progressive, (1, 2)),

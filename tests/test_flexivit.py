@@ -205,12 +205,13 @@ def test_patch_scaling_presets_share_one_recipe_and_build():
         assert c.model.to_dict() | {"patch_size": 4} == digits[0].model.to_dict() | {
             "patch_size": 4
         }
-    photos = [patch_scaling.get_config(f"photos_p{p}") for p in patch_scaling.PHOTO_PATCHES]
-    recipe = {k: v for k, v in photos[0].to_dict().items() if k != "model"}
-    assert all({k: v for k, v in c.to_dict().items() if k != "model"} == recipe for c in photos)
-    train_data, test_data = photos[0].data, photos[0].evals.test.data
-    assert test_data.photos == train_data.photos and test_data.split == "test"
-    assert photos[0].model.num_classes == len(train_data.photos.split(","))
+    for family in ("photos", "photos_gray"):
+        photos = [patch_scaling.get_config(f"{family}_p{p}") for p in patch_scaling.PHOTO_PATCHES]
+        recipe = {k: v for k, v in photos[0].to_dict().items() if k != "model"}
+        assert all({k: v for k, v in c.to_dict().items() if k != "model"} == recipe for c in photos)
+        train_data, test_data = photos[0].data, photos[0].evals.test.data
+        assert test_data.photos == train_data.photos and test_data.split == "test"
+        assert photos[0].model.num_classes == len(train_data.photos.split(","))
     pixels = patch_scaling.get_config("deit_b_224px_p1")
     assert pixels.model.patch_size == 1 and tuple(pixels.model.image_size) == (224, 224)
     assert pixels.mesh.sequence == 8 and pixels.model.attention_backend == "sequence_parallel"

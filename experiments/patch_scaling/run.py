@@ -43,12 +43,14 @@ TASK_PATCHES = {
     "digits_seg": patch_scaling.DIGIT_PATCHES,
     "digits_fg": patch_scaling.DIGIT_PATCHES,
     "photos": patch_scaling.PHOTO_PATCHES,
+    "photos_gray": patch_scaling.PHOTO_PATCHES,
 }
 METRIC = {
     "digits": ("eval/accuracy", "top-1 accuracy"),
     "digits_seg": ("eval/miou", "mIoU, 11 classes"),
     "digits_fg": ("eval/miou", "mIoU, foreground / background"),
-    "photos": ("eval/accuracy", "top-1 accuracy, photo of origin (7)"),
+    "photos": ("eval/accuracy", "top-1 accuracy, photo of origin (7, colour)"),
+    "photos_gray": ("eval/accuracy", "top-1 accuracy, photo of origin (10, grayscale)"),
 }
 
 
