@@ -40,7 +40,7 @@ def test_chunked_matches_dense(mask, chunks, lengths):
     chunked = lambda q, k, v: chunked_attention(q, k, v, mask, q_chunk=chunks[0], k_chunk=chunks[1])  # noqa: E731
     np.testing.assert_allclose(chunked(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-5)
     (la, ga), (lb, gb) = loss_and_grads(chunked, q, k, v), loss_and_grads(dense, q, k, v)
-    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    np.testing.assert_allclose(la, lb, rtol=1e-4)  # a sum over every output: float32 round-off
     for a, b in zip(ga, gb, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -97,7 +97,7 @@ def test_sequence_parallel_matches_dense_on_the_mesh(mask):
         jax.jit(lambda *a: loss_and_grads(sequence_parallel, *a))(q, k, v),
         loss_and_grads(dense, q, k, v),
     )
-    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    np.testing.assert_allclose(la, lb, rtol=1e-4)  # a sum over every output: float32 round-off
     for a, b in zip(ga, gb, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
