@@ -30,7 +30,7 @@ from vitok import config as config_lib
 from vitok.data import pipeline
 from vitok.models import ModelHandle, init_variables
 from vitok.models.frozen import load_pretrained, pretrained_workdirs
-from vitok.models.transfer import init_from_run, source_workdir
+from vitok.models.transfer import init_from_run, source_run
 from vitok.optim import make_optimizer
 from vitok.plots import plot_curves
 from vitok.registry import EVALUATORS, TASKS
@@ -234,10 +234,10 @@ def train_and_evaluate(
     restored = ckpt.restore(target, train_iter)
     if restored is None:
         pretrained_workdirs(model)  # a missing workdir fails here, before compiling anything
-        source_workdir(config)  # likewise a missing init_from run
+        source = source_run(config)  # likewise a missing init_from run
         state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_rng)
         state["extra"] = load_pretrained(model, config.model, state["extra"])
-        state["params"] = init_from_run(config, model, state["params"], mesh)
+        state["params"] = init_from_run(source, model, state["params"], mesh)
         if ema_decay:  # a copy: the step donates both trees
             state["ema"] = jax.tree.map(jnp.copy, state["params"])
         start_step = 0

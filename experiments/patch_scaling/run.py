@@ -263,9 +263,8 @@ def main(argv=None) -> None:
         json.dump(results, f, indent=1)
     table = markdown(results)
     progressive_done = os.path.exists(os.path.join(args.workdir, "progressive.json"))
-    if args.progressive or progressive_done:
-        if not args.finished_only or progressive_done:
-            table += "\n" + progressive_markdown(run_progressive(args.workdir), results)
+    if progressive_done or (args.progressive and not args.finished_only):
+        table += "\n" + progressive_markdown(run_progressive(args.workdir), results)
     with open(os.path.join(args.workdir, "results.md"), "w") as f:
         f.write(table)
     plot(results, os.path.join(args.workdir, "patch_scaling.png"))

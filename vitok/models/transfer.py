@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
@@ -50,7 +50,7 @@ def adapt_params(
     source_model: nnx.Module,
     target_params: dict,
     target_model: nnx.Module,
-    skip: tuple[str, ...] = (),
+    skip: str | tuple[str, ...] = (),
     where: str = "the source run",
 ) -> tuple[dict, dict[str, list[str]]]:
     """Pure dicts of the source run's params -> params with ``target_params``' structure.
@@ -61,7 +61,7 @@ def adapt_params(
     ``skip`` pattern. Returns the params and a report {"copied", "adapted", "skipped",
     "unused": [paths]}.
     """
-    patterns = [re.compile(p) for p in _as_patterns(skip)]
+    patterns = [re.compile(p) for p in ((skip,) if isinstance(skip, str) else skip)]
     source = _flatten(source_params)
     target = _flatten(target_params)
     adapt = getattr(target_model, "adapt_pretrained", None)
@@ -97,37 +97,39 @@ def adapt_params(
     return _unflatten_like(target_params, leaves), report
 
 
-def _as_patterns(skip: Any) -> tuple[str, ...]:
-    return (skip,) if isinstance(skip, str) else tuple(skip)
+class SourceRun(NamedTuple):
+    workdir: str
+    config: Any  # the source run's config
+    skip: Any  # patterns of params that keep their fresh init
 
 
-def source_workdir(config: Any) -> str | None:
-    """``config.init_from.workdir`` (None when unset), checked to hold a training run's config
-    and a checkpoint, so a wrong path fails before anything is compiled."""
+def source_run(config: Any) -> SourceRun | None:
+    """The run named by ``config.init_from.workdir`` (None when unset), checked to hold a
+    training run's config and a checkpoint, so a wrong path fails before anything is
+    compiled."""
     spec = config.get("init_from")
     if spec is None or not spec.get("workdir"):
         return None
     from vitok.inference import load_config
 
     workdir = spec.workdir
-    load_config(workdir)  # a clear error when it is no training run
+    source_config = load_config(workdir)  # a clear error when it is no training run
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
         raise FileNotFoundError(f"init_from: {workdir!r} has no checkpoint in {checkpoints}")
-    return workdir
+    return SourceRun(workdir, source_config, spec.get("skip", ()))
 
 
-def init_from_run(config: Any, model: ModelHandle, params: dict, mesh) -> dict:
+def init_from_run(source: SourceRun | None, model: ModelHandle, params: dict, mesh) -> dict:
     """The trainer's hook: ``params`` (fresh, sharded over ``mesh``) -> the same structure and
-    shardings with the weights of ``config.init_from.workdir`` (unchanged when that is unset).
-    The source state is restored onto the trainer's mesh under the source run's sharding rules,
-    so an FSDP run never holds a replicated copy of it."""
-    workdir = source_workdir(config)
-    if workdir is None:
+    shardings with the weights of the ``source_run`` (unchanged when that is None). The source
+    state is restored onto the trainer's mesh under the source run's sharding rules, so an FSDP
+    run never holds a replicated copy."""
+    if source is None:
         return params
-    from vitok.inference import load_config, load_params
+    from vitok.inference import load_params
 
-    source_config = load_config(workdir)
+    workdir, source_config, skip = source
     _, source_params, _, step = load_params(source_config, workdir, mesh)
     weights = "EMA" if source_config.optim.get("ema_decay", 0.0) else "trained"
     source_handle = ModelHandle.abstract(source_config.model, source_config.seed)
@@ -136,13 +138,9 @@ def init_from_run(config: Any, model: ModelHandle, params: dict, mesh) -> dict:
     )
     target_model = nnx.merge(model.graphdef, model.param_template, model.extra_template)
     loaded, report = adapt_params(
-        source_params,
-        source_model,
-        params,
-        target_model,
-        _as_patterns(config.init_from.get("skip", ())),
+        source_params, source_model, params, target_model, skip,
         where=f"{workdir!r} (step {step})",
-    )
+    )  # fmt: skip
     if jax.process_index() == 0:
         counts = ", ".join(f"{len(v)} {k}" for k, v in report.items())
         adapted = f"; adapted: {report['adapted']}" if report["adapted"] else ""

@@ -187,12 +187,9 @@ class ViT(nnx.Module):
             and self.dense_head is not None
             and source.dense_classes == self.dense_classes
         ):
-            d = self.width
-            old, new, classes = source.patch_size, self.patch_size, self.dense_classes
-            kernel = value if path[1] == "kernel" else jnp.zeros((d, old * old * classes))
-            bias = value if path[1] == "bias" else jnp.zeros((old * old * classes,))
-            kernel, bias = _resize_dense_head(kernel, bias, old, new, classes)
-            return kernel if path[1] == "kernel" else bias
+            return _resize_pixel_outputs(
+                value, source.patch_size, self.patch_size, self.dense_classes
+            )
         return None
 
     def grid_for(self, patch_size: int) -> tuple[int, int]:
@@ -267,21 +264,21 @@ class ViT(nnx.Module):
         kernel = self.dense_head.kernel[...]
         bias = self.dense_head.bias[...]
         if q != self.patch_size:
-            kernel, bias = _resize_dense_head(kernel, bias, self.patch_size, q, self.dense_classes)
+            kernel, bias = (
+                _resize_pixel_outputs(t, self.patch_size, q, self.dense_classes)
+                for t in (kernel, bias)
+            )
         logits = jnp.dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
         return unpatchify(logits, grid, q).astype(jnp.float32)
 
 
-def _resize_dense_head(kernel, bias, old: int, new: int, classes: int):
-    """A per-token head's outputs laid out as (row, column, class) for an old x old patch ->
-    the same for new x new, by bilinear interpolation of each output map (a linear map, so it is
-    applied to the kernel and bias directly)."""
-    d = kernel.shape[0]
+def _resize_pixel_outputs(x: jax.Array, old: int, new: int, classes: int) -> jax.Array:
+    """[..., old*old*classes] outputs laid out as (row, column, class) for an old x old patch
+    -> [..., new*new*classes], each class map resized bilinearly (a linear map, so it applies
+    to a per-token head's kernel and bias alike)."""
     r = jnp.asarray(patch_resize_matrix(old, new))  # [new*new, old*old]
-    k = kernel.reshape(d, old * old, classes)
-    k = jnp.einsum("no,doc->dnc", r, k).reshape(d, new * new * classes)
-    b = jnp.einsum("no,oc->nc", r, bias.reshape(old * old, classes)).reshape(-1)
-    return k, b
+    x = x.reshape(*x.shape[:-1], old * old, classes)
+    return jnp.einsum("no,...oc->...nc", r, x).reshape(*x.shape[:-2], new * new * classes)
 
 
 @MODELS.register("vit")
