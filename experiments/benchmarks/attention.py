@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from flax import nnx  # noqa: E402
 
 from vitok.nn import attention as attn  # noqa: E402
+from vitok.nn.flash import chunked_attention, default_chunk  # noqa: E402
 from vitok.nn.transformer import Block  # noqa: E402
 from vitok.perf import compiled_peak_bytes  # noqa: E402
 
@@ -49,13 +50,18 @@ def median_seconds(fn, *args, repeats: int) -> float:
 
 
 def attention_fwd_bwd(
-    backend: str, length: int, repeats: int, dtype: str = "float32"
+    backend: str, length: int, repeats: int, dtype: str = "float32", chunk: int | None = None
 ) -> tuple[float, float, float]:
-    """(peak MiB, working MiB, median ms) of grad(sum(attention(q, k, v))) at batch 1."""
+    """(peak MiB, working MiB, median ms) of grad(sum(attention(q, k, v))) at batch 1;
+    ``chunk``: the chunked backend's block size (default: ``flash.default_chunk(B * H)``)."""
     shape = (1, length, HEADS, HEAD_DIM)
-    grad = jax.jit(
-        jax.grad(lambda q, k, v: attn.attention(q, k, v, backend=backend).sum(), argnums=(0, 1, 2))
-    )
+
+    def loss(q, k, v):
+        if chunk is not None:
+            return chunked_attention(q, k, v, attn.FullMask(), q_chunk=chunk, k_chunk=chunk).sum()
+        return attn.attention(q, k, v, backend=backend).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     q = jax.random.normal(jax.random.key(0), shape, dtype)
     compiled = grad.lower(q, q, q).compile()
     seconds = median_seconds(compiled, q, q, q, repeats=repeats)
@@ -92,6 +98,10 @@ def main() -> None:
         help="q, k, v dtype (cuDNN flash attention takes bfloat16/float16 only)",
     )  # fmt: skip
     parser.add_argument("--block_backend", default="chunked", help="the ViT block's attention")
+    parser.add_argument(
+        "--chunk_sweep", type=int, nargs="*", default=[],
+        help="also time the chunked backend at these block sizes (to tune default_chunk)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.dtype == "float32" and jax.default_backend() == "gpu":
         print("note: cuDNN is skipped in float32; pass --dtype bfloat16 to compare it", flush=True)
@@ -118,9 +128,22 @@ def main() -> None:
                 flush=True,
             )
 
+    sweep: dict[int, dict[int, float]] = {c: {} for c in args.chunk_sweep}
+    for chunk in args.chunk_sweep:
+        for length in args.lengths:
+            repeats = args.repeats if length <= 12544 else 1
+            *_, sweep[chunk][length] = attention_fwd_bwd(
+                "chunked", length, repeats, args.dtype, chunk
+            )
+            print(
+                f"chunked  L={length:6d} block {chunk:5d}: {sweep[chunk][length]:10.1f} ms",
+                flush=True,
+            )
+
     result = {
         "device": jax.devices()[0].device_kind,
         "dtype": args.dtype,
+        "default_chunk": default_chunk(HEADS),
         "peak_mib": peak,
         "working_mib": working,
         "ms": ms,
@@ -153,6 +176,8 @@ def main() -> None:
             for n in lengths
             if peak["chunked"][n] and peak["cudnn"][n]
         }
+    if sweep:
+        result["chunk_sweep_ms"] = sweep
     if not args.skip_block:
         block_mib, block_s = vit_block_fwd_bwd(50176, args.block_backend, args.dtype)
         print(
