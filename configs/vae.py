@@ -160,6 +160,7 @@ def mnist_fsq() -> ml_collections.ConfigDict:
         }
     )
     c.data.source = "mnist5k"
+    c.data.num_threads = 0  # in-memory digits: threads only contend (see configs/vit.py)
     c.data.pp = "decode(channels=1)|value_range(-1, 1)"
     del c.data.crop_size
     c.evals.recon.data = ml_collections.ConfigDict(
