@@ -200,12 +200,17 @@ def deit_b_224px_p1_stage(stage: int) -> ml_collections.ConfigDict:
     return c
 
 
+# The CPU study's tasks: preset ``<task>_p<P>`` for each patch size P.
+STUDY_TASKS = {
+    "digits": (digits, DIGIT_PATCHES),
+    "digits_seg": (digits_seg, DIGIT_PATCHES),
+    "digits_fg": (digits_fg, DIGIT_PATCHES),
+    "photos": (photos, PHOTO_PATCHES),
+    "photos_gray": (photos_gray, PHOTO_PATCHES),
+}
+
 _PATTERNS = {
-    r"digits_p(\d+)": (digits, DIGIT_PATCHES),
-    r"digits_seg_p(\d+)": (digits_seg, DIGIT_PATCHES),
-    r"digits_fg_p(\d+)": (digits_fg, DIGIT_PATCHES),
-    r"photos_p(\d+)": (photos, PHOTO_PATCHES),
-    r"photos_gray_p(\d+)": (photos_gray, PHOTO_PATCHES),
+    **{rf"{task}_p(\d+)": entry for task, entry in STUDY_TASKS.items()},
     r"deit_b_64px_p(\d+)": (deit_b_64px, IMAGENET64_PATCHES),
     r"deit_b_224px_p1_s(\d+)": (deit_b_224px_p1_stage, (1, 2, 3)),
     r"digits_progressive_s(\d+)": (digits_progressive, (1, 2)),

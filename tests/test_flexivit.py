@@ -219,3 +219,23 @@ def test_patch_scaling_presets_share_one_recipe_and_build():
     assert handle.param_template["posemb"].get_value().shape == (224 * 224, 768)
     with pytest.raises(ValueError, match="unknown preset 'digits_p3'"):
         patch_scaling.get_config("digits_p3")
+
+
+def test_patch_scaling_launcher_tabulates_every_study_task_by_patch_size():
+    import importlib.util
+
+    from configs import patch_scaling
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "patch_scaling", "run.py")
+    spec = importlib.util.spec_from_file_location("patch_scaling_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert set(run.METRIC) == set(patch_scaling.STUDY_TASKS)  # a metric for every task
+    row = dict(task="digits", gflops_per_image=0.01, train_step_peak_mib=9.0, ms_per_step=5.0)
+    rows = [
+        row | dict(patch_size=2, tokens=196, metric=0.5, wall_s=20.0),
+        row | dict(patch_size=14, tokens=4, metric=0.9, wall_s=10.0),
+    ]
+    table = [line for line in run.markdown(rows).splitlines() if line.startswith("| ")]
+    assert table[1].startswith("| 14 | 4 | 0.9000 |")  # the largest patch first
+    assert table[2].startswith("| 2 | 196 | 0.5000 |")

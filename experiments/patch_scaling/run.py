@@ -38,13 +38,6 @@ from vitok.models.vit import vit_forward_flops  # noqa: E402
 from vitok.perf import compiled_peak_bytes  # noqa: E402
 from vitok.registry import TASKS  # noqa: E402
 
-TASK_PATCHES = {
-    "digits": patch_scaling.DIGIT_PATCHES,
-    "digits_seg": patch_scaling.DIGIT_PATCHES,
-    "digits_fg": patch_scaling.DIGIT_PATCHES,
-    "photos": patch_scaling.PHOTO_PATCHES,
-    "photos_gray": patch_scaling.PHOTO_PATCHES,
-}
 METRIC = {
     "digits": ("eval/accuracy", "top-1 accuracy"),
     "digits_seg": ("eval/miou", "mIoU, 11 classes"),
@@ -249,7 +242,7 @@ def main(argv=None) -> None:
     os.makedirs(args.workdir, exist_ok=True)
     results = []
     for task in args.tasks:
-        sizes = TASK_PATCHES[task]
+        _, sizes = patch_scaling.STUDY_TASKS[task]
         for p in [p for p in args.patch_sizes or sizes if p in sizes]:
             preset = f"{task}_p{p}"
             if args.finished_only and not os.path.exists(
