@@ -38,16 +38,20 @@ def _override(c, overrides):
     return c
 
 
+def short_run(c, *, steps: int, batch_size: int, eval_every: int = 0, checkpoint_every: int = 0):
+    """A test config's run length: log every step; evaluate and checkpoint at the last step
+    unless told otherwise."""
+    c.total_steps, c.batch_size, c.log_every = steps, batch_size, 1
+    c.eval_every = eval_every or steps
+    c.checkpoint_every = checkpoint_every or steps
+    return c
+
+
 def small_flextok_config(**overrides):
     """configs/flextok.py:tiny shrunk for fast tests (same code path, smaller numbers)."""
     from configs import flextok
 
-    c = flextok.get_config("tiny")
-    c.total_steps = 4
-    c.batch_size = 16
-    c.log_every = 1
-    c.eval_every = 4
-    c.checkpoint_every = 4
+    c = short_run(flextok.get_config("tiny"), steps=4, batch_size=16)
     c.model.image_size = (16, 16)
     c.model.patch_size = 4
     c.model.num_registers = 4
@@ -70,12 +74,7 @@ def small_vit_config(**overrides):
     """configs/vit.py:tiny shrunk for fast tests (same code path, smaller numbers)."""
     from configs import vit
 
-    c = vit.get_config("tiny")
-    c.total_steps = 6
-    c.batch_size = 16
-    c.log_every = 1
-    c.eval_every = 3
-    c.checkpoint_every = 2
+    c = short_run(vit.get_config("tiny"), steps=6, batch_size=16, eval_every=3, checkpoint_every=2)
     c.model.patch_size = 7
     c.model.width = 32
     c.model.depth = 1

@@ -7,18 +7,13 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import small_vit_config
+from conftest import short_run, small_vit_config
 
 
 def _small_tokenizer_config():
     from configs import vae
 
-    c = vae.get_config("mnist_fsq")
-    c.total_steps = 3
-    c.batch_size = 16
-    c.log_every = 1
-    c.eval_every = 3
-    c.checkpoint_every = 3
+    c = short_run(vae.get_config("mnist_fsq"), steps=3, batch_size=16)
     c.model.width, c.model.depth, c.model.num_heads = 32, 1, 2
     c.evals.recon.max_examples = 32
     c.evals.recon.batch_size = 32
@@ -94,12 +89,7 @@ def test_generator_trains_sharded_and_its_samples_are_judged(digit_codes, tmp_pa
     train.train_and_evaluate(
         small_vit_config(total_steps=2, eval_every=2), classifier, jax.devices()[:1]
     )
-    c = nar.get_config("digits_nar")
-    c.total_steps = 12
-    c.batch_size = 32
-    c.log_every = 1
-    c.eval_every = 12
-    c.checkpoint_every = 12
+    c = short_run(nar.get_config("digits_nar"), steps=12, batch_size=32)
     c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 1, 2, 64
     c.data.path = codes
     c.optim.lr = 3e-3
