@@ -164,8 +164,9 @@ def mnist_fsq() -> ml_collections.ConfigDict:
     c.data.pp = "decode(channels=1)|value_range(-1, 1)"
     del c.data.crop_size
     c.evals.recon.data = ml_collections.ConfigDict(
-        {"source": "mnist5k", "split": "test", "pp": "decode(channels=1)|value_range(-1, 1)"}
-    )
+        {"source": "mnist5k", "split": "test", "pp": "decode(channels=1)|value_range(-1, 1)",
+         "num_threads": 0}
+    )  # fmt: skip
     c.evals.recon.max_examples = 1000
     return c
 

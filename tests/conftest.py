@@ -1,4 +1,5 @@
-"""Every test runs on an 8-device CPU mesh (set before JAX is imported)."""
+"""Every test runs on an 8-device CPU mesh (set before JAX is imported); with
+JAX_PLATFORMS=cuda the accelerator tests run on the GPU (e.g. ``-k "not sequence_parallel"``)."""
 
 import os
 import sys

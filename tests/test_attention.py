@@ -54,24 +54,44 @@ def test_block_sizes_are_fitted_to_divide_the_length_when_they_can():
     assert fit_chunk(577, 512) == 296  # class token + 24 x 24: 2 blocks, 15 padded rows
 
 
-def test_accelerators_take_larger_blocks_within_the_score_block_budget(monkeypatch):
-    monkeypatch.setattr(flash.jax, "default_backend", lambda: "cpu")
-    assert flash.default_chunk(3) == flash.CPU_CHUNK == 512
-    monkeypatch.setattr(flash.jax, "default_backend", lambda: "gpu")
-    # The largest power of two c (512..4096) with B * H * c^2 <= 2^26 float32 elements.
-    assert flash.default_chunk(3) == 4096 and 3 * 4096**2 <= 2**26  # benchmark: B 1, 3 heads
-    assert flash.default_chunk(12) == 2048 and 12 * 4096**2 > 2**26
-    assert flash.default_chunk(8 * 12) == 512  # ViT-B at batch 8: blocks already large
+def test_accelerators_take_larger_blocks_within_the_score_block_budget():
+    assert flash.default_chunk(3, backend="cpu") == flash.CPU_CHUNK == 512
+    # The largest power of two c in [512, 4096] with B * H * c^2 <= 2^26.
+    assert flash.default_chunk(3, backend="gpu") == 4096  # the benchmark: batch 1, 3 heads
+    assert flash.default_chunk(4, backend="gpu") == 4096  # 4 * 4096^2 = 2^26 exactly
+    assert flash.default_chunk(5, backend="gpu") == 2048
+    assert flash.default_chunk(16, backend="tpu") == 2048  # 16 * 2048^2 = 2^26
+    assert flash.default_chunk(17, backend="gpu") == 1024
+    assert flash.default_chunk(8 * 12, backend="gpu") == 512  # ViT-B at batch 8: the floor
 
 
-def test_chunked_backend_bfloat16_close_to_float32():
-    q, k, v = qkv(lq=64, lk=64)
-    ref = attn.attention(q, k, v, attn.CausalMask(), backend="dense")
-    low = attn.attention(
-        *(x.astype(jnp.bfloat16) for x in (q, k, v)), attn.CausalMask(), backend="chunked"
-    )
-    assert low.dtype == jnp.bfloat16
-    np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=3e-2)
+def test_chunk_budget_counts_one_devices_share_of_batch_and_heads():
+    q = jnp.zeros((16, 8, 4, 2))
+    assert attn.per_device_batch_heads(q) == 64  # no mesh: everything on one device
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with sharding.mesh_rules(mesh, sharding.DEFAULT_RULES):
+        assert attn.per_device_batch_heads(q) == (16 // 4) * (4 // 2)
+        # A batch the data axes do not divide stays whole (fit_spec_to_shape drops them).
+        assert attn.per_device_batch_heads(jnp.zeros((3, 8, 4, 2))) == 3 * 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_chunked_low_precision_gradients_match_dense_float32(dtype):
+    """The backward multiplies in the inputs' dtype with float32 accumulation; the reference is
+    dense float32 attention on the same rounded inputs, including fully masked rows."""
+    q, k, v = (x.astype(dtype) for x in qkv(lq=36, lk=23))
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    mask = attn.CausalMask()
+
+    def low(q, k, v):
+        return chunked_attention(q, k, v, mask, q_chunk=16, k_chunk=5).astype(jnp.float32)
+
+    dense = lambda q, k, v: attn.attention(q, k, v, mask, backend="dense")  # noqa: E731
+    (_, ga), (_, gb) = loss_and_grads(low, q, k, v), loss_and_grads(dense, q32, k32, v32)
+    for a, b in zip(ga, gb, strict=True):
+        assert a.dtype == dtype and bool(jnp.all(jnp.isfinite(a)))
+        err = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        assert err < (2e-2 if dtype == jnp.bfloat16 else 3e-3), err
 
 
 def _temp_bytes(fn, length):

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from vitok import sharding
-from vitok.nn.flash import chunked_attention
+from vitok.nn.flash import chunked_attention, default_chunk
 from vitok.nn.layers import dropout, param
 
 
@@ -157,10 +157,33 @@ def masked_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def per_device_batch_heads(q: jax.Array) -> int:
+    """B * H of one device's share of q [B, L, H, D]: under an active mesh, jit sees global
+    shapes while each device holds the batch split over its data axes and the heads split over
+    ``tensor`` (as ``MultiHeadAttention`` constrains q)."""
+    mesh = sharding.current_mesh()
+    b, _, h, _ = q.shape
+    if mesh is None:
+        return b * h
+    spec = sharding.fit_spec_to_shape(
+        sharding.logical_to_mesh_spec(("batch", "length", "heads", "kv"), sharding.active_rules()),
+        q.shape,
+        mesh,
+    )
+
+    def ways(entry) -> int:
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        return int(np.prod([mesh.shape[a] for a in axes]))
+
+    return (b // ways(spec[0])) * (h // ways(spec[2]))
+
+
 @register_backend("chunked")
 def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
-    """Memory-efficient online-softmax attention (pure JAX, O(N) memory, any device)."""
-    return chunked_attention(q, k, v, mask)
+    """Memory-efficient online-softmax attention (pure JAX, O(N) memory, any device); block
+    sizes from ``flash.default_chunk`` for one device's share of the batch and heads."""
+    chunk = default_chunk(per_device_batch_heads(q))
+    return chunked_attention(q, k, v, mask, q_chunk=chunk, k_chunk=chunk)
 
 
 @register_backend("cudnn")
