@@ -157,6 +157,14 @@ def masked_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def _qkv_spec(shape: tuple[int, ...], mesh) -> jax.sharding.PartitionSpec:
+    """The mesh axes of q/k/v [B, L, H, D] under the active rules, as ``MultiHeadAttention``
+    constrains them (axes that do not divide their dimension dropped)."""
+    logical = ("batch", "length", "heads", "kv")
+    rules = sharding.active_rules()
+    return sharding.fit_spec_to_shape(sharding.logical_to_mesh_spec(logical, rules), shape, mesh)
+
+
 def per_device_batch_heads(q: jax.Array) -> int:
     """B * H of one device's share of q [B, L, H, D]: under an active mesh, jit sees global
     shapes while each device holds the batch split over its data axes and the heads split over
@@ -165,11 +173,7 @@ def per_device_batch_heads(q: jax.Array) -> int:
     b, _, h, _ = q.shape
     if mesh is None:
         return b * h
-    spec = sharding.fit_spec_to_shape(
-        sharding.logical_to_mesh_spec(("batch", "length", "heads", "kv"), sharding.active_rules()),
-        q.shape,
-        mesh,
-    )
+    spec = _qkv_spec(q.shape, mesh)
 
     def ways(entry) -> int:
         axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
@@ -245,10 +249,7 @@ def _sequence_parallel(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> 
             f"sequence_parallel attention: lengths {q_len}/{k.shape[1]} are not divisible by "
             f"the sequence mesh axis ({mesh.shape['sequence']})"
         )
-    rules = sharding.active_rules()
-    spec = sharding.fit_spec_to_shape(
-        sharding.logical_to_mesh_spec(("batch", "length", "heads", "kv"), rules), q.shape, mesh
-    )
+    spec = _qkv_spec(q.shape, mesh)
     spec = jax.sharding.PartitionSpec(spec[0], "sequence", spec[2], spec[3])
 
     def local(q_shard, k_shard, v_shard):
