@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     """On the CPU every test gets the 8-device mesh; JAX_PLATFORMS=cuda runs the accelerator
-    tests (e.g. ``-k cudnn``) on whatever devices are there."""
+    tests (e.g. ``-k "not sequence_parallel"``) on whatever devices are there."""
     if jax.default_backend() == "cpu":
         assert jax.device_count() == 8, (
             "tests expect XLA_FLAGS=--xla_force_host_platform_device_count=8"

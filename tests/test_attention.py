@@ -75,6 +75,16 @@ def test_chunk_budget_counts_one_devices_share_of_batch_and_heads():
         assert attn.per_device_batch_heads(jnp.zeros((3, 8, 4, 2))) == 3 * 2
 
 
+def test_chunked_backend_bfloat16_close_to_float32():
+    q, k, v = qkv(lq=64, lk=64)
+    ref = attn.attention(q, k, v, attn.CausalMask(), backend="dense")
+    low = attn.attention(
+        *(x.astype(jnp.bfloat16) for x in (q, k, v)), attn.CausalMask(), backend="chunked"
+    )
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=3e-2)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_chunked_low_precision_gradients_match_dense_float32(dtype):
     """The backward multiplies in the inputs' dtype with float32 accumulation; the reference is
