@@ -111,11 +111,13 @@ def eval_batches(
     process_count: int = 1,
     max_examples: int | None = None,
     counter: SkipCounter | None = None,
+    split: str | None = None,
 ) -> Iterator[dict]:
-    """One pass over the eval split: local batches padded to size b with a float ``mask``
-    (1 real, 0 padding). Every process yields the same number of batches."""
+    """One pass over the eval split (``split`` overrides ``config.split``): local batches padded
+    to size b with a float ``mask`` (1 real, 0 padding). Every process yields the same number of
+    batches."""
     local_batch = _local_batch(global_batch_size, process_count)
-    source = build_source(config, config.get("split", "test"))
+    source = build_source(config, split or config.get("split", "test"))
     n = len(source) if max_examples is None else min(len(source), int(max_examples))
     transform = _transform(config, counter)
     ds = grain.MapDataset.source(source)[:n].seed(0).random_map(transform)

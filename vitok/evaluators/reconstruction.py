@@ -7,15 +7,19 @@ averaged over the window positions that lie inside the image ("valid") and over 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
+from vitok.data import pipeline
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
+from vitok.evaluators.linear_code import LinearCode, fit_linear_code
 from vitok.models.flextok import keep_mask
 from vitok.registry import EVALUATORS
 
@@ -91,24 +95,94 @@ def save_grid(path: str, rows: np.ndarray, border: int = 2) -> None:
     Image.fromarray(pixels[..., 0] if ch == 1 else pixels).save(path)
 
 
-def write_table(path: str, counts: list[int], psnrs: list[float], ssims: list[float]) -> None:
+def neighbour_statistics(images: jax.Array, patch: int) -> jax.Array:
+    """images [B, H, W, C] in [0, 1] -> [B, 3]: per image, the mean absolute difference of
+    horizontally and vertically neighbouring pixels (1) across the borders of a patch grid of
+    ``patch`` px, (2) inside the patches, and (3) everywhere. Their ratio (1) / (2) is the seam
+    ratio: near 1 for natural images, well above 1 for a mosaic of patches that disagree at
+    their borders; (3) measures the amount of detail."""
+    x = images.astype(jnp.float32)
+    dx = jnp.abs(x[:, :, 1:] - x[:, :, :-1]).mean(axis=(1, 3))  # [B, W - 1]
+    dy = jnp.abs(x[:, 1:] - x[:, :-1]).mean(axis=(2, 3))  # [B, H - 1]
+    across_x = (np.arange(1, x.shape[2]) % patch) == 0  # between pixel j - 1 and j
+    across_y = (np.arange(1, x.shape[1]) % patch) == 0
+    diffs = jnp.concatenate([dx, dy], axis=1)
+    across = np.concatenate([across_x, across_y])
+    if not across.any() or across.all():
+        raise ValueError(f"a {patch}px patch grid has no inside and border pairs in {x.shape}")
+    border = diffs[:, across].mean(axis=1)
+    inside = diffs[:, ~across].mean(axis=1)
+    return jnp.stack([border, inside, diffs.mean(axis=1)], axis=1)
+
+
+# Per-image statistics summed over a batch: the columns of ``_image_scores``.
+SCORES = ("psnr", "ssim", "border", "inside", "detail")
+
+
+def _image_scores(recon, target, mask, patch: int) -> jax.Array:
+    """recon/target [B, H, W, C] in [0, 1], mask [B] -> the SCORES summed over real images."""
+    per_image = jnp.concatenate(
+        [
+            psnr(recon, target)[:, None],
+            ssim(recon, target)[:, None],
+            neighbour_statistics(recon, patch),
+        ],
+        axis=1,
+    )
+    return (per_image * mask[:, None]).sum(axis=0)
+
+
+def write_table(path: str, rows: list[dict], original_seam_ratio: float | None = None) -> None:
+    """rows: one dict per k with ``k``, ``psnr``, ``ssim`` and optionally ``seam_ratio``,
+    ``detail_ratio``, ``mean_psnr`` (the 1-step decode), ``baseline_psnr`` (the linear code)."""
+    columns = [
+        ("k", "tokens k", "{}"),
+        ("psnr", "PSNR (dB)", "{:.2f}"),
+        ("ssim", "SSIM", "{:.4f}"),
+        ("seam_ratio", "seam ratio", "{:.3f}"),
+        ("detail_ratio", "detail ratio", "{:.3f}"),
+        ("mean_psnr", "mean decode PSNR", "{:.2f}"),
+        ("baseline_psnr", "linear code PSNR", "{:.2f}"),
+    ]
+    columns = [c for c in columns if c[0] in rows[0]]
     with open(path, "w") as f:
-        f.write("| tokens k | PSNR (dB) | SSIM |\n|---:|---:|---:|\n")
-        for k, p, s in zip(counts, psnrs, ssims, strict=True):
-            f.write(f"| {k} | {p:.2f} | {s:.4f} |\n")
+        f.write("| " + " | ".join(c[1] for c in columns) + " |\n")
+        f.write("|" + "---:|" * len(columns) + "\n")
+        for row in rows:
+            f.write("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in columns) + " |\n")
+        if original_seam_ratio is not None:
+            f.write(
+                f"\nSampler: the evaluator's Euler steps; mean decode: one step (the decoder's "
+                f"clean estimate from pure noise); linear code: PCA of training images with k "
+                f"coefficients, each quantized to the codebook size. Seam ratio: neighbour "
+                f"differences across patch borders over those inside patches (originals: "
+                f"{original_seam_ratio:.3f}); detail ratio: mean neighbour difference over the "
+                f"originals'.\n"
+            )
 
 
 @EVALUATORS.register("reconstruction")
 class ReconstructionEvaluator:
     """Tokenizes held-out images, reconstructs them from their first k tokens for each k in
-    ``token_counts``, and reports ``{prefix}/psnr@k`` and ``{prefix}/ssim@k``.
+    ``token_counts``, and reports per k:
+
+    * ``{prefix}/psnr@k``, ``{prefix}/ssim@k``: the sampler (``steps`` Euler steps, ``guidance``);
+    * ``{prefix}/seam_ratio@k``: mean absolute neighbour difference across the borders of the
+      decoder's patches over that inside them (``{prefix}/seam_ratio_original`` for the
+      originals); ``{prefix}/detail_ratio@k``: mean neighbour difference over the originals';
+    * ``{prefix}/mean_psnr@k``: the mean decode, one Euler step, i.e. the decoder's clean
+      estimate from pure noise (the MMSE-style reconstruction) (``mean_decode``, default on);
+    * ``{prefix}/baseline_psnr@k``: the linear code at the same bit budget (PCA with k
+      coefficients, each quantized to the codebook size; ``vitok.evaluators.linear_code``),
+      fitted once on ``baseline_examples`` images of the run's training data (0: off).
 
     Config: data, batch_size, max_examples, token_counts ("pow2" or a list), steps, guidance,
-    seed, grid_rows (rows of the PNG grid; 0 for none), and optionally ``fid``: a feature
-    network (see ``vitok.evaluators.fid.FeatureNet``) for ``{prefix}/fid@k`` between the
-    reconstructions and the originals (rFID).
-    Writes ``reconstructions.png`` (rows: images; columns: each k, then the original) and
-    ``reconstructions.md`` (the table) into the workdir.
+    seed, grid_rows (rows of the PNG grid; 0 for none), mean_decode, baseline_examples, and
+    optionally ``fid``: a feature network (see ``vitok.evaluators.fid.FeatureNet``) for
+    ``{prefix}/fid@k`` between the reconstructions and the originals (rFID).
+    Writes ``reconstructions.png`` (rows: images; columns: each k, then the original),
+    ``reconstructions_mean.png`` and ``reconstructions_linear.png`` (the same for the mean
+    decode and the linear code) and ``reconstructions.md`` (the table) into the workdir.
     """
 
     def __init__(self, config: Any, context: Any):
@@ -123,76 +197,124 @@ class ReconstructionEvaluator:
         guidance = float(config.get("guidance", 1.0))
         self.seed = int(config.get("seed", 0))
         self.grid_rows = int(config.get("grid_rows", 8))
+        self.mean_decode = bool(config.get("mean_decode", True))
+        handle = context.model
+        abstract = nnx.merge(handle.graphdef, handle.param_template, handle.extra_template)
+        self.pixel_patch = abstract.image_size[0] // abstract.grid[0]
+        self.codebook_size = abstract.fsq.codebook_size
 
         def encode(params, extra, images):
             return context.model.merge(params, extra).encode(images)[0]
 
-        def reconstruct(params, extra, codes, k, rng):
+        def reconstruct(params, extra, codes, k, rng, steps):
             model = context.model.merge(params, extra)
             keep = keep_mask(jnp.full((codes.shape[0],), k), model.num_registers)
             recon = model.sample(codes, keep, rng, steps=steps, guidance=guidance)
             return to_unit_range(recon)
 
         def scores(recon, images, mask):
-            target = to_unit_range(images)
-            return jnp.stack(
-                [(psnr(recon, target) * mask).sum(), (ssim(recon, target) * mask).sum()]
-            )
+            return _image_scores(recon, to_unit_range(images), mask, self.pixel_patch)
 
         self._encode = jax.jit(encode)
-        self._reconstruct = jax.jit(reconstruct)
+        self._sample = jax.jit(functools.partial(reconstruct, steps=steps))
+        self._mean = jax.jit(functools.partial(reconstruct, steps=1))
         self._scores = jax.jit(scores)
+        self.linear_code = None
+        baseline_examples = int(config.get("baseline_examples", 8192))
+        if baseline_examples:
+            self.linear_code = self._fit_linear_code(baseline_examples)
         self.features = None
         if config.get("fid") and (config.fid.get("workdir") or config.fid.get("model")):
             net = FeatureNet(config.fid)
             # Padding examples are dropped on the host, so features are gathered per batch.
             self.features = jax.jit(lambda unit_images: net(unit_images * 2 - 1))
 
+    def _fit_linear_code(self, num_examples: int) -> LinearCode:
+        """PCA of the run's training images (every process fits the same code by itself)."""
+        data = self.context.config.data
+        images = [
+            batch["image"][batch["mask"] > 0]
+            for batch in pipeline.eval_batches(
+                data, global_batch_size=256, max_examples=num_examples, split="train"
+            )
+        ]
+        return fit_linear_code(np.concatenate(images), max(self.counts), self.codebook_size)
+
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
-        totals = np.zeros((len(self.counts), 2))
+        methods = ["sample"] + ["mean"] * self.mean_decode + ["linear"] * bool(self.linear_code)
+        totals = {m: np.zeros((len(self.counts), len(SCORES))) for m in methods}
+        original = np.zeros(len(SCORES))
         count = 0.0
-        grid = None
+        grids: dict[str, list] = {}
         stats = [FeatureStats() for _ in range(len(self.counts) + 1)] if self.features else None
         for batch_index, batch in enumerate(self.context.eval_batches(self.config)):
             count += float(batch["mask"].sum())
             keep = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True)) > 0
+            target = to_unit_range(batch["image"])
+            original += np.asarray(self._scores(target, batch["image"], batch["mask"]))
             if stats:
-                stats[-1].add(self._gather_features(to_unit_range(batch["image"]), keep))
-            columns = []
+                stats[-1].add(self._gather_features(target, keep))
+            first = batch_index == 0 and self.grid_rows
+            host_images = None
+            if self.linear_code is not None:
+                host_images = np.asarray(
+                    multihost_utils.process_allgather(batch["image"], tiled=True)
+                )
             # Encoded once per batch; every k decodes from the same noise.
             codes = self._encode(params, extra, batch["image"])
             rng = jax.random.fold_in(jax.random.key(self.seed), batch_index)
             for i, k in enumerate(self.counts):
-                recon = self._reconstruct(params, extra, codes, k, rng)
-                totals[i] += np.asarray(self._scores(recon, batch["image"], batch["mask"]))
+                recons = {"sample": self._sample(params, extra, codes, k, rng)}
+                if self.mean_decode:
+                    recons["mean"] = self._mean(params, extra, codes, k, rng)
+                if self.linear_code is not None:
+                    linear = self.linear_code.reconstruct(host_images, k)
+                    recons["linear"] = to_unit_range(linear)
+                for method, recon in recons.items():
+                    mask = batch["mask"] if method != "linear" else keep.astype(np.float32)
+                    images = batch["image"] if method != "linear" else host_images
+                    totals[method][i] += np.asarray(self._scores(recon, images, mask))
+                    if first:
+                        grids.setdefault(method, []).append(recon)
                 if stats:
-                    stats[i].add(self._gather_features(recon, keep))
-                if batch_index == 0 and self.grid_rows:
-                    columns.append(recon)
-            if columns:
-                columns.append(to_unit_range(batch["image"]))
-                grid = _first_rows(columns, self.grid_rows)
+                    stats[i].add(self._gather_features(recons["sample"], keep))
+            if first:
+                for columns in grids.values():
+                    columns.append(target)
+                grids = {m: _first_rows(c, self.grid_rows) for m, c in grids.items()}
         if count == 0:
             raise ValueError(f"evaluator {self.prefix!r} saw no examples")
-        means = totals / count
-        results = {}
-        for k, (p, s) in zip(self.counts, means, strict=True):
-            results[f"{self.prefix}/psnr@{k}"] = float(p)
-            results[f"{self.prefix}/ssim@{k}"] = float(s)
+        means = {m: t / count for m, t in totals.items()}
+        original = original / count
+        col = {name: i for i, name in enumerate(SCORES)}
+        original_seam = original[col["border"]] / original[col["inside"]]
+        results = {f"{self.prefix}/seam_ratio_original": float(original_seam)}
+        rows = []
+        for i, k in enumerate(self.counts):
+            sample = means["sample"][i]
+            row = {
+                "k": k,
+                "psnr": float(sample[col["psnr"]]),
+                "ssim": float(sample[col["ssim"]]),
+                "seam_ratio": float(sample[col["border"]] / sample[col["inside"]]),
+                "detail_ratio": float(sample[col["detail"]] / original[col["detail"]]),
+            }
+            if "mean" in means:
+                row["mean_psnr"] = float(means["mean"][i][col["psnr"]])
+            if "linear" in means:
+                row["baseline_psnr"] = float(means["linear"][i][col["psnr"]])
+            rows.append(row)
+            results.update({f"{self.prefix}/{key}@{k}": v for key, v in row.items() if key != "k"})
         if stats:
             for i, k in enumerate(self.counts):
                 results[f"{self.prefix}/fid@{k}"] = fid_from_stats(stats[i], stats[-1])
         if jax.process_index() == 0:
             workdir = self.context.workdir
             os.makedirs(workdir, exist_ok=True)
-            write_table(
-                os.path.join(workdir, "reconstructions.md"),
-                self.counts,
-                list(means[:, 0]),
-                list(means[:, 1]),
-            )
-            if grid is not None:
-                save_grid(os.path.join(workdir, "reconstructions.png"), grid)
+            write_table(os.path.join(workdir, "reconstructions.md"), rows, float(original_seam))
+            names = {"sample": "", "mean": "_mean", "linear": "_linear"}
+            for method, grid in grids.items():
+                save_grid(os.path.join(workdir, f"reconstructions{names[method]}.png"), grid)
         return results
 
     def _gather_features(self, unit_images: jax.Array, keep: np.ndarray) -> np.ndarray:

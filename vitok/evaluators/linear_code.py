@@ -1,0 +1,70 @@
+"""A linear code at a tokenizer's bit budget: the baseline every 1D tokenizer must beat.
+
+PCA fitted on training images; an image becomes its first k principal coefficients, each
+quantized uniformly to ``levels`` values between that coefficient's training minimum and maximum
+(so k coefficients carry exactly the bits of k tokens of a codebook of ``levels`` entries), and is
+decoded as mean + sum of the quantized coefficients times their components. With nested dropout a
+linear autoencoder learns exactly this ordering, so a tokenizer that does not beat it has learned
+no more than the images' low frequencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCode:
+    """mean [D], components [K, D] (orthonormal rows, by decreasing variance), lo/hi [K]: the
+    training range of each coefficient, levels: quantization levels per coefficient."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    levels: int
+
+    def quantize(self, coefficients: np.ndarray) -> np.ndarray:
+        """[B, k] -> the nearest of ``levels`` uniform values in [lo, hi] per coefficient."""
+        k = coefficients.shape[-1]
+        lo, hi = self.lo[:k], self.hi[:k]
+        step = (hi - lo) / max(self.levels - 1, 1)
+        index = np.clip(np.round((coefficients - lo) / np.maximum(step, 1e-12)), 0, self.levels - 1)
+        return lo + index * step
+
+    def reconstruct(self, images: np.ndarray, k: int) -> np.ndarray:
+        """images [B, ...] -> their reconstructions from k quantized coefficients, same shape."""
+        if not 1 <= k <= len(self.components):
+            raise ValueError(f"the linear code has 1..{len(self.components)} coefficients, got {k}")
+        x = images.reshape(len(images), -1).astype(np.float64) - self.mean
+        comps = self.components[:k]
+        q = self.quantize(x @ comps.T)
+        return (self.mean + q @ comps).reshape(images.shape).astype(np.float32)
+
+
+def fit_linear_code(images: np.ndarray, num_components: int, levels: int) -> LinearCode:
+    """images [M, ...] (training data) -> the PCA code with ``num_components`` coefficients."""
+    x = images.reshape(len(images), -1).astype(np.float64)
+    if num_components > min(x.shape):
+        raise ValueError(
+            f"a linear code of {num_components} coefficients needs at least that many training "
+            f"images and dimensions, got {x.shape[0]} images of {x.shape[1]} values"
+        )
+    mean = x.mean(axis=0)
+    centred = x - mean
+    covariance = centred.T @ centred / len(x)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # ascending
+    components = eigenvectors[:, ::-1][:, :num_components].T
+    # Fix each component's sign so the fit is deterministic (largest-magnitude entry positive).
+    signs = np.sign(components[np.arange(num_components), np.abs(components).argmax(axis=1)])
+    components = components * signs[:, None]
+    coefficients = centred @ components.T
+    return LinearCode(
+        mean=mean,
+        components=components,
+        lo=coefficients.min(axis=0),
+        hi=coefficients.max(axis=0),
+        levels=int(levels),
+    )
