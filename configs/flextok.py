@@ -70,6 +70,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.prediction = "x0"
     c.model.register_mixing = True
     c.model.mixing_init = "dct"  # the linear route starts as the coarse-to-fine DCT basis
+    c.model.output_head = "patch"
     c.model.repa_layer = 0
     c.model.repa_dim = 0
     c.model.vae = ml_collections.ConfigDict({"name": ""})  # "" = pixel space
@@ -102,6 +103,8 @@ def base() -> ml_collections.ConfigDict:
     c.evals.recon.guidance = 1.0
     c.evals.recon.seed = 0
     c.evals.recon.grid_rows = 8
+    c.evals.recon.mean_decode = True  # also the 1-step (clean estimate) decode
+    c.evals.recon.baseline_examples = 8192  # training images the linear-code baseline is fit on
     c.evals.recon.data = ml_collections.ConfigDict()
     c.evals.recon.data.source = "photo_crops"
     c.evals.recon.data.split = "test"

@@ -66,6 +66,7 @@ def small_flextok_config(**overrides):
     c.evals.recon.data.num_examples = 16
     c.evals.recon.steps = 2
     c.evals.recon.grid_rows = 2
+    c.evals.recon.baseline_examples = 64
     c.peak_flops_per_device = 1e9
     c.optim.warmup_steps = 1
     return _override(c, overrides)

@@ -1,4 +1,4 @@
-"""PSNR, SSIM and FID against independent implementations and closed forms."""
+"""PSNR, SSIM, FID and the linear-code baseline against independent implementations and closed forms."""
 
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +7,9 @@ import pytest
 import skimage.metrics
 
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats, frechet_distance
-from vitok.evaluators.reconstruction import psnr, ssim, token_counts
+from vitok.evaluators.linear_code import fit_linear_code
+from vitok.evaluators.reconstruction import neighbour_statistics, psnr, ssim, token_counts
+from vitok.plots import metric_panels
 
 
 def _pairs(seed=0, shape=(3, 24, 20, 3)):
@@ -108,3 +110,91 @@ def test_feature_net_from_a_model_config_resizes_and_rejects_missing_config():
     assert float(jnp.abs(net(images[::-1]) - features).max()) > 1e-3
     with pytest.raises(ValueError, match="'workdir'"):
         FeatureNet(ml_collections.ConfigDict({}))
+
+
+def _correlated_images(n, seed=0, shape=(6, 5, 3)):
+    """Images with a decaying spectrum (a random linear mix of decaying-variance sources)."""
+    rng = np.random.default_rng(seed)
+    d = int(np.prod(shape))
+    mix = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    sources = rng.normal(size=(n, d)) * (0.7 ** np.arange(d))
+    return (sources @ mix.T + 0.3).reshape(n, *shape).astype(np.float32)
+
+
+def test_linear_code_matches_an_svd_pca_with_hand_quantization():
+    """The fit (eigh of the covariance) against PCA by SVD of the centred data, and the
+    quantization against a direct nearest-level search over the training range."""
+    train, held_out = _correlated_images(500), _correlated_images(40, seed=1)
+    code = fit_linear_code(train, num_components=6, levels=7)
+    x = train.reshape(len(train), -1).astype(np.float64)
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    for i in range(6):  # the same subspace, one direction at a time (up to sign)
+        assert abs(float(code.components[i] @ vt[i])) == pytest.approx(1.0, abs=1e-6)
+    coeffs = (x - mean) @ vt[:6].T
+    y = held_out.reshape(len(held_out), -1).astype(np.float64) - mean
+    for k in (1, 3, 6):
+        signs = np.sign(code.components[:k] @ vt[:k].T).diagonal()
+        expected = np.zeros_like(y)
+        for i in range(k):
+            c = (y @ vt[i]) * signs[i]
+            lo, hi = (coeffs[:, i] * signs[i]).min(), (coeffs[:, i] * signs[i]).max()
+            grid = np.linspace(lo, hi, 7)
+            nearest = grid[np.abs(c[:, None] - grid[None]).argmin(axis=1)]
+            expected += nearest[:, None] * vt[i][None] * signs[i]
+        ours = code.reconstruct(held_out, k).reshape(len(held_out), -1)
+        np.testing.assert_allclose(ours, expected + mean, atol=1e-5)
+
+
+def test_linear_code_without_quantization_loses_the_discarded_variance():
+    """A known property: unquantized PCA with k components leaves the sum of the discarded
+    eigenvalues as its mean squared error on the training data; with every component, none."""
+    train = _correlated_images(400)
+    d = int(np.prod(train.shape[1:]))
+    code = fit_linear_code(train, num_components=d, levels=2**20)
+    x = train.reshape(len(train), -1).astype(np.float64)
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(x.T, bias=True)))[::-1]
+    for k in (2, 10):
+        err = np.sum((code.reconstruct(train, k).reshape(len(x), -1) - x) ** 2, axis=1).mean()
+        assert err == pytest.approx(eigenvalues[k:].sum(), rel=1e-3)
+    np.testing.assert_allclose(code.reconstruct(train, d), train, atol=1e-4)
+    with pytest.raises(ValueError, match="coefficients"):
+        code.reconstruct(train, d + 1)
+
+
+def test_seam_ratio_is_one_on_a_ramp_and_large_on_a_patch_mosaic():
+    ramp = np.broadcast_to(np.linspace(0, 1, 16)[None, :, None, None], (1, 16, 16, 3))
+    ramp = ramp + np.linspace(0, 0.5, 16)[None, None, :, None]
+    border, inside, detail = np.asarray(neighbour_statistics(jnp.asarray(ramp), 4))[0]
+    assert border == pytest.approx(inside, rel=1e-5)
+    # Hand count: dx is 0.5/15 everywhere, dy 1/15 everywhere; the mean is their mean.
+    assert detail == pytest.approx((0.5 / 15 + 1 / 15) / 2, rel=1e-5)
+    rng = np.random.default_rng(0)
+    blocks = rng.uniform(size=(1, 4, 4, 3))
+    mosaic = np.repeat(np.repeat(blocks, 4, axis=1), 4, axis=2)  # constant 4x4 patches
+    mosaic = mosaic + 0.01 * rng.uniform(size=mosaic.shape)
+    border, inside, _ = np.asarray(neighbour_statistics(jnp.asarray(mosaic), 4))[0]
+    assert border / inside > 10
+    # A grid of 2 px patches puts half its borders inside the mosaic's flat patches.
+    border2, inside2, _ = np.asarray(neighbour_statistics(jnp.asarray(mosaic), 2))[0]
+    assert 1.5 < border2 / inside2 < border / inside
+    with pytest.raises(ValueError, match="no inside and border"):
+        neighbour_statistics(jnp.asarray(mosaic), 16)  # no patch border inside 16 px
+
+
+def test_metric_panels_group_families_with_a_line_per_k_and_references_dotted():
+    rows = [
+        {"step": s, "train/loss": 1.0 / s, "eval/psnr@1": 10.0 + s, "eval/psnr@4": 12.0 + s,
+         "eval/mean_psnr@1": 11.0, "eval/baseline_psnr@1": 14.0, "eval/baseline_psnr@4": 16.0,
+         "eval/seam_ratio@1": 2.0, "eval/seam_ratio_original": 1.0, "eval/accuracy": 0.5}
+        for s in (100, 200)
+    ]  # fmt: skip
+    panels = metric_panels(rows)
+    assert list(panels)[0] == "train/loss"
+    assert set(panels) == {
+        "train/loss", "eval/psnr", "eval/mean_psnr", "eval/seam_ratio", "eval/accuracy"
+    }  # fmt: skip
+    assert panels["eval/psnr"]["k=4"] == ([100, 200], [112.0, 212.0], "-")
+    assert panels["eval/psnr"]["k=4 linear"] == ([100, 200], [16.0, 16.0], ":")
+    assert panels["eval/mean_psnr"]["k=1 linear"][2] == ":"
+    assert panels["eval/seam_ratio"]["originals"] == ([100, 200], [1.0, 1.0], ":")

@@ -21,6 +21,7 @@ from vitok.models.flextok import (
     keep_mask,
     shift_sigma,
 )
+from vitok.models.vit import overlap_unpatchify
 from vitok.nn.attention import RegisterCausalMask, attention
 from vitok.nn.quantizers import FSQ
 from vitok.tasks.flextok import flow_loss, loss_weight, noise_images, sample_keep_counts
@@ -316,3 +317,48 @@ def test_train_on_eight_devices_matches_one_and_writes_the_reconstruction_report
         # 2 rows x (3 token counts + the original) tiles of 16 px with 2 px borders.
         assert grid.size == (4 * 18 + 2, 2 * 18 + 2)
     assert os.path.exists(workdir / "curves.png")
+
+
+def _windows(images: np.ndarray, p: int) -> np.ndarray:
+    """images [B, H, W, C] -> the 2p x 2p window centred on each p x p patch, [B, P, 4 p^2 C],
+    cut from the image edge-padded by p/2 (a hand-written reference for the tile layout)."""
+    b, h, w, c = images.shape
+    o = p // 2
+    padded = np.pad(images, ((0, 0), (o, p - o), (o, p - o), (0, 0)), mode="edge")
+    tiles = [
+        padded[:, i * p : i * p + 2 * p, j * p : j * p + 2 * p].reshape(b, -1)
+        for i in range(h // p)
+        for j in range(w // p)
+    ]
+    return np.stack(tiles, axis=1)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_overlap_unpatchify_blends_tiles_into_the_image_they_agree_on(p):
+    """Tiles that all agree with one image blend back to it exactly (the tent weights are a
+    partition of unity, the border included); disagreeing tiles meet in a blend, not a seam."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(2, 4 * p, 3 * p, 3)).astype(np.float32)
+    tiles = jnp.asarray(_windows(images, p))
+    np.testing.assert_allclose(overlap_unpatchify(tiles, (4, 3), p), images, atol=1e-6)
+    # Two constant tiles side by side: the pixels between their centres ramp from one to the
+    # other (a tent blend), instead of jumping at the patch border.
+    flat = np.zeros((1, 2, 4 * p * p * 1), np.float32)
+    flat[0, 1] = 1.0
+    row = np.asarray(overlap_unpatchify(jnp.asarray(flat), (1, 2), p))[0, 0, :, 0]
+    ramp = row[p // 2 - 1 : p + p // 2 + 1]  # from the last pixel only tile 0 reaches
+    assert row[0] == 0 and row[-1] == 1 and np.all(np.diff(ramp) > 0)
+    assert np.diff(row).max() == pytest.approx(1 / p, abs=1e-6)  # a seam would jump by 1
+
+
+def test_overlap_head_model_trains_and_decodes():
+    config = small_flextok_config(**{"model.output_head": "overlap"}).model
+    model = build_model(config, nnx.Rngs(0))
+    assert model.dec_out.kernel.shape[-1] == 4 * model.patch_dim
+    images = jnp.zeros((2, 16, 16, 3))
+    codes, _ = model.encode(images)
+    keep = keep_mask(jnp.array([1, 4]), model.num_registers)
+    out = model.sample(codes, keep, jax.random.key(0), steps=2)
+    assert out.shape == images.shape and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(ValueError, match="output_head"):
+        build_model(small_flextok_config(**{"model.output_head": "tiles"}).model, nnx.Rngs(0))

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from vitok import sharding
-from vitok.models.vit import patchify, unpatchify
+from vitok.models.vit import overlap_unpatchify, patchify, unpatchify
 from vitok.nn.adaln import AdaLNTransformer, TimeEmbedder
 from vitok.nn.attention import RegisterCausalMask
 from vitok.nn.layers import Dense, param
@@ -100,6 +100,7 @@ class FlexTok(nnx.Module):
         prediction: str = "velocity",
         register_mixing: bool = False,
         mixing_init: str = "normal",
+        output_head: str = "patch",
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(dtype)
@@ -186,7 +187,11 @@ class FlexTok(nnx.Module):
             **stack,
         )
         zeros = nnx.initializers.zeros_init()
-        self.dec_out = Dense(wd, patch_dim, ("embed", "patch"), rngs=rngs, kernel_init=zeros)
+        if output_head not in ("patch", "overlap"):
+            raise ValueError(f"output_head must be 'patch' or 'overlap', got {output_head!r}")
+        self.output_head = output_head
+        out_dim = patch_dim * (4 if output_head == "overlap" else 1)
+        self.dec_out = Dense(wd, out_dim, ("embed", "patch"), rngs=rngs, kernel_init=zeros)
         self.repa_layer = int(repa_layer)
         self.repa_proj = (
             Dense(wd, int(repa_dim), ("embed", None), rngs=rngs, dtype=dtype) if repa_dim else None
@@ -314,6 +319,9 @@ class FlexTok(nnx.Module):
     def _to_velocity(self, h: jax.Array, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
         """Decoder output tokens [B, N + P, Dd] -> velocity [B, P, patch_dim] float32."""
         out = self.dec_out(h[:, self.num_registers :]).astype(jnp.float32)
+        if self.output_head == "overlap":
+            tiles = overlap_unpatchify(out, self.grid, self.patch_size)
+            out = patchify(tiles, self.patch_size)
         if self.prediction == "velocity":
             return out
         # x0-prediction: v = (x_t - x0) / sigma, with sigma floored as the division blows up

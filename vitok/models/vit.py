@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vitok import sharding
@@ -45,6 +46,47 @@ def unpatchify(patches: jax.Array, grid: tuple[int, int], patch_size: int) -> ja
     c = d // (p * p)
     x = patches.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, gh * p, gw * p, c)
+
+
+def triangle_window(patch_size: int) -> np.ndarray:
+    """[2p] float32 weights of a tent over 2p pixels; shifted by p, two tents sum to 1."""
+    t = np.arange(2 * patch_size, dtype=np.float32)
+    return np.minimum(t + 0.5, 2 * patch_size - t - 0.5) / patch_size
+
+
+def _fold_quadrants(x: jax.Array, patch_size: int):
+    """x [B, gh, gw, 2p, 2p, C] -> the sum of its windows on a canvas [B, (gh+1)p, (gw+1)p, C]:
+    window (i, j) covers canvas rows [ip, ip + 2p) and columns [jp, jp + 2p)."""
+    b, gh, gw, _, _, c = x.shape
+    p = patch_size
+    canvas = 0
+    for a in (0, 1):
+        for d in (0, 1):
+            quad = x[:, :, :, a * p : (a + 1) * p, d * p : (d + 1) * p]
+            img = quad.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * p, gw * p, c)
+            canvas = canvas + jnp.pad(
+                img, ((0, 0), (a * p, (1 - a) * p), (d * p, (1 - d) * p), (0, 0))
+            )
+    return canvas
+
+
+def overlap_unpatchify(patches: jax.Array, grid: tuple[int, int], patch_size: int) -> jax.Array:
+    """patches [B, gh*gw, (2p)^2 C] -> images [B, gh*p, gw*p, C]: window (i, j) is a 2p x 2p
+    tile centred on patch (i, j) of the p x p grid, and overlapping tiles are blended with a
+    separable tent (each pixel a convex combination of the 2 x 2 tiles over it; at the image
+    border, of those that reach it). Neighbouring patches share pixels, so a decoder that writes
+    through it cannot leave a seam at every patch border."""
+    b, _, d = patches.shape
+    gh, gw = grid
+    p = patch_size
+    c = d // (4 * p * p)
+    window = triangle_window(p)
+    tile = jnp.asarray(np.outer(window, window)[:, :, None])  # [2p, 2p, 1]
+    x = patches.reshape(b, gh, gw, 2 * p, 2 * p, c) * tile
+    weight = _fold_quadrants(jnp.broadcast_to(tile, (1, gh, gw, 2 * p, 2 * p, 1)), p)
+    canvas = _fold_quadrants(x, p) / weight
+    o = p // 2
+    return canvas[:, o : o + gh * p, o : o + gw * p]
 
 
 class ViT(nnx.Module):
