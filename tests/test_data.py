@@ -243,3 +243,9 @@ def test_eval_batches_pad_and_split_over_processes():
     np.testing.assert_array_equal(
         np.sort(labels), np.sort(np.concatenate([b["label"][b["mask"] > 0] for b in whole]))
     )
+
+
+def test_unknown_data_source_names_the_known_ones():
+    """A typo in data.source used to end in an AttributeError about ``__path__``."""
+    with pytest.raises(ValueError, match=r"unknown data source 'mnist5kk'; known: .*'mnist5k'"):
+        sources.build_source({"source": "mnist5kk"}, "train")

@@ -34,8 +34,10 @@ class Registry:
             except ModuleNotFoundError as e:
                 if e.name != f"{self.package}.{module}":
                     raise
-        if name not in self._table:  # registered under another module's name (e.g. "ar" in nar)
-            package = importlib.import_module(self.package)
+        package = importlib.import_module(self.package)
+        # Registered under another module's name (e.g. "ar" in nar); a registry that lives in one
+        # module (data sources) has no sub-modules to search.
+        if name not in self._table and hasattr(package, "__path__"):
             for info in pkgutil.iter_modules(package.__path__):
                 try:
                     importlib.import_module(f"{self.package}.{info.name}")
