@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -10,6 +11,7 @@ from vitok import sharding
 from vitok.models.vit import ViT, patchify, unpatchify, vit_forward_flops
 from vitok.nn import attention as attn
 from vitok.nn.posemb import sincos_2d
+from vitok.optim import decay_mask, make_optimizer
 
 
 def numpy_attention(q, k, v, allowed):
@@ -191,3 +193,75 @@ def test_scanned_layers_equal_unrolled_layers(remat):
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+def _unrolled_copy_of(scanned_params: dict, unrolled_params: dict, depth: int) -> dict:
+    """The unrolled layout of a scanned model's params (layer i of the stack -> block i)."""
+    u = dict(unrolled_params)
+    u["encoder"] = dict(u["encoder"])
+    u["encoder"]["blocks"] = {
+        i: jax.tree.map(lambda a, i=i: a[i], scanned_params["encoder"]["blocks"])
+        for i in range(depth)
+    }
+    for key in scanned_params:
+        if key != "encoder":
+            u[key] = scanned_params[key]
+    u["encoder"]["norm"] = scanned_params["encoder"]["norm"]
+    return u
+
+
+def test_scanned_and_unrolled_models_train_to_the_same_losses_with_weight_decay():
+    """Weight decay used to be guessed from shapes, so a scanned model's [layers, D] norm
+    scales and biases were decayed and an unrolled model's were not: the same config trained
+    differently. Four AdamW steps from the same weights must agree."""
+    depth = 3
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    optim = {"lr": 0.05, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.5}
+    histories, start = [], None
+    for scan in (True, False):
+        graphdef, params = nnx.split(small_vit(depth=depth, scan_layers=scan), nnx.Param)
+        pure = nnx.to_pure_dict(params)
+        start = pure if scan else start
+        pure = pure if scan else _unrolled_copy_of(start, pure, depth)
+        axes = jax.tree.map(
+            tuple,
+            nnx.to_pure_dict(nnx.get_partition_spec(params)),
+            is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec),
+        )
+        tx, _ = make_optimizer(optim, 10, axes)
+        state = tx.init(pure)
+
+        def loss(p, graphdef=graphdef, params=params):
+            nnx.replace_by_pure_dict(params, p)
+            return jnp.mean(jnp.square(nnx.merge(graphdef, params)(x) - 1.0))
+
+        losses = []
+        for _ in range(4):
+            value, grads = jax.value_and_grad(loss)(pure)
+            updates, state = tx.update(grads, state, pure)
+            pure = optax.apply_updates(pure, updates)
+            losses.append(float(value))
+        histories.append((losses, pure))
+    (scanned_losses, scanned), (unrolled_losses, unrolled) = histories
+    np.testing.assert_allclose(scanned_losses, unrolled_losses, rtol=1e-5)
+    np.testing.assert_allclose(
+        scanned["encoder"]["blocks"]["norm1"]["scale"][1],
+        unrolled["encoder"]["blocks"][1]["norm1"]["scale"],
+        rtol=1e-6,
+    )
+
+
+def test_weight_decay_follows_the_parameter_role():
+    model = small_vit(depth=2, scan_layers=True)
+    params = nnx.split(model, nnx.Param)[1]
+    axes = jax.tree.map(
+        tuple,
+        nnx.to_pure_dict(nnx.get_partition_spec(params)),
+        is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec),
+    )
+    mask = decay_mask(nnx.to_pure_dict(params), axes)
+    blocks = mask["encoder"]["blocks"]
+    assert blocks["mlp"]["fc1"]["kernel"] and blocks["attn"]["qkv"]  # matrices
+    assert not blocks["norm1"]["scale"] and not blocks["mlp"]["fc1"]["bias"]  # [layers, D]
+    assert not blocks["attn"]["qkv_bias"]  # [layers, 3, H*D], a bias by name
+    assert not mask["cls"]  # [1, D]

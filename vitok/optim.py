@@ -43,15 +43,34 @@ def schedule(config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     raise ValueError(f"config.optim.schedule must be 'cosine', 'constant' or 'step', got {kind!r}")
 
 
-def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only (no biases, norms, class tokens)."""
-    return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[0] > 1, params)
+NO_DECAY_NAMES = ("bias", "scale")  # parameter names (suffixes) that never decay
+
+
+def decay_mask(params: Any, logical_axes: Any) -> Any:
+    """Weight decay by parameter role: matrices decay; biases and norm scales (by name, e.g.
+    ``qkv_bias`` [3, H*D]), vectors and 1-row embeddings (class tokens) do not. The shape is the
+    parameter's own: a leading ``layers`` axis (``scan_layers``) is not counted, so a scanned and
+    an unrolled model decay the same parameters. ``logical_axes``: the params' tree of
+    logical-axis tuples (``ModelHandle.logical_axes``)."""
+
+    def decays(path, p, axes) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith(NO_DECAY_NAMES):
+            return False
+        shape = [n for n, axis in zip(p.shape, axes or (None,) * p.ndim, strict=True)
+                 if axis != "layers"]  # fmt: skip
+        return len(shape) >= 2 and shape[0] > 1
+
+    return jax.tree_util.tree_map_with_path(
+        decays, params, logical_axes, is_leaf=lambda x: isinstance(x, tuple)
+    )
 
 
 def make_optimizer(
-    config: Mapping[str, Any], total_steps: int
+    config: Mapping[str, Any], total_steps: int, logical_axes: Any
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (or SGD-momentum) with global-norm clipping; returns (optimizer, schedule)."""
+    """AdamW (or SGD-momentum) with global-norm clipping; returns (optimizer, schedule).
+    ``logical_axes``: the params' logical-axis tuples, which decide weight decay (``decay_mask``)."""
     lr = schedule(config, total_steps)
     name = config.get("name", "adamw")
     if name == "adamw":
@@ -61,7 +80,7 @@ def make_optimizer(
             b2=float(config.get("b2", 0.999)),
             eps=float(config.get("eps", 1e-8)),
             weight_decay=float(config.get("weight_decay", 0.0)),
-            mask=_decay_mask,
+            mask=lambda params: decay_mask(params, logical_axes),
         )
     elif name == "sgd":
         opt = optax.sgd(lr, momentum=float(config.get("momentum", 0.9)))

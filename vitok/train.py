@@ -83,12 +83,13 @@ class Setup:
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, mesh, rules) -> Setup:
-        tx, lr_schedule = make_optimizer(config.optim, config.total_steps)
+        model = ModelHandle.abstract(config.model, config.seed)
+        tx, lr_schedule = make_optimizer(config.optim, config.total_steps, model.logical_axes)
         return cls(
             config=config,
             mesh=mesh,
             rules=rules,
-            model=ModelHandle.abstract(config.model, config.seed),
+            model=model,
             task=TASKS.lookup(config.task)(config),
             tx=tx,
             lr_schedule=lr_schedule,
