@@ -212,3 +212,32 @@ def test_missing_required_key_is_reported():
         del c["checkpoint_every"]
     with pytest.raises(config_lib.ConfigError, match="checkpoint_every"):
         config_lib.validate(c)
+
+
+class _SleepyEvaluator:
+    """An evaluator that takes 1 s: what a slow evaluation costs, with nothing to compute."""
+
+    def __init__(self, config, context):
+        del config, context
+
+    def evaluate(self, params, extra):
+        import time
+
+        time.sleep(1.0)
+        return {"eval/slept": 1.0}
+
+
+def test_steps_per_second_leave_out_evaluation_time(tmp_path):
+    """perf/steps_per_sec used to count the evaluations between two logs as step time."""
+    from vitok.registry import EVALUATORS
+
+    if "sleepy_for_test" not in EVALUATORS._table:
+        EVALUATORS.register("sleepy_for_test")(_SleepyEvaluator)
+    config = small_vit_config(total_steps=8, eval_every=1, **{"log_every": 4})
+    with config.unlocked():
+        config.evals = {"slow": {"type": "sleepy_for_test"}}
+    train.train_and_evaluate(config, str(tmp_path))
+    rates = [r["perf/steps_per_sec"] for r in read_metrics(str(tmp_path), ("perf/",))
+             if "perf/steps_per_sec" in r]  # fmt: skip
+    # Four 1 s evaluations lie between two logs: counted, the rate would be below 1 step/s.
+    assert len(rates) == 2 and rates[-1] > 3.0, rates

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -275,7 +274,10 @@ def train_and_evaluate(
     progress = Progress(config.total_steps, start_step, enabled=is_main)
     log_every = int(config.get("log_every", 50))
     last_metrics: dict[str, float] = {}
-    pending_loss = None  # the previous step's loss, checked one step late to keep dispatch async
+    # The first step whose loss was non-finite (0: none), tracked on the device and read only at
+    # log and checkpoint steps, so no step waits for the previous one's loss.
+    first_bad = jnp.zeros((), jnp.int32)
+    paused = 0.0  # seconds of evaluation and checkpointing since the last log, not step time
     step_fn = None  # compiled on the first batch, whose shardings it takes
 
     with sharding.mesh_rules(mesh, rules):
@@ -285,15 +287,14 @@ def train_and_evaluate(
             if step_fn is None:
                 step_fn = setup.jit_train_step(state_shardings, batch)
             state, metrics = step_fn(state, batch)
-            if pending_loss is not None:
-                _check_finite(pending_loss, step - 1, ckpt)
-            pending_loss = metrics["train/loss"]
+            first_bad = _track_non_finite(first_bad, metrics["train/loss"], step)
 
             is_last = step == config.total_steps
             if step % log_every == 0 or is_last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                _check_finite(values["train/loss"], step, ckpt)
-                rate = progress.rate(step)
+                _check_finite(first_bad, ckpt)
+                rate = progress.rate(step, paused=paused)
+                paused = 0.0
                 values["perf/steps_per_sec"] = rate
                 values["perf/examples_per_sec"] = rate * config.batch_size
                 if peak:
@@ -304,7 +305,9 @@ def train_and_evaluate(
                 progress.show(step, rate, {k: values[k] for k in ("train/loss", "train/lr")})
                 last_metrics.update(values)
 
+            t0 = time.perf_counter()
             if step % config.eval_every == 0 or is_last:
+                _check_finite(first_bad, ckpt)
                 results = run_evals()
                 writer.write(step, results)
                 if is_main and results:
@@ -314,10 +317,11 @@ def train_and_evaluate(
                 last_metrics.update(results)
 
             if step % config.checkpoint_every == 0 or is_last:
-                _check_finite(metrics["train/loss"], step, ckpt)
+                _check_finite(first_bad, ckpt)
                 if not bool(checkpoint.all_finite(state["params"])):
                     raise NonFiniteLossError(_nan_message("parameters", step, ckpt))
                 ckpt.save(step, state, train_iter)
+            paused += time.perf_counter() - t0
 
     ckpt.close()
     writer.close()
@@ -335,10 +339,17 @@ def _nan_message(what: str, step: int, ckpt: checkpoint.Checkpointer) -> str:
     return f"non-finite {what} at step {step}; stopping the run; {kept} in {ckpt.directory}"
 
 
-def _check_finite(loss, step: int, ckpt: checkpoint.Checkpointer) -> None:
-    value = float(loss)
-    if not math.isfinite(value):
-        raise NonFiniteLossError(_nan_message(f"loss ({value})", step, ckpt))
+@jax.jit
+def _track_non_finite(first_bad: jax.Array, loss: jax.Array, step: int) -> jax.Array:
+    """The first step with a non-finite loss so far (0: none); runs on the device, no sync."""
+    return jnp.where((first_bad == 0) & ~jnp.isfinite(loss), step, first_bad)
+
+
+def _check_finite(first_bad: jax.Array, ckpt: checkpoint.Checkpointer) -> None:
+    """Raises if any step so far had a non-finite loss (reads one scalar from the device)."""
+    step = int(first_bad)
+    if step:
+        raise NonFiniteLossError(_nan_message("loss", step, ckpt))
 
 
 # --- command line -------------------------------------------------------------------------------

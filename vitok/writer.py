@@ -67,10 +67,11 @@ class Progress:
         self._s0 = start_step
         self._last_t, self._last_s = self._t0, start_step
 
-    def rate(self, step: int) -> float:
-        """Steps per second since the previous call."""
+    def rate(self, step: int, paused: float = 0.0) -> float:
+        """Steps per second since the previous call, not counting ``paused`` seconds (spent
+        on evaluation and checkpoints in between)."""
         now = time.perf_counter()
-        rate = (step - self._last_s) / max(now - self._last_t, 1e-9)
+        rate = (step - self._last_s) / max(now - self._last_t - paused, 1e-9)
         self._last_t, self._last_s = now, step
         return rate
 
