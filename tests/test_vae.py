@@ -90,3 +90,22 @@ def test_a_latent_flextok_without_its_vae_checkpoint_is_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="model.vae: a pretrained sub-model needs the workdir"):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_vae_weights_shard_over_fsdp_and_unknown_logical_axes_are_errors():
+    """The VAE's "conv" axis used to be in no rule, so FSDP sharded none of its weights."""
+    from vitok import sharding
+    from vitok.models import ModelHandle
+
+    config = small_vae_config()
+    handle = ModelHandle.abstract(config.model)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    abstract = nnx.to_pure_dict(handle.param_template)
+    shardings = sharding.tree_shardings(abstract, handle.logical_axes, mesh, rules)
+    specs = [s.spec for s in jax.tree.leaves(shardings)]
+    sharded = [spec for spec in specs if "fsdp" in tuple(spec)]
+    assert len(sharded) >= len(specs) // 2, specs  # kernels and per-channel vectors of 8+ channels
+    without_conv = tuple(r for r in rules if r[0] != "conv")
+    with pytest.raises(ValueError, match="logical axis 'conv' is in no rule"):
+        sharding.tree_shardings(abstract, handle.logical_axes, mesh, without_conv)

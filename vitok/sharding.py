@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("patch", None),
     ("layers", None),  # the stacked-layer axis of scanned blocks
+    ("conv", "fsdp"),  # the channels of convolutions (the VAE)
 )
 
 LogicalAxes = Sequence[str | None]
@@ -73,8 +74,15 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 
 def logical_to_mesh_spec(logical_axes: LogicalAxes, rules: Rules) -> PartitionSpec:
-    """Maps logical names to a mesh PartitionSpec; a mesh axis is used at most once."""
+    """Maps logical names to a mesh PartitionSpec; a mesh axis is used at most once. A name
+    that no rule mentions is an error (map it to None to replicate it on purpose)."""
     table = dict(rules)
+    unknown = [name for name in logical_axes if name is not None and name not in table]
+    if unknown:
+        raise ValueError(
+            f"logical axis {unknown[0]!r} is in no rule of config.sharding.rules "
+            f"(known: {sorted(table)}); add it, mapped to mesh axes or to None (replicated)"
+        )
     used: set[str] = set()
     spec = []
     for name in logical_axes:
