@@ -249,3 +249,20 @@ def test_unknown_data_source_names_the_known_ones():
     """A typo in data.source used to end in an AttributeError about ``__path__``."""
     with pytest.raises(ValueError, match=r"unknown data source 'mnist5kk'; known: .*'mnist5k'"):
         sources.build_source({"source": "mnist5kk"}, "train")
+
+
+def test_random_hue_keeps_luma_and_a_full_turn_is_the_identity():
+    from vitok.data.ops import _RGB_TO_YIQ, hue_rotation_matrix
+
+    np.testing.assert_allclose(hue_rotation_matrix(360.0), np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(hue_rotation_matrix(0.0), np.eye(3), atol=1e-9)
+    rgb = np.random.default_rng(0).uniform(60, 200, size=(50, 3))
+    rotated = rgb @ hue_rotation_matrix(90.0).T
+    np.testing.assert_allclose(rotated @ _RGB_TO_YIQ[0], rgb @ _RGB_TO_YIQ[0], atol=1e-6)
+    # Pure red turned by 120 degrees lands near green-ish hues (its red share falls).
+    red = np.array([200.0, 60.0, 60.0])
+    assert (red @ hue_rotation_matrix(120.0).T)[0] < 120
+    fn = ops.parse("random_hue(45)")
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    out = fn({"image": image}, np.random.default_rng(2))["image"]
+    assert out.dtype == np.uint8 and out.shape == image.shape and not np.array_equal(out, image)

@@ -228,6 +228,37 @@ def flip_lr(probability: float = 0.5) -> Op:
     return fn
 
 
+# RGB -> YIQ (NTSC): Y is luma, (I, Q) the chroma plane that a hue rotation turns.
+_RGB_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]]
+)
+
+
+def hue_rotation_matrix(degrees: float) -> np.ndarray:
+    """[3, 3] RGB -> RGB matrix that rotates the hue by ``degrees`` and keeps the luma."""
+    t = np.deg2rad(degrees)
+    rotate = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    return np.linalg.inv(_RGB_TO_YIQ) @ rotate @ _RGB_TO_YIQ
+
+
+@op("random_hue")
+def random_hue(max_degrees: float = 30.0) -> Op:
+    """Rotates an RGB uint8 image's hue by a uniform angle in [-max_degrees, max_degrees] (luma
+    kept, values clipped to [0, 255]): more colours from few photos."""
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        matrix = hue_rotation_matrix(rng.uniform(-max_degrees, max_degrees))
+        image = np.asarray(example["image"], np.float32)
+        if image.shape[-1] != 3:
+            raise BadImageError(
+                f"random_hue needs RGB images, got {image.shape} ({_where(example)})"
+            )
+        rotated = image @ matrix.T.astype(np.float32)
+        return example | {"image": np.clip(np.round(rotated), 0, 255).astype(np.uint8)}
+
+    return fn
+
+
 # --- values and keys --------------------------------------------------------------------------------
 
 
