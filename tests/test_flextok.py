@@ -362,3 +362,21 @@ def test_overlap_head_model_trains_and_decodes():
     assert out.shape == images.shape and bool(jnp.all(jnp.isfinite(out)))
     with pytest.raises(ValueError, match="output_head"):
         build_model(small_flextok_config(**{"model.output_head": "tiles"}).model, nnx.Rngs(0))
+
+
+def test_skip_coefficients_are_the_gaussian_mmse_split():
+    """c_skip x_t is the best linear estimate of Gaussian x0 from x_t and c_out the std of its
+    error: checked by Monte Carlo at several noise levels."""
+    from vitok.models.flextok import SIGMA_DATA, skip_coefficients
+
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(scale=SIGMA_DATA, size=200_000)
+    noise = rng.normal(size=x0.shape)
+    sigmas = np.array([0.0, 0.2, 0.5, 0.9, 1.0], np.float32)
+    skip, scale = map(np.asarray, skip_coefficients(jnp.asarray(sigmas)))
+    for s, c_skip, c_out in zip(sigmas, skip, scale, strict=True):
+        x_t = (1 - s) * x0 + s * noise
+        best = np.dot(x_t, x0) / max(np.dot(x_t, x_t), 1e-12)
+        assert c_skip == pytest.approx(best, abs=5e-3)
+        assert c_out == pytest.approx(np.std(x0 - c_skip * x_t), abs=5e-3)
+    assert skip[0] == pytest.approx(1.0) and scale[0] == 0 and skip[-1] == 0

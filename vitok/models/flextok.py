@@ -73,7 +73,12 @@ class FlexTok(nnx.Module):
       prediction: what the decoder's output layer predicts: "velocity" (noise - x0, the
         published model) or "x0" (the clean patches; the velocity is then (x_t - x0) / sigma,
         Li & He 2025, who argue for it when a pixel patch is large next to the width: a velocity
-        makes the network carry the noise through to its output).
+        makes the network carry the noise through to its output), or "x0_skip": x0 =
+          c_skip(sigma) x_t + c_out(sigma) F with the skip and output scale of Karras et al. 2022
+          for rectified flow (``skip_coefficients``): at sigma = 1 the clean estimate is all
+          network (no noise to carry through, as with "x0"), towards sigma = 0 it is mostly x_t
+          itself, so fine detail already in x_t is kept instead of re-predicted by a small
+          network through its patch bottleneck.
     """
 
     def __init__(
@@ -171,8 +176,10 @@ class FlexTok(nnx.Module):
         if time_shift < 1.0:
             raise ValueError(f"time_shift must be >= 1, got {time_shift}")
         self.time_shift = float(time_shift)
-        if prediction not in ("velocity", "x0"):
-            raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
+        if prediction not in ("velocity", "x0", "x0_skip"):
+            raise ValueError(
+                f"prediction must be 'velocity', 'x0' or 'x0_skip', got {prediction!r}"
+            )
         self.prediction = prediction
         self.adaln_registers = (
             Dense(wd, wd, ("embed", None), rngs=rngs, dtype=dtype) if adaln_registers else None
@@ -324,9 +331,14 @@ class FlexTok(nnx.Module):
             out = patchify(tiles, self.patch_size)
         if self.prediction == "velocity":
             return out
+        x_t = x_t.astype(jnp.float32)
+        x0 = out
+        if self.prediction == "x0_skip":
+            skip, scale = skip_coefficients(sigma)
+            x0 = skip[:, None, None] * x_t + scale[:, None, None] * out
         # x0-prediction: v = (x_t - x0) / sigma, with sigma floored as the division blows up
         # the error near the data end (the floor's value as in Li & He 2025).
-        return (x_t.astype(jnp.float32) - out) / floored_sigma(sigma)[:, None, None]
+        return (x_t - x0) / floored_sigma(sigma)[:, None, None]
 
     def predict_velocity(self, x_t, sigma, registers) -> jax.Array:
         out = self.velocity(x_t, sigma, registers)
@@ -400,7 +412,8 @@ class FlexTok(nnx.Module):
         length = self.num_patches + self.num_registers
         enc, dec = self.encoder, self.decoder
         we, wd = self.enc_width, self.dec_width
-        embed = 2 * self.num_patches * self.patch_dim * (we + wd + wd)
+        out_dim = self.dec_out.kernel.shape[-1]  # patch_dim, or 4x with overlapping tiles
+        embed = 2 * self.num_patches * (self.patch_dim * (we + wd) + out_dim * wd)
         encoder = transformer_flops(length, we, enc.depth, enc.mlp_dim)
         decoder = transformer_flops(length, wd, dec.depth, dec.mlp_dim)
         modulation = 2 * wd * wd * (6 * dec.depth + 2)
@@ -416,6 +429,20 @@ def floored_sigma(sigma: jax.Array) -> jax.Array:
     """sigma [B] -> max(sigma, X0_SIGMA_FLOOR) float32: the divisor that turns an x0 error into
     a velocity error."""
     return jnp.maximum(sigma.astype(jnp.float32), X0_SIGMA_FLOOR)
+
+
+SIGMA_DATA = 0.5  # the standard deviation of images in [-1, 1], roughly
+
+
+def skip_coefficients(sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sigma [B] -> (c_skip, c_out) [B] float32 for x_t = (1 - sigma) x0 + sigma noise: c_skip
+    x_t is the MMSE estimate of x0 for Gaussian data of std SIGMA_DATA, and c_out the std of
+    what remains, so the network's target has unit scale at every noise level (Karras et al.
+    2022, their eq. 7 rewritten for the rectified-flow path)."""
+    s = sigma.astype(jnp.float32)
+    d2 = SIGMA_DATA**2
+    total = (1 - s) ** 2 * d2 + s**2
+    return (1 - s) * d2 / total, s * SIGMA_DATA / jnp.sqrt(total)
 
 
 def dct_basis(grid: tuple[int, int], count: int) -> np.ndarray:
