@@ -70,7 +70,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.prediction = "x0"
     c.model.register_mixing = True
     c.model.mixing_init = "dct"  # the linear route starts as the coarse-to-fine DCT basis
-    c.model.output_head = "patch"
+    c.model.decoder_patches = "disjoint"
     c.model.repa_layer = 0
     c.model.repa_dim = 0
     c.model.vae = ml_collections.ConfigDict({"name": ""})  # "" = pixel space

@@ -21,7 +21,7 @@ from vitok.models.flextok import (
     keep_mask,
     shift_sigma,
 )
-from vitok.models.vit import overlap_unpatchify
+from vitok.models.vit import overlap_patchify, overlap_unpatchify
 from vitok.nn.attention import RegisterCausalMask, attention
 from vitok.nn.quantizers import FSQ
 from vitok.tasks.flextok import flow_loss, loss_weight, noise_images, sample_keep_counts
@@ -340,6 +340,7 @@ def test_overlap_unpatchify_blends_tiles_into_the_image_they_agree_on(p):
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(2, 4 * p, 3 * p, 3)).astype(np.float32)
     tiles = jnp.asarray(_windows(images, p))
+    np.testing.assert_allclose(overlap_patchify(jnp.asarray(images), p), tiles)
     np.testing.assert_allclose(overlap_unpatchify(tiles, (4, 3), p), images, atol=1e-6)
     # Two constant tiles side by side: the pixels between their centres ramp from one to the
     # other (a tent blend), instead of jumping at the patch border.
@@ -352,16 +353,17 @@ def test_overlap_unpatchify_blends_tiles_into_the_image_they_agree_on(p):
 
 
 def test_overlap_head_model_trains_and_decodes():
-    config = small_flextok_config(**{"model.output_head": "overlap"}).model
+    config = small_flextok_config(**{"model.decoder_patches": "overlap"}).model
     model = build_model(config, nnx.Rngs(0))
     assert model.dec_out.kernel.shape[-1] == 4 * model.patch_dim
+    assert model.dec_patch_embed.kernel.shape[0] == 4 * model.patch_dim
     images = jnp.zeros((2, 16, 16, 3))
     codes, _ = model.encode(images)
     keep = keep_mask(jnp.array([1, 4]), model.num_registers)
     out = model.sample(codes, keep, jax.random.key(0), steps=2)
     assert out.shape == images.shape and bool(jnp.all(jnp.isfinite(out)))
-    with pytest.raises(ValueError, match="output_head"):
-        build_model(small_flextok_config(**{"model.output_head": "tiles"}).model, nnx.Rngs(0))
+    with pytest.raises(ValueError, match="decoder_patches"):
+        build_model(small_flextok_config(**{"model.decoder_patches": "tiles"}).model, nnx.Rngs(0))
 
 
 def test_skip_coefficients_are_the_gaussian_mmse_split():

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from vitok import sharding
-from vitok.models.vit import overlap_unpatchify, patchify, unpatchify
+from vitok.models.vit import overlap_patchify, overlap_unpatchify, patchify, unpatchify
 from vitok.nn.adaln import AdaLNTransformer, TimeEmbedder
 from vitok.nn.attention import RegisterCausalMask
 from vitok.nn.layers import Dense, param
@@ -70,6 +70,12 @@ class FlexTok(nnx.Module):
         (register i reads, and writes back, the i-th 2D DCT basis function over the patch grid,
         lowest frequencies first). "dct" starts the route at the ordering nested dropout asks
         for (register 1 the mean, then ever finer detail); training then adapts it.
+      decoder_patches: how the decoder reads and writes the flow-space image: "disjoint" (each
+        token embeds and writes its own p x p patch, the published model) or "overlap" (each
+        token embeds the 2p x 2p window centred on its patch and writes a 2p x 2p tile;
+        neighbouring tiles are blended with a tent, ``overlap_unpatchify``). Neighbours then
+        share pixels both ways: a small decoder cannot leave a seam at every patch border, and
+        every token that writes a pixel has seen it (so it can also remove that pixel's noise).
       prediction: what the decoder's output layer predicts: "velocity" (noise - x0, the
         published model) or "x0" (the clean patches; the velocity is then (x_t - x0) / sigma,
         Li & He 2025, who argue for it when a pixel patch is large next to the width: a velocity
@@ -105,7 +111,7 @@ class FlexTok(nnx.Module):
         prediction: str = "velocity",
         register_mixing: bool = False,
         mixing_init: str = "normal",
-        output_head: str = "patch",
+        decoder_patches: str = "disjoint",
         rngs: nnx.Rngs,
     ):
         dtype = jnp.dtype(dtype)
@@ -171,7 +177,13 @@ class FlexTok(nnx.Module):
         self.from_fsq = Dense(self.fsq.dim, wd, (None, "embed"), rngs=rngs, dtype=dtype)
         self.mask_token = param(rngs, normal, (1, wd), (None, "embed"))
         self.dec_register_posemb = param(rngs, normal, (num_registers, wd), (None, "embed"))
-        self.dec_patch_embed = Dense(patch_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
+        if decoder_patches not in ("disjoint", "overlap"):
+            raise ValueError(
+                f"decoder_patches must be 'disjoint' or 'overlap', got {decoder_patches!r}"
+            )
+        self.decoder_patches = decoder_patches
+        tile_dim = patch_dim * (4 if decoder_patches == "overlap" else 1)
+        self.dec_patch_embed = Dense(tile_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
         self.time_embed = TimeEmbedder(wd, rngs=rngs)
         if time_shift < 1.0:
             raise ValueError(f"time_shift must be >= 1, got {time_shift}")
@@ -194,11 +206,7 @@ class FlexTok(nnx.Module):
             **stack,
         )
         zeros = nnx.initializers.zeros_init()
-        if output_head not in ("patch", "overlap"):
-            raise ValueError(f"output_head must be 'patch' or 'overlap', got {output_head!r}")
-        self.output_head = output_head
-        out_dim = patch_dim * (4 if output_head == "overlap" else 1)
-        self.dec_out = Dense(wd, out_dim, ("embed", "patch"), rngs=rngs, kernel_init=zeros)
+        self.dec_out = Dense(wd, tile_dim, ("embed", "patch"), rngs=rngs, kernel_init=zeros)
         self.repa_layer = int(repa_layer)
         self.repa_proj = (
             Dense(wd, int(repa_dim), ("embed", None), rngs=rngs, dtype=dtype) if repa_dim else None
@@ -299,7 +307,11 @@ class FlexTok(nnx.Module):
         """x_t [B, P, patch_dim], sigma [B] in [0, 1], registers [B, N, Dd] (from ``condition``)
         -> predicted velocity (noise - x0) [B, P, patch_dim] float32; with REPA also the
         projected hidden patch tokens [B, P, repa_dim]."""
-        x = self.dec_patch_embed(x_t)
+        if self.decoder_patches == "overlap":
+            image = unpatchify(x_t.astype(jnp.float32), self.grid, self.patch_size)
+            x = self.dec_patch_embed(overlap_patchify(image, self.patch_size).astype(x_t.dtype))
+        else:
+            x = self.dec_patch_embed(x_t)
         x = x + jnp.asarray(sincos_2d(*self.grid, self.dec_width)).astype(x.dtype)[None]
         registers = registers.astype(x.dtype)
         if self.dec_patch_mix is not None:
@@ -326,7 +338,7 @@ class FlexTok(nnx.Module):
     def _to_velocity(self, h: jax.Array, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
         """Decoder output tokens [B, N + P, Dd] -> velocity [B, P, patch_dim] float32."""
         out = self.dec_out(h[:, self.num_registers :]).astype(jnp.float32)
-        if self.output_head == "overlap":
+        if self.decoder_patches == "overlap":
             tiles = overlap_unpatchify(out, self.grid, self.patch_size)
             out = patchify(tiles, self.patch_size)
         if self.prediction == "velocity":
@@ -412,8 +424,8 @@ class FlexTok(nnx.Module):
         length = self.num_patches + self.num_registers
         enc, dec = self.encoder, self.decoder
         we, wd = self.enc_width, self.dec_width
-        out_dim = self.dec_out.kernel.shape[-1]  # patch_dim, or 4x with overlapping tiles
-        embed = 2 * self.num_patches * (self.patch_dim * (we + wd) + out_dim * wd)
+        tile_dim = self.dec_out.kernel.shape[-1]  # patch_dim, or 4x with overlapping tiles
+        embed = 2 * self.num_patches * (self.patch_dim * we + 2 * tile_dim * wd)
         encoder = transformer_flops(length, we, enc.depth, enc.mlp_dim)
         decoder = transformer_flops(length, wd, dec.depth, dec.mlp_dim)
         modulation = 2 * wd * wd * (6 * dec.depth + 2)

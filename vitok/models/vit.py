@@ -70,6 +70,22 @@ def _fold_quadrants(x: jax.Array, patch_size: int):
     return canvas
 
 
+def overlap_patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """images [B, gh*p, gw*p, C] -> [B, gh*gw, (2p)^2 C]: the 2p x 2p window centred on each
+    p x p patch (the image edge-padded by p/2), laid out as ``overlap_unpatchify`` reads tiles."""
+    b, h, w, c = images.shape
+    p = patch_size
+    gh, gw = h // p, w // p
+    o = p // 2
+    padded = jnp.pad(images, ((0, 0), (o, p - o), (o, p - o), (0, 0)), mode="edge")
+    blocks = padded.reshape(b, gh + 1, p, gw + 1, p, c).transpose(0, 1, 3, 2, 4, 5)
+    rows = [
+        jnp.concatenate([blocks[:, a : a + gh, d : d + gw] for d in (0, 1)], axis=4) for a in (0, 1)
+    ]  # each [B, gh, gw, p, 2p, C]
+    windows = jnp.concatenate(rows, axis=3)  # [B, gh, gw, 2p, 2p, C]
+    return windows.reshape(b, gh * gw, 4 * p * p * c)
+
+
 def overlap_unpatchify(patches: jax.Array, grid: tuple[int, int], patch_size: int) -> jax.Array:
     """patches [B, gh*gw, (2p)^2 C] -> images [B, gh*p, gw*p, C]: window (i, j) is a 2p x 2p
     tile centred on patch (i, j) of the p x p grid, and overlapping tiles are blended with a
