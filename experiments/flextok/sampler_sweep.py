@@ -29,6 +29,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
 
     from vitok import sharding
     from vitok.inference import load_config, load_params

@@ -134,7 +134,8 @@ def _image_scores(recon, target, mask, patch: int) -> jax.Array:
 
 def write_table(path: str, rows: list[dict], original_seam_ratio: float | None = None) -> None:
     """rows: one dict per k with ``k``, ``psnr``, ``ssim`` and optionally ``seam_ratio``,
-    ``detail_ratio``, ``mean_psnr`` (the 1-step decode), ``baseline_psnr`` (the linear code)."""
+    ``detail_ratio``, ``mean_psnr`` and ``mean_detail_ratio`` (the 1-step decode),
+    ``baseline_psnr`` and ``baseline_detail_ratio`` (the linear code)."""
     columns = [
         ("k", "tokens k", "{}"),
         ("psnr", "PSNR (dB)", "{:.2f}"),
@@ -142,7 +143,9 @@ def write_table(path: str, rows: list[dict], original_seam_ratio: float | None =
         ("seam_ratio", "seam ratio", "{:.3f}"),
         ("detail_ratio", "detail ratio", "{:.3f}"),
         ("mean_psnr", "mean decode PSNR", "{:.2f}"),
+        ("mean_detail_ratio", "mean decode detail", "{:.3f}"),
         ("baseline_psnr", "linear code PSNR", "{:.2f}"),
+        ("baseline_detail_ratio", "linear code detail", "{:.3f}"),
     ]
     columns = [c for c in columns if c[0] in rows[0]]
     with open(path, "w") as f:
@@ -169,7 +172,8 @@ class ReconstructionEvaluator:
     * ``{prefix}/psnr@k``, ``{prefix}/ssim@k``: the sampler (``steps`` Euler steps, ``guidance``);
     * ``{prefix}/seam_ratio@k``: mean absolute neighbour difference across the borders of the
       decoder's patches over that inside them (``{prefix}/seam_ratio_original`` for the
-      originals); ``{prefix}/detail_ratio@k``: mean neighbour difference over the originals';
+      originals); ``{prefix}/detail_ratio@k``: mean neighbour difference over the originals'
+      (also ``mean_detail_ratio@k`` and ``baseline_detail_ratio@k``);
     * ``{prefix}/mean_psnr@k``: the mean decode, one Euler step, i.e. the decoder's clean
       estimate from pure noise (the MMSE-style reconstruction) (``mean_decode``, default on);
     * ``{prefix}/baseline_psnr@k``: the linear code at the same bit budget (PCA with k
@@ -302,10 +306,13 @@ class ReconstructionEvaluator:
                 "seam_ratio": float(sample[col["border"]] / sample[col["inside"]]),
                 "detail_ratio": float(sample[col["detail"]] / original[col["detail"]]),
             }
+            detail = original[col["detail"]]
             if "mean" in means:
                 row["mean_psnr"] = float(means["mean"][i][col["psnr"]])
+                row["mean_detail_ratio"] = float(means["mean"][i][col["detail"]] / detail)
             if "linear" in means:
                 row["baseline_psnr"] = float(means["linear"][i][col["psnr"]])
+                row["baseline_detail_ratio"] = float(means["linear"][i][col["detail"]] / detail)
             rows.append(row)
             results.update({f"{self.prefix}/{key}@{k}": v for key, v in row.items() if key != "k"})
         if stats:
