@@ -234,11 +234,10 @@ class ReconstructionEvaluator:
             self.features = jax.jit(lambda unit_images: net(unit_images * 2 - 1))
 
     def _fit_linear_code(self, num_examples: int) -> LinearCode:
-        """PCA of the run's training images (every process fits the same code by itself), read
-        with the evaluator's own preprocessing: the training source without its augmentation."""
-        data = self.context.config.data.copy_and_resolve_references()
-        with data.unlocked():
-            data.pp = self.config.data.pp
+        """PCA of the run's training images as the tokenizer saw them, augmentation included
+        (flipped crops make a better linear code: the stronger baseline); every process fits
+        the same code by itself."""
+        data = self.context.config.data
         images = [
             batch["image"][batch["mask"] > 0]
             for batch in pipeline.eval_batches(
