@@ -27,6 +27,7 @@ def test_notebook_runs(path, tmp_path):
         os.environ,
         VITOK_COLAB_STEPS="4",
         VITOK_COLAB_EVAL_EXAMPLES="16",
+        VITOK_COLAB_BASELINE_EXAMPLES="64",
         VITOK_COLAB_WORKDIR=str(tmp_path / "work"),
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
     )
