@@ -352,11 +352,12 @@ def test_overlap_unpatchify_blends_tiles_into_the_image_they_agree_on(p):
     assert np.diff(row).max() == pytest.approx(1 / p, abs=1e-6)  # a seam would jump by 1
 
 
-def test_overlap_head_model_trains_and_decodes():
-    config = small_flextok_config(**{"model.decoder_patches": "overlap"}).model
+@pytest.mark.parametrize("mode,reads", [("overlap_out", 1), ("overlap", 4)])
+def test_overlap_head_model_trains_and_decodes(mode, reads):
+    config = small_flextok_config(**{"model.decoder_patches": mode}).model
     model = build_model(config, nnx.Rngs(0))
     assert model.dec_out.kernel.shape[-1] == 4 * model.patch_dim
-    assert model.dec_patch_embed.kernel.shape[0] == 4 * model.patch_dim
+    assert model.dec_patch_embed.kernel.shape[0] == reads * model.patch_dim
     images = jnp.zeros((2, 16, 16, 3))
     codes, _ = model.encode(images)
     keep = keep_mask(jnp.array([1, 4]), model.num_registers)

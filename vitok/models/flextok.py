@@ -71,11 +71,11 @@ class FlexTok(nnx.Module):
         lowest frequencies first). "dct" starts the route at the ordering nested dropout asks
         for (register 1 the mean, then ever finer detail); training then adapts it.
       decoder_patches: how the decoder reads and writes the flow-space image: "disjoint" (each
-        token embeds and writes its own p x p patch, the published model) or "overlap" (each
-        token embeds the 2p x 2p window centred on its patch and writes a 2p x 2p tile;
-        neighbouring tiles are blended with a tent, ``overlap_unpatchify``). Neighbours then
-        share pixels both ways: a small decoder cannot leave a seam at every patch border, and
-        every token that writes a pixel has seen it (so it can also remove that pixel's noise).
+        token embeds and writes its own p x p patch, the published model), "overlap_out" (each
+        token writes a 2p x 2p tile centred on its patch, and neighbouring tiles are blended
+        with a tent, ``overlap_unpatchify``: a small decoder cannot leave a seam at every patch
+        border), or "overlap" (as "overlap_out", and each token also embeds the 2p x 2p window
+        around its patch, ``overlap_patchify``, so every token that writes a pixel has seen it).
       prediction: what the decoder's output layer predicts: "velocity" (noise - x0, the
         published model) or "x0" (the clean patches; the velocity is then (x_t - x0) / sigma,
         Li & He 2025, who argue for it when a pixel patch is large next to the width: a velocity
@@ -177,13 +177,15 @@ class FlexTok(nnx.Module):
         self.from_fsq = Dense(self.fsq.dim, wd, (None, "embed"), rngs=rngs, dtype=dtype)
         self.mask_token = param(rngs, normal, (1, wd), (None, "embed"))
         self.dec_register_posemb = param(rngs, normal, (num_registers, wd), (None, "embed"))
-        if decoder_patches not in ("disjoint", "overlap"):
+        if decoder_patches not in ("disjoint", "overlap_out", "overlap"):
             raise ValueError(
-                f"decoder_patches must be 'disjoint' or 'overlap', got {decoder_patches!r}"
+                "decoder_patches must be 'disjoint', 'overlap_out' or 'overlap', "
+                f"got {decoder_patches!r}"
             )
         self.decoder_patches = decoder_patches
-        tile_dim = patch_dim * (4 if decoder_patches == "overlap" else 1)
-        self.dec_patch_embed = Dense(tile_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
+        read_dim = patch_dim * (4 if decoder_patches == "overlap" else 1)
+        tile_dim = patch_dim * (1 if decoder_patches == "disjoint" else 4)
+        self.dec_patch_embed = Dense(read_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
         self.time_embed = TimeEmbedder(wd, rngs=rngs)
         if time_shift < 1.0:
             raise ValueError(f"time_shift must be >= 1, got {time_shift}")
@@ -338,7 +340,7 @@ class FlexTok(nnx.Module):
     def _to_velocity(self, h: jax.Array, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
         """Decoder output tokens [B, N + P, Dd] -> velocity [B, P, patch_dim] float32."""
         out = self.dec_out(h[:, self.num_registers :]).astype(jnp.float32)
-        if self.decoder_patches == "overlap":
+        if self.decoder_patches != "disjoint":
             tiles = overlap_unpatchify(out, self.grid, self.patch_size)
             out = patchify(tiles, self.patch_size)
         if self.prediction == "velocity":
@@ -424,8 +426,9 @@ class FlexTok(nnx.Module):
         length = self.num_patches + self.num_registers
         enc, dec = self.encoder, self.decoder
         we, wd = self.enc_width, self.dec_width
+        read_dim = self.dec_patch_embed.kernel.shape[0]  # patch_dim, or 4x with windows
         tile_dim = self.dec_out.kernel.shape[-1]  # patch_dim, or 4x with overlapping tiles
-        embed = 2 * self.num_patches * (self.patch_dim * we + 2 * tile_dim * wd)
+        embed = 2 * self.num_patches * (self.patch_dim * we + (read_dim + tile_dim) * wd)
         encoder = transformer_flops(length, we, enc.depth, enc.mlp_dim)
         decoder = transformer_flops(length, wd, dec.depth, dec.mlp_dim)
         modulation = 2 * wd * wd * (6 * dec.depth + 2)
