@@ -109,6 +109,7 @@ def test_no_checkpoint_gives_none(tmp_path):
     assert ckpt.restore(abstract(), None) is None
 
 
+@pytest.mark.slow
 def test_training_resumes_past_a_corrupt_checkpoint(tmp_path):
     config = small_vit_config(total_steps=6, checkpoint_every=2, eval_every=100)
     reference = tmp_path / "reference"
@@ -163,6 +164,7 @@ def _metrics(workdir):
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
     reference = str(tmp_path / "reference")
     proc = _run_cli(reference)

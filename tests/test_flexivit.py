@@ -80,6 +80,7 @@ def test_vit_embeds_any_patch_size_from_the_native_kernel():
         model(images, patch_size=5)
 
 
+@pytest.mark.slow
 def test_sampled_patch_size_gives_the_gradient_of_the_size_it_drew():
     model = _vit()
     images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
@@ -165,6 +166,7 @@ def test_digit_segmentation_op_labels_the_stroke_with_the_digit():
     np.testing.assert_array_equal(binary["segmentation"], (expected > 0).astype(np.int32))
 
 
+@pytest.mark.slow
 def test_segmentation_trains_at_sampled_patch_sizes_and_reports_miou(tmp_path):
     config = small_vit_config(total_steps=24, eval_every=24, checkpoint_every=24, batch_size=32)
     from configs import vit

@@ -97,6 +97,7 @@ def _randomize(model: nnx.Module, seed: int = 1) -> None:
     nnx.update(model, jax.tree.unflatten(tree, leaves))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("register_mixing", [False, True])
 def test_register_i_depends_only_on_registers_up_to_i(register_mixing):
     model = _model(**{"model.register_mixing": register_mixing})
@@ -112,6 +113,7 @@ def test_register_i_depends_only_on_registers_up_to_i(register_mixing):
     assert float(jnp.abs(z_after[:, p + 2] - z_before[:, p + 2]).max()) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("register_mixing", [False, True])
 def test_nested_dropout_keeps_exactly_k_registers(register_mixing):
     model = _model(**{"model.register_mixing": register_mixing})
@@ -279,6 +281,7 @@ def test_detokenize_works_for_every_k_and_rejects_bad_input():
         model.fsq.check_ids(np.asarray([[3, 15]]))
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_a_handful_of_images_reduce_the_loss():
     config = small_flextok_config(**{"optim.lr": 3e-3, "mesh.data": 1, "total_steps": 40})
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -293,6 +296,7 @@ def test_a_few_steps_on_a_handful_of_images_reduce_the_loss():
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.slow
 def test_train_on_eight_devices_matches_one_and_writes_the_reconstruction_report(tmp_path):
     one = small_flextok_config(**{"mesh.data": 1})
     with one.unlocked():

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from conftest import short_run, small_vit_config
 
+pytestmark = pytest.mark.slow  # trains and tokenizes end to end
+
 
 def _small_tokenizer_config():
     from configs import vae

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
 ARGS = [
@@ -48,6 +49,7 @@ def _rows(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     single = str(tmp_path / "single")
     proc = _launch(single, 8)

@@ -145,6 +145,7 @@ def test_schedule_emits_every_token_once_after_its_sources(grid, order, passes):
     [((4, 5), "neighbour", False, True), ((4, 5), "neighbour", False, "exact"),
      ((4, 5), "raster", False, False), ((2, 3, 3), "neighbour", True, True)],
 )  # fmt: skip
+@pytest.mark.slow
 def test_kv_cached_decoding_matches_the_full_forward_at_every_pass(
     grid, order, scan_layers, buckets
 ):
@@ -166,6 +167,7 @@ def test_kv_cached_decoding_matches_the_full_forward_at_every_pass(
     assert checked == model.num_tokens
 
 
+@pytest.mark.slow
 def test_sampling_counts_passes_and_buckets_do_not_change_samples():
     model = small_generator((4, 5))
     labels = jnp.array([0, 1, 2])
@@ -194,6 +196,7 @@ def test_sampling_counts_passes_and_buckets_do_not_change_samples():
         sample(model, labels, jax.random.key(0), num_tokens=3)
 
 
+@pytest.mark.slow
 def test_greedy_guided_sampling_picks_the_argmax_of_the_guided_full_forward():
     """Every token of a greedy CFG sample is the argmax of the guided logits the full forward
     gives for that sample: the cached, guided decoding path agrees with training's."""

@@ -164,6 +164,7 @@ def test_logical_rules():
     assert sharding.fit_spec_to_shape(P(("data", "fsdp")), (4,), mesh) == P("data")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_layers_equal_unrolled_layers(remat):
     scanned = small_vit(depth=3, scan_layers=True, remat=remat)
@@ -210,6 +211,7 @@ def _unrolled_copy_of(scanned_params: dict, unrolled_params: dict, depth: int) -
     return u
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_models_train_to_the_same_losses_with_weight_decay():
     """Weight decay used to be guessed from shapes, so a scanned model's [layers, D] norm
     scales and biases were decayed and an unrolled model's were not: the same config trained

@@ -13,6 +13,8 @@ from vitok.data import sources
 from vitok.inference import FlexTokTokenizer
 from vitok.tools import detokenize, tokenize
 
+pytestmark = pytest.mark.slow  # trains and tokenizes end to end
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

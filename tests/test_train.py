@@ -32,6 +32,7 @@ def one_device_losses(tmp_path_factory):
     return losses(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh",
     [
@@ -60,11 +61,13 @@ def assert_eight_devices_match_one(tmp_path, overrides, mesh):
     )
 
 
+@pytest.mark.slow
 def test_scanned_layers_train_the_same_sharded_and_unsharded(tmp_path):
     overrides = {"model.scan_layers": True, "model.depth": 2, "total_steps": 4}
     assert_eight_devices_match_one(tmp_path, overrides, {"data": 2, "fsdp": 2, "tensor": 2})
 
 
+@pytest.mark.slow
 def test_sequence_sharding_matches_one_device(tmp_path):
     overrides = {"model.pool": "gap", "total_steps": 3}  # 16 tokens: divisible by 2
     assert_eight_devices_match_one(tmp_path, overrides, {"data": 2, "fsdp": 2, "sequence": 2})
@@ -145,6 +148,7 @@ def test_params_are_actually_sharded(tmp_path):
     assert head.spec == jax.sharding.PartitionSpec("fsdp", None)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     good = small_vit_config(total_steps=4, checkpoint_every=2, eval_every=100)
     good.async_checkpoints = False
@@ -227,6 +231,7 @@ class _SleepyEvaluator:
         return {"eval/slept": 1.0}
 
 
+@pytest.mark.slow
 def test_steps_per_second_leave_out_evaluation_time(tmp_path):
     """perf/steps_per_sec used to count the evaluations between two logs as step time."""
     from vitok.registry import EVALUATORS

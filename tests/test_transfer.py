@@ -99,6 +99,7 @@ def _stage_configs(tmp_path):
     return s1, s2
 
 
+@pytest.mark.slow
 def test_the_trainer_starts_from_the_source_run_and_then_resumes_its_own(tmp_path):
     s1, s2 = _stage_configs(tmp_path)
     one = jax.devices()[:1]

@@ -37,6 +37,7 @@ def test_gaussian_kl_matches_the_closed_form_and_is_zero_at_the_prior():
     assert float(gaussian_kl(jnp.zeros((1, 3)), jnp.zeros((1, 3)))[0]) == 0.0
 
 
+@pytest.mark.slow
 def test_vae_downsamples_by_its_factor_and_rejects_wrong_sizes():
     config = small_vae_config(**{"model.mults": (1, 2, 2)})
     model = build_model(config.model, nnx.Rngs(0))
@@ -49,6 +50,7 @@ def test_vae_downsamples_by_its_factor_and_rejects_wrong_sizes():
         jax.eval_shape(model, jnp.zeros((2, 8, 8, 3)))
 
 
+@pytest.mark.slow
 def test_flextok_trains_in_a_frozen_vae_latent_space(tmp_path):
     vae_dir = str(tmp_path / "vae")
     vae_config = small_vae_config(**{"total_steps": 1})
