@@ -94,8 +94,8 @@ def base() -> ml_collections.ConfigDict:
     c.data.split = "train"
     c.data.crop_size = 32
     c.data.photos = ""  # "": the split's photos (see vitok.data.sources.PHOTO_SPLITS)
-    # Hue rotations (up to 30 degrees) give eight photos more colours: the first tokens then fit
-    # their colours less (held-out mean decode at k = 1 / 2: +0.2 / +0.3 dB, at k = 32 +0.1).
+    # Hue rotations (up to 30 degrees) give eight photos more colours (held-out mean decode at
+    # k = 1 / 2: +0.2 / +0.3 dB, at k = 32 +0.1).
     c.data.pp = "decode(channels=3)|flip_lr|random_hue(30)|value_range(-1, 1)"
     c.data.skip_bad = False
     c.data.num_threads = 4
