@@ -174,8 +174,9 @@ class ReconstructionEvaluator:
       decoder's patches over that inside them (``{prefix}/seam_ratio_original`` for the
       originals); ``{prefix}/detail_ratio@k``: mean neighbour difference over the originals'
       (also ``mean_detail_ratio@k`` and ``baseline_detail_ratio@k``);
-    * ``{prefix}/mean_psnr@k``: the mean decode, one Euler step, i.e. the decoder's clean
-      estimate from pure noise (the MMSE-style reconstruction) (``mean_decode``, default on);
+    * ``{prefix}/mean_psnr@k``: the mean decode, one unguided Euler step, i.e. the decoder's
+      clean estimate from pure noise (the MMSE-style reconstruction) (``mean_decode``, default
+      on);
     * ``{prefix}/baseline_psnr@k``: the linear code at the same bit budget (PCA with k
       coefficients, each quantized to the codebook size; ``vitok.evaluators.linear_code``),
       fitted once on ``baseline_examples`` images of the run's training data (0: off).
@@ -210,7 +211,7 @@ class ReconstructionEvaluator:
         def encode(params, extra, images):
             return context.model.merge(params, extra).encode(images)[0]
 
-        def reconstruct(params, extra, codes, k, rng, steps):
+        def reconstruct(params, extra, codes, k, rng, steps, guidance):
             model = context.model.merge(params, extra)
             keep = keep_mask(jnp.full((codes.shape[0],), k), model.num_registers)
             recon = model.sample(codes, keep, rng, steps=steps, guidance=guidance)
@@ -220,8 +221,9 @@ class ReconstructionEvaluator:
             return _image_scores(recon, to_unit_range(images), mask, self.pixel_patch)
 
         self._encode = jax.jit(encode)
-        self._sample = jax.jit(functools.partial(reconstruct, steps=steps))
-        self._mean = jax.jit(functools.partial(reconstruct, steps=1))
+        self._sample = jax.jit(functools.partial(reconstruct, steps=steps, guidance=guidance))
+        # Unguided: one step from pure noise is then the decoder's estimate of E[x0 | tokens].
+        self._mean = jax.jit(functools.partial(reconstruct, steps=1, guidance=1.0))
         self._scores = jax.jit(scores)
         self.linear_code = None
         baseline_examples = int(config.get("baseline_examples", 8192))
