@@ -3,7 +3,7 @@
 Presets:
   tiny              pixel-space FlexTok on 32x32 crops of the scikit-image photos (train and
                     held-out crops come from different photos); 32 registers, width-64 encoder
-                    and decoder; CPU, about 10 minutes. How it differs from the published
+                    and decoder; CPU, about 12 minutes. How it differs from the published
                     model, each to learn on a CPU budget:
                     - pixels instead of VAE latents, 4x4 patches, width 64, depth 4;
                     - time_shift 4: noise levels moved up, where the decoder needs the tokens;
