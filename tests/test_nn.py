@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from vitok import sharding
+from vitok.models import logical_axes
 from vitok.models.vit import ViT, patchify, unpatchify, vit_forward_flops
 from vitok.nn import attention as attn
 from vitok.nn.posemb import sincos_2d
@@ -225,12 +226,7 @@ def test_scanned_and_unrolled_models_train_to_the_same_losses_with_weight_decay(
         pure = nnx.to_pure_dict(params)
         start = pure if scan else start
         pure = pure if scan else _unrolled_copy_of(start, pure, depth)
-        axes = jax.tree.map(
-            tuple,
-            nnx.to_pure_dict(nnx.get_partition_spec(params)),
-            is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec),
-        )
-        tx, _ = make_optimizer(optim, 10, axes)
+        tx, _ = make_optimizer(optim, 10, logical_axes(params))
         state = tx.init(pure)
 
         def loss(p, graphdef=graphdef, params=params):
@@ -256,12 +252,7 @@ def test_scanned_and_unrolled_models_train_to_the_same_losses_with_weight_decay(
 def test_weight_decay_follows_the_parameter_role():
     model = small_vit(depth=2, scan_layers=True)
     params = nnx.split(model, nnx.Param)[1]
-    axes = jax.tree.map(
-        tuple,
-        nnx.to_pure_dict(nnx.get_partition_spec(params)),
-        is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec),
-    )
-    mask = decay_mask(nnx.to_pure_dict(params), axes)
+    mask = decay_mask(nnx.to_pure_dict(params), logical_axes(params))
     blocks = mask["encoder"]["blocks"]
     assert blocks["mlp"]["fc1"]["kernel"] and blocks["attn"]["qkv"]  # matrices
     assert not blocks["norm1"]["scale"] and not blocks["mlp"]["fc1"]["bias"]  # [layers, D]

@@ -298,6 +298,7 @@ class ReconstructionEvaluator:
         original_seam = original[col["border"]] / original[col["inside"]]
         results = {f"{self.prefix}/seam_ratio_original": float(original_seam)}
         rows = []
+        detail = original[col["detail"]]
         for i, k in enumerate(self.counts):
             sample = means["sample"][i]
             row = {
@@ -305,9 +306,8 @@ class ReconstructionEvaluator:
                 "psnr": float(sample[col["psnr"]]),
                 "ssim": float(sample[col["ssim"]]),
                 "seam_ratio": float(sample[col["border"]] / sample[col["inside"]]),
-                "detail_ratio": float(sample[col["detail"]] / original[col["detail"]]),
+                "detail_ratio": float(sample[col["detail"]] / detail),
             }
-            detail = original[col["detail"]]
             if "mean" in means:
                 row["mean_psnr"] = float(means["mean"][i][col["psnr"]])
                 row["mean_detail_ratio"] = float(means["mean"][i][col["detail"]] / detail)

@@ -17,6 +17,12 @@ def build_model(config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
     return MODELS.lookup(config["name"])(config, rngs)
 
 
+def logical_axes(params: nnx.State) -> Any:
+    """A model's ``nnx.Param`` state -> a pure dict of its logical-axis tuples, matching params."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelHandle:
     """A model split into a static graph and pure-dict parameters (the jit-boundary form).
@@ -34,11 +40,7 @@ class ModelHandle:
     def abstract(cls, config: Mapping[str, Any], seed: int = 0) -> ModelHandle:
         model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(seed)))
         graphdef, params, extra = nnx.split(model, nnx.Param, ...)
-        specs = nnx.to_pure_dict(nnx.get_partition_spec(params))
-        logical = jax.tree.map(
-            tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
-        )
-        return cls(graphdef, params, extra, logical)
+        return cls(graphdef, params, extra, logical_axes(params))
 
     def merge(self, params: Any, extra: Any) -> nnx.Module:
         """Pure dicts -> a module (inside jit this only rebuilds Python objects)."""
