@@ -39,7 +39,7 @@ def digit_codes(tmp_path_factory):
 
 def test_extracted_codes_are_the_tokenizers_codes_of_every_digit(digit_codes):
     from vitok.data.sources import CodesSource, Mnist5kSource
-    from vitok.tools.extract_codes import CodeExtractor
+    from vitok.inference import Tokenizer
 
     root, out = digit_codes
     test = CodesSource(path=out, split="test")
@@ -47,9 +47,11 @@ def test_extracted_codes_are_the_tokenizers_codes_of_every_digit(digit_codes):
     assert len(test) == len(digits) == 1000 and len(CodesSource(path=out, split="train")) == 4000
     assert test[0]["codes"].shape == (7, 7) and test[0]["codes"].dtype == np.int32
     np.testing.assert_array_equal([test[i]["label"] for i in range(50)], digits.labels[:50])
-    extractor = CodeExtractor(str(root / "tokenizer"))
+    tokenizer = Tokenizer.from_workdir(str(root / "tokenizer"))
     images = np.stack([digits[i]["image"] for i in range(8)]).astype(np.float32) / 127.5 - 1
-    np.testing.assert_array_equal(extractor(images), [test[i]["codes"] for i in range(8)])
+    np.testing.assert_array_equal(
+        tokenizer.tokenize(images), [test[i]["codes"] for i in range(8)]
+    )
 
 
 def test_codes_that_do_not_fit_the_generator_are_refused_before_training(digit_codes):

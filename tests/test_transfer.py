@@ -11,7 +11,7 @@ from conftest import small_vit_config
 from flax import nnx
 
 from vitok import sharding, train
-from vitok.inference import load_config, load_params
+from vitok.runs import load_run
 from vitok.models.transfer import adapt_params
 from vitok.models.vit import ViT
 from vitok.nn import flexi
@@ -107,8 +107,8 @@ def test_the_trainer_starts_from_the_source_run_and_then_resumes_its_own(tmp_pat
     train.train_and_evaluate(s2, str(tmp_path / "s2"), devices=one)
 
     mesh = sharding.make_mesh({"data": -1}, one)
-    _, p1, _, step1 = load_params(load_config(str(tmp_path / "s1")), str(tmp_path / "s1"), mesh)
-    _, p2, _, step2 = load_params(load_config(str(tmp_path / "s2")), str(tmp_path / "s2"), mesh)
+    run1, run2 = (load_run(str(tmp_path / name), mesh) for name in ("s1", "s2"))
+    (p1, step1), (p2, step2) = (run1.params, run1.step), (run2.params, run2.step)
     assert (step1, step2) == (2, 1)
     np.testing.assert_allclose(
         p2["posemb"], flexi.resize_posemb(p1["posemb"], (7, 7), (14, 14)), atol=1e-6

@@ -58,12 +58,9 @@ def test_flextok_trains_in_a_frozen_vae_latent_space(tmp_path):
         vae_config.evals = ml_collections.ConfigDict()  # its evaluator has a test of its own
     one_device = jax.devices()[:1]  # sharding is tested elsewhere; this test is about loading
     train.train_and_evaluate(vae_config, vae_dir, devices=one_device)
-    from vitok import sharding
-    from vitok.inference import load_config, load_params
+    from vitok.runs import load_run
 
-    _, vae_params, _, _ = load_params(
-        load_config(vae_dir), vae_dir, sharding.make_mesh({"data": -1})
-    )
+    vae_params = load_run(vae_dir).params
 
     vae_model = dict(small_vae_config().model) | {"checkpoint": vae_dir}
     config = small_flextok_config(
@@ -76,7 +73,7 @@ def test_flextok_trains_in_a_frozen_vae_latent_space(tmp_path):
     assert np.isfinite(final["eval/psnr@4"]) and np.isfinite(final["train/loss"])
 
     # The FlexTok checkpoint holds the VAE's trained weights, unchanged by FlexTok's training.
-    _, _, extra, _ = load_params(load_config(ft_dir), ft_dir, sharding.make_mesh({"data": -1}))
+    extra = load_run(ft_dir).extra
     flat_vae = jax.tree.leaves_with_path(vae_params)
     flat_extra = dict(jax.tree.leaves_with_path(extra["vae"]))
     assert len(flat_vae) == len(flat_extra) > 10

@@ -101,13 +101,22 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(
-        self, abstract_state: Any, data_iterator: grain.DatasetIterator | None
+        self,
+        abstract_state: Any,
+        data_iterator: grain.DatasetIterator | None,
+        *,
+        partial: bool = False,
     ) -> tuple[Any, int] | None:
         """Restores the newest good step into shardings given by ``abstract_state``
-        (ShapeDtypeStructs); sets ``data_iterator`` to its position. None if there is none."""
+        (ShapeDtypeStructs); sets ``data_iterator`` to its position. None if there is none.
+
+        ``partial``: ``abstract_state`` names a subset of the saved state (e.g. only
+        ``{"params": ...}``); only those arrays are read, and the fingerprint and tree checks
+        cover that subset.
+        """
         for step in reversed(self.all_steps()):
             try:
-                state = self._restore_step(step, abstract_state, data_iterator)
+                state = self._restore_step(step, abstract_state, data_iterator, partial)
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # any failure to read a step means: fall back to an older one
@@ -126,16 +135,35 @@ class Checkpointer:
             return state, step
         return None
 
-    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    def _restore_step(
+        self, step: int, abstract_state: Any, data_iterator: Any, partial: bool = False
+    ) -> Any:
         # The small JSON item first: a tree mismatch must be reported before touching arrays.
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta["meta"]
-        _check_same_tree(meta["tree"], describe(abstract_state), step, self.directory)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        wanted = describe(abstract_state)
+        saved = meta["tree"]
+        # The fingerprint rows follow the saved tree's leaf order (the JSON keeps it).
+        rows = np.asarray(meta["fingerprint"], np.float64).reshape(-1, 2)
+        if partial:
+            index = {key: i for i, key in enumerate(saved)}
+            saved = {key: saved[key] for key in wanted if key in saved}
+            rows = rows[[index[key] for key in saved]] if len(rows) == len(index) else rows
+        _check_same_tree(saved, wanted, step, self.directory)
+        if partial:
+            restore_args = jax.tree.map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_state
+            )
+            state_args = ocp.args.PyTreeRestore(
+                abstract_state, restore_args=restore_args, partial_restore=True
+            )
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
+        items = {"state": state_args}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        expected = np.asarray(meta["fingerprint"], np.float64).reshape(-1, 2)
+        expected = rows
         actual = np.asarray(fingerprint(restored["state"]), np.float64)
         if expected.shape != actual.shape or not np.allclose(
             actual, expected, rtol=_RTOL, atol=1e-6

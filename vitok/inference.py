@@ -1,120 +1,126 @@
-"""Trained models outside the trainer: load a workdir's config and checkpoint, then call them.
+"""Trained tokenizers outside the trainer: load a workdir, then call them on numpy arrays.
 
-    tok = FlexTokTokenizer.from_workdir("workdirs/flextok_tiny")
-    ids = tok.tokenize(images)                 # uint8 [B, H, W, C] -> int32 [B, N]
+    tok = Tokenizer.from_workdir("workdirs/flextok_tiny")  # any vitok.models.Tokenizer run
+    ids = tok.tokenize(images)                  # uint8 [B, H, W, C] -> int32 [B, *token_shape]
     out = tok.detokenize(ids[:, :8], steps=25)  # -> uint8 [B, H, W, C]
 
-Inputs are checked on the host, so a wrong image size, a token count outside 1..N or a token
-outside the codebook is a clear ``ValueError`` rather than a shape error deep inside jit.
+FlexTok and KARL give ordered 1D ids (``tok.ordered``; -1 past an image's length, see
+``vitok.models.base``), the FSQ autoencoders a grid [B, h, w]. Inputs are checked on the host,
+so a wrong image size, a token count outside 1..N, a token outside the codebook or an option the
+tokenizer does not take is a clear ``ValueError`` rather than a shape error deep inside jit.
+Only the run's weights are read (EMA if kept), sharded over all local devices.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from vitok import checkpoint, sharding
-from vitok.train import Setup
+from vitok import runs
+from vitok.models.base import Tokenizer as TokenizerModel
+from vitok.models.base import id_lengths, pad_ids
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} the workdir of a training run?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]; float images are taken as already in [-1, 1]."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 127.5 - 1
+    return images.astype(np.float32)
 
 
-def load_params(
-    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
-) -> tuple[Setup, Any, Any, int]:
-    """Restores the latest good checkpoint of ``workdir``: (setup, params, extra, step).
-
-    Uses the EMA params when the run kept them.
-    """
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    setup = Setup.create(config, mesh, rules)
-    abstract = jax.eval_shape(setup.init_state, jax.random.key(0))
-    shardings = setup.state_shardings(abstract)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    restored = ckpt.restore(target, None)
-    ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint found in {os.path.join(workdir, 'checkpoints')}")
-    state, step = restored
-    return setup, state.get("ema", state["params"]), state["extra"], step
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] -> uint8 [0, 255], rounded and clipped."""
+    return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-class FlexTokTokenizer:
-    """A trained FlexTok: ``tokenize`` images to N ids, ``detokenize`` any first k of them."""
+def _check_options(given: dict, known: dict, what: str) -> dict:
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"{what} takes the options {sorted(known)}; unknown: {unknown}")
+    return {**known, **given}
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        if config.model.name != "flextok":
-            raise ValueError(f"{workdir!r} holds a {config.model.name!r} model, not 'flextok'")
-        self.config = config
-        self.mesh = sharding.make_mesh({"data": -1})
-        self.setup, self.params, self.extra, self.step = load_params(config, workdir, self.mesh)
-        self.model = self.setup.model.merge(self.params, self.extra)
-        self.image_shape = (*self.model.image_size, self.model.channels)
-        self.num_tokens = self.model.num_registers
-        self.codebook_size = self.model.fsq.codebook_size
-        handle = self.setup.model
 
-        def tokenize(params, extra, images):
-            return handle.merge(params, extra).tokenize(images)
+class Tokenizer:
+    """A trained tokenizer run, on numpy arrays. Attributes: ``config``, ``step``,
+    ``image_shape`` (H, W, C), ``token_shape``, ``num_tokens`` (N of an ordered tokenizer),
+    ``codebook_size``, ``ordered``, ``model`` (the nnx module with its weights)."""
 
-        def detokenize(params, extra, ids, rng, steps, guidance):
-            out = handle.merge(params, extra).detokenize(ids, rng, steps=steps, guidance=guidance)
-            return jnp.clip(jnp.round((out + 1) * 127.5), 0, 255).astype(jnp.uint8)
+    def __init__(self, run: runs.Run):
+        model = run.module()
+        if not isinstance(model, TokenizerModel):
+            raise ValueError(
+                f"{run.workdir!r} holds a {run.config.model.name!r} model, which is not a "
+                f"tokenizer (FlexTok, KARL or an FSQ autoencoder)"
+            )
+        self.run, self.config, self.step, self.model = run, run.config, run.step, model
+        self.image_shape = tuple(model.image_shape)
+        self.token_shape = tuple(model.token_shape)
+        self.num_tokens = self.token_shape[0] if model.ordered else int(np.prod(self.token_shape))
+        self.codebook_size = int(model.codebook_size)
+        self.ordered = bool(model.ordered)
+        handle = run.model
 
-        self._tokenize = jax.jit(tokenize)
-        self._detokenize = jax.jit(detokenize, static_argnames=("steps", "guidance"))
+        def tokenize(params, extra, images, options):
+            return handle.merge(params, extra).tokenize(images, **dict(options))
+
+        def detokenize(params, extra, ids, rng, options):
+            return to_uint8(handle.merge(params, extra).detokenize(ids, rng, **dict(options)))
+
+        self._tokenize = jax.jit(tokenize, static_argnames="options")
+        self._detokenize = jax.jit(detokenize, static_argnames="options")
 
     @classmethod
-    def from_workdir(cls, workdir: str) -> FlexTokTokenizer:
-        return cls(load_config(workdir), workdir)
+    def from_workdir(cls, workdir: str) -> Tokenizer:
+        return cls(runs.load_run(workdir))
 
     def check_images(self, images: np.ndarray) -> None:
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            h, w, c = self.image_shape
-            raise ValueError(
-                f"images must have shape [B, {h}, {w}, {c}] for this tokenizer, "
-                f"got {tuple(images.shape)}"
-            )
+        self.model.check_images(np.asarray(images))
 
-    def tokenize(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, C] (or float in [-1, 1]) -> int32 [B, N], ordered coarse to fine."""
-        images = np.asarray(images)
+    def tokenize(self, images: np.ndarray, **options) -> np.ndarray:
+        """uint8 [B, H, W, C] (or float in [-1, 1]) -> int32 [B, *token_shape] (ordered: coarse
+        to fine, -1 past an image's length)."""
+        options = _check_options(options, dict(self.model.tokenize_options), "tokenize")
+        images = to_model_range(images)
         self.check_images(images)
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 127.5 - 1
-        return np.asarray(self._tokenize(self.params, self.extra, jnp.asarray(images, jnp.float32)))
+        ids = self._tokenize(
+            self.run.params, self.run.extra, jnp.asarray(images), tuple(sorted(options.items()))
+        )
+        return np.asarray(ids)
 
-    def detokenize(
-        self, ids: np.ndarray, *, steps: int = 25, guidance: float = 1.0, seed: int = 0
-    ) -> np.ndarray:
-        """int [B, k] (the first k tokens, 1 <= k <= N) -> uint8 images [B, H, W, C]."""
+    def detokenize(self, ids: np.ndarray, *, seed: int = 0, **options) -> np.ndarray:
+        """int [B, *token_shape] (ordered: [B, k], the first k tokens, 1 <= k <= N) -> uint8
+        images [B, H, W, C]. ``options``: the tokenizer's ``decode_options`` (FlexTok: steps,
+        guidance, ...)."""
+        options = _check_options(options, dict(self.model.decode_options), "detokenize")
+        if "steps" in options and int(options["steps"]) < 1:
+            raise ValueError(f"steps must be >= 1, got {options['steps']}")
         ids = np.asarray(ids)
-        if ids.ndim != 2:
-            raise ValueError(f"token ids must have shape [B, k], got {ids.shape}")
-        if not 1 <= ids.shape[1] <= self.num_tokens:
-            raise ValueError(
-                f"detokenize takes 1 to {self.num_tokens} tokens per image, got k={ids.shape[1]}"
-            )
-        self.model.fsq.check_ids(ids)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        rng = jax.random.key(seed)
+        self.model.check_ids(ids)
+        ids = jnp.asarray(ids, jnp.int32)
+        if self.ordered:  # one compiled shape for every k
+            ids = pad_ids(ids, self.num_tokens)
         out = self._detokenize(
-            self.params, self.extra, jnp.asarray(ids, jnp.int32), rng, int(steps), float(guidance)
+            self.run.params,
+            self.run.extra,
+            ids,
+            jax.random.key(seed),
+            tuple(sorted(options.items())),
         )
         return np.asarray(out)
+
+    def lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Ordered ids [B, N] -> the number of real (non -1) tokens per image [B]."""
+        return np.asarray(id_lengths(np.asarray(ids)))
+
+
+def load_tokenizer(workdir: str) -> Tokenizer:
+    return Tokenizer.from_workdir(workdir)
+
+
+def load_model(workdir: str, mesh: Any = None):
+    """Any run's model with its trained weights (EMA if kept), as an nnx module."""
+    return runs.load_run(workdir, mesh).module()

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
-from vitok import checkpoint, perf, sharding
+from vitok import checkpoint, perf, runs, sharding
 from vitok import config as config_lib
 from vitok.data import pipeline
 from vitok.models import ModelHandle, init_variables
@@ -134,9 +133,7 @@ class Setup:
     def state_shardings(self, abstract_state: dict) -> dict:
         """Params by their logical axes; optimizer moments like their params; rest replicated."""
         replicated = sharding.replicated(self.mesh)
-        params = sharding.tree_shardings(
-            abstract_state["params"], self.model.logical_axes, self.mesh, self.rules
-        )
+        params, extra = runs.weight_shardings(self.model, self.mesh, self.rules)
         opt = optax.tree_map_params(
             self.tx,
             lambda _, s: s,
@@ -146,7 +143,7 @@ class Setup:
             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
         )
         out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
-        out["params"], out["opt_state"] = params, opt
+        out["params"], out["opt_state"], out["extra"] = params, opt, extra
         if "ema" in out:
             out["ema"] = params
         return out
@@ -161,11 +158,8 @@ class Setup:
         )
 
     def train_flops_per_step(self) -> float:
-        """Forward + backward (3x forward) matmul FLOPs of one global batch; 0 if unknown."""
-        m = self.model
-        abstract = nnx.merge(m.graphdef, m.param_template, m.extra_template)
-        forward = float(abstract.forward_flops()) if hasattr(abstract, "forward_flops") else 0.0
-        return 3 * forward * self.config.batch_size
+        """Forward + backward (3x forward) matmul FLOPs of one global batch."""
+        return 3 * float(self.model.module().forward_flops()) * self.config.batch_size
 
 
 def _peak_flops(config) -> float:
@@ -190,7 +184,7 @@ def train_and_evaluate(
     config_lib.validate(config)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh, devices)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
+    rules = runs.sharding_rules(config)
     writer = MetricWriter(workdir, enabled=is_main)
     if is_main:
         # The tools (tokenize, detokenize, ...) rebuild the model from this file.
@@ -226,17 +220,13 @@ def train_and_evaluate(
         max_to_keep=int(config.get("keep_checkpoints", 3)),
         async_save=bool(config.get("async_checkpoints", True)),
     )
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state,
-        state_shardings,
-    )
+    target = runs.with_shardings(abstract_state, state_shardings)
     restored = ckpt.restore(target, train_iter)
     if restored is None:
         pretrained_workdirs(model)  # a missing workdir fails here, before compiling anything
         source = source_run(config)  # likewise a missing init_from run
         state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_rng)
-        state["extra"] = load_pretrained(model, config.model, state["extra"])
+        state["extra"] = load_pretrained(model, state["extra"], mesh)
         state["params"] = init_from_run(source, model, state["params"], mesh)
         if ema_decay:  # a copy: the step donates both trees
             state["ema"] = jax.tree.map(jnp.copy, state["params"])
@@ -270,7 +260,7 @@ def train_and_evaluate(
 
     # --- 6. the loop ------------------------------------------------------------------------------
     flops_per_step = setup.train_flops_per_step()
-    peak = _peak_flops(config) if flops_per_step else 0.0
+    peak = _peak_flops(config)
     progress = Progress(config.total_steps, start_step, enabled=is_main)
     log_every = int(config.get("log_every", 50))
     last_metrics: dict[str, float] = {}
@@ -298,7 +288,7 @@ def train_and_evaluate(
                 values["perf/steps_per_sec"] = rate
                 values["perf/examples_per_sec"] = rate * config.batch_size
                 if peak:
-                    values["perf/mfu"] = flops_per_step * rate / peak
+                    values["perf/mfu"] = perf.mfu(flops_per_step, 1.0 / rate, peak)
                 if skipped.count:
                     values["data/skipped"] = skipped.count
                 writer.write(step, values)

@@ -7,7 +7,7 @@ import time
 import jax
 import numpy as np
 
-from vitok import sharding
+from vitok import runs, sharding
 from vitok.train import Setup
 
 
@@ -15,7 +15,7 @@ def time_train_step(config, local_batch: dict, steps: int) -> tuple[float, float
     """Median seconds per step of ``Setup.jit_train_step`` (after one compile/warm-up step), and
     the analytic FLOPs per step."""
     mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
+    rules = runs.sharding_rules(config)
     setup = Setup.create(config, mesh, rules)
     rng = jax.random.key(0)
     shardings = setup.state_shardings(jax.eval_shape(setup.init_state, rng))

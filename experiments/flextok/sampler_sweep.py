@@ -33,14 +33,13 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)
 
-    from vitok import sharding
-    from vitok.inference import load_config, load_params
+    from vitok import runs, sharding
     from vitok.registry import EVALUATORS
     from vitok.train import EvalContext
 
-    config = load_config(FLAGS.workdir)
+    config = runs.load_config(FLAGS.workdir)
     mesh = sharding.make_mesh({"data": -1})
-    rules = tuple(tuple(r) for r in config.sharding.rules)
+    rules = runs.sharding_rules(config)
     shifts = [float(s) for s in FLAGS.time_shift.split(",") if s] or [
         float(config.model.time_shift)
     ]
@@ -52,13 +51,14 @@ def main(argv):
     ):
         run_config = config.copy_and_resolve_references()
         run_config.model.time_shift = shift
-        setup, params, extra, step = load_params(run_config, FLAGS.workdir, mesh)
+        run = runs.load_run(FLAGS.workdir, mesh, config=run_config)
+        params, extra, step = run.params, run.extra, run.step
         name = f"steps{steps}_guidance{guidance:g}_shift{shift:g}"
         out_dir = os.path.join(FLAGS.workdir, "sampler_sweep", name)
         os.makedirs(out_dir, exist_ok=True)
         eval_config = run_config.evals[FLAGS.eval]
         eval_config.steps, eval_config.guidance = steps, guidance
-        context = EvalContext(run_config, setup.model, mesh, rules, out_dir)
+        context = EvalContext(run_config, run.model, mesh, rules, out_dir)
         with sharding.mesh_rules(mesh, rules):
             metrics = EVALUATORS.lookup(eval_config.type)(eval_config, context).evaluate(
                 params, extra

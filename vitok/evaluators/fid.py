@@ -17,6 +17,10 @@ import numpy as np
 import scipy.linalg
 from flax import nnx
 
+from vitok import runs
+from vitok.models import build_model
+from vitok.models.vit import ViT
+
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) for Gaussians fitted to two feature sets."""
@@ -69,24 +73,15 @@ class FeatureNet:
     """
 
     def __init__(self, config: Any):
-        from vitok.models import build_model
-
         workdir = config.get("workdir", "")
         if workdir:
-            from vitok import sharding
-            from vitok.inference import load_config, load_params
-
-            run_config = load_config(workdir)
-            setup, params, extra, _ = load_params(
-                run_config, workdir, sharding.make_mesh({"data": -1})
-            )
-            model = setup.model.merge(params, extra)
+            model = runs.load_run(workdir).module()
         elif config.get("model"):
             model = build_model(config.model, nnx.Rngs(int(config.get("seed", 0))))
         else:
             raise ValueError("a FID feature network needs 'workdir' (a trained run) or 'model'")
-        if not hasattr(model, "tokens"):
-            raise ValueError(f"FID features need a ViT-like model, got {type(model).__name__}")
+        if not isinstance(model, ViT):
+            raise ValueError(f"FID features need a ViT, got {type(model).__name__}")
         self.graphdef, self.state = nnx.split(model)
         self.input_shape = (*model.image_size, model.channels)
 
@@ -103,6 +98,4 @@ class FeatureNet:
             )
         if x.shape[1:3] != (h, w):
             x = jax.image.resize(x, (x.shape[0], h, w, c), "bilinear", antialias=True)
-        tokens = model.tokens(x)
-        pooled = tokens[:, 0] if getattr(model, "pool", "gap") == "cls" else tokens.mean(1)
-        return pooled.astype(jnp.float32)
+        return model.features(x).astype(jnp.float32)

@@ -29,21 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vitok import runs
 from vitok.evaluators.fid import FeatureStats, fid_from_stats
 from vitok.evaluators.reconstruction import save_grid
+from vitok.models.base import Tokenizer, pad_ids
+from vitok.models.nar import sample
+from vitok.models.vit import ViT
 from vitok.registry import EVALUATORS
 
 
 def _load_run(workdir: str, what: str, mesh):
     """A trained run's model (EMA params if kept), laid out on ``mesh`` (the generator's, so
     that one jit can take both)."""
-    from vitok.inference import load_config, load_params
-
     if not workdir:
         raise ValueError(f"the generation evaluator needs {what}")
-    config = load_config(workdir)
-    setup, params, extra, _ = load_params(config, workdir, mesh)
-    return setup.model.merge(params, extra)
+    return runs.load_run(workdir, mesh).module()
 
 
 class Classifier:
@@ -51,7 +51,7 @@ class Classifier:
 
     def __init__(self, workdir: str, mesh, value_range: tuple[float, float] = (0.0, 1.0)):
         model = _load_run(workdir, "classifier_workdir", mesh)
-        if not hasattr(model, "tokens"):
+        if not isinstance(model, ViT) or model.head is None:
             raise ValueError(f"{workdir!r} is not a ViT classifier run")
         self.graphdef, self.state = nnx.split(model)
         self.low, self.high = (float(v) for v in value_range)
@@ -59,8 +59,7 @@ class Classifier:
         def run(state, images):
             vit = nnx.merge(self.graphdef, state)
             x = (images + 1) / 2 * (self.high - self.low) + self.low
-            tokens = vit.tokens(x)
-            pooled = tokens[:, 0] if getattr(vit, "pool", "gap") == "cls" else tokens.mean(1)
+            pooled = vit.features(x)
             return vit.head(pooled).astype(jnp.float32), pooled.astype(jnp.float32)
 
         self._run = jax.jit(run)
@@ -73,8 +72,6 @@ class Classifier:
 @EVALUATORS.register("generation")
 class GenerationEvaluator:
     def __init__(self, config: Any, context: Any):
-        from vitok.models.nar import sample
-
         self.config, self.context = config, context
         self.prefix = config.get("prefix", "samples")
         self.per_class = int(config.get("samples_per_class", 100))
@@ -89,6 +86,11 @@ class GenerationEvaluator:
         tokenizer = _load_run(
             config.get("tokenizer_workdir", ""), "tokenizer_workdir", context.mesh
         )
+        if not isinstance(tokenizer, Tokenizer):
+            raise ValueError(
+                f"tokenizer_workdir {config.tokenizer_workdir!r} holds a "
+                f"{type(tokenizer).__name__}, not a tokenizer"
+            )
         self.tok_def, self.tok_state = nnx.split(tokenizer)
         self.classifier = (
             Classifier(
@@ -107,19 +109,20 @@ class GenerationEvaluator:
             cfg_scale=float(config.get("cfg_scale", 1.0)),
             num_tokens=num_tokens,
         )
-        one_d = hasattr(tokenizer, "num_registers")  # FlexTok: decode the first k tokens
-        decode_steps = int(config.get("decode_steps", 10))
+        decode_options = {}
+        if "steps" in tokenizer.decode_options:
+            decode_options["steps"] = int(config.get("decode_steps", 10))
+        ordered = tokenizer.ordered  # 1D tokens: decode the first k = num_tokens
         handle = context.model
 
         def generate(params, extra, tok_state, labels, rng):
             sample_rng, decode_rng = jax.random.split(rng)
             out = sample(handle.merge(params, extra), labels, sample_rng, **options)
             tok = nnx.merge(self.tok_def, tok_state)
-            if one_d:
-                k = num_tokens or out["tokens"].shape[1]
-                images = tok.detokenize(out["tokens"][:, :k], decode_rng, steps=decode_steps)
-            else:
-                images = tok.detokenize(out["tokens"])
+            ids = out["tokens"]
+            if ordered:
+                ids = pad_ids(ids[:, : num_tokens or ids.shape[1]], tok.token_shape[0])
+            images = tok.detokenize(ids, decode_rng, **decode_options)
             return jnp.clip(images, -1, 1), out["passes"]
 
         self._generate = jax.jit(generate)

@@ -14,13 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from vitok.data import pipeline
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
 from vitok.evaluators.linear_code import LinearCode, fit_linear_code
-from vitok.models.flextok import keep_mask
+from vitok.models.base import Tokenizer, prefix_ids
 from vitok.registry import EVALUATORS
 
 
@@ -174,15 +173,18 @@ class ReconstructionEvaluator:
       decoder's patches over that inside them (``{prefix}/seam_ratio_original`` for the
       originals); ``{prefix}/detail_ratio@k``: mean neighbour difference over the originals'
       (also ``mean_detail_ratio@k`` and ``baseline_detail_ratio@k``);
-    * ``{prefix}/mean_psnr@k``: the mean decode, one unguided Euler step, i.e. the decoder's
-      clean estimate from pure noise (the MMSE-style reconstruction) (``mean_decode``, default
-      on);
+    * ``{prefix}/mean_psnr@k``: the mean decode, the tokenizer's ``mean_decode_options``
+      (FlexTok: one unguided Euler step, i.e. the decoder's clean estimate from pure noise, the
+      MMSE-style reconstruction) (``mean_decode``, default on where the tokenizer has one);
     * ``{prefix}/baseline_psnr@k``: the linear code at the same bit budget (PCA with k
       coefficients, each quantized to the codebook size; ``vitok.evaluators.linear_code``),
       fitted once on ``baseline_examples`` images of the run's training data (0: off).
 
-    Config: data, batch_size, max_examples, token_counts ("pow2" or a list), steps, guidance,
-    seed, grid_rows (rows of the PNG grid; 0 for none), mean_decode, baseline_examples, and
+    Any ``vitok.models.Tokenizer`` with ordered 1D tokens: images are tokenized once, and
+    each k decodes the ids with positions >= k padded.
+
+    Config: data, batch_size, max_examples, token_counts ("pow2" or a list), steps, guidance
+    (decode options, where the tokenizer takes them), seed, grid_rows (rows of the PNG grid; 0 for none), mean_decode, baseline_examples, and
     optionally ``fid``: a feature network (see ``vitok.evaluators.fid.FeatureNet``) for
     ``{prefix}/fid@k`` between the reconstructions and the originals (rFID).
     Writes ``reconstructions.png`` (rows: images; columns: each k, then the original),
@@ -194,36 +196,41 @@ class ReconstructionEvaluator:
         self.config = config
         self.context = context
         self.prefix = config.get("prefix", "eval")
-        model_config = context.config.model
-        self.counts = token_counts(
-            config.get("token_counts", "pow2"), int(model_config.num_registers)
-        )
-        steps = int(config.get("steps", 25))
-        guidance = float(config.get("guidance", 1.0))
+        tokenizer = context.model.module()
+        if not isinstance(tokenizer, Tokenizer) or not tokenizer.ordered:
+            raise ValueError(
+                f"the reconstruction evaluator takes a 1D tokenizer (FlexTok, KARL), not "
+                f"{context.config.model.name!r}; use the 'autoencoder' evaluator for grids"
+            )
+        self.counts = token_counts(config.get("token_counts", "pow2"), tokenizer.token_shape[0])
+        known = dict(tokenizer.decode_options)
+        options = {name: config[name] for name in ("steps", "guidance") if name in config}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(
+                f"evaluator {self.prefix!r}: {unknown} are no decode options of "
+                f"{context.config.model.name!r} (known: {sorted(known)})"
+            )
         self.seed = int(config.get("seed", 0))
         self.grid_rows = int(config.get("grid_rows", 8))
-        self.mean_decode = bool(config.get("mean_decode", True))
-        handle = context.model
-        abstract = nnx.merge(handle.graphdef, handle.param_template, handle.extra_template)
-        self.pixel_patch = abstract.image_size[0] // abstract.grid[0]
-        self.codebook_size = abstract.fsq.codebook_size
+        mean_options = tokenizer.mean_decode_options
+        self.mean_decode = bool(config.get("mean_decode", True)) and mean_options is not None
+        self.pixel_patch = tokenizer.decoder_patch
+        self.codebook_size = tokenizer.codebook_size
 
-        def encode(params, extra, images):
-            return context.model.merge(params, extra).encode(images)[0]
+        def tokenize(params, extra, images):
+            return context.model.merge(params, extra).tokenize(images)
 
-        def reconstruct(params, extra, codes, k, rng, steps, guidance):
+        def reconstruct(params, extra, ids, k, rng, options):
             model = context.model.merge(params, extra)
-            keep = keep_mask(jnp.full((codes.shape[0],), k), model.num_registers)
-            recon = model.sample(codes, keep, rng, steps=steps, guidance=guidance)
-            return to_unit_range(recon)
+            return to_unit_range(model.detokenize(prefix_ids(ids, k), rng, **options))
 
         def scores(recon, images, mask):
             return _image_scores(recon, to_unit_range(images), mask, self.pixel_patch)
 
-        self._encode = jax.jit(encode)
-        self._sample = jax.jit(functools.partial(reconstruct, steps=steps, guidance=guidance))
-        # Unguided: one step from pure noise is then the decoder's estimate of E[x0 | tokens].
-        self._mean = jax.jit(functools.partial(reconstruct, steps=1, guidance=1.0))
+        self._encode = jax.jit(tokenize)
+        self._sample = jax.jit(functools.partial(reconstruct, options=options))
+        self._mean = jax.jit(functools.partial(reconstruct, options=dict(mean_options or {})))
         self._scores = jax.jit(scores)
         self.linear_code = None
         baseline_examples = int(config.get("baseline_examples", 8192))
@@ -268,7 +275,7 @@ class ReconstructionEvaluator:
                 host_images = np.asarray(
                     multihost_utils.process_allgather(batch["image"], tiled=True)
                 )
-            # Encoded once per batch; every k decodes from the same noise.
+            # Tokenized once per batch; every k decodes from the same noise.
             codes = self._encode(params, extra, batch["image"])
             rng = jax.random.fold_in(jax.random.key(self.seed), batch_index)
             for i, k in enumerate(self.counts):

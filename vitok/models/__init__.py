@@ -9,12 +9,17 @@ from typing import Any
 import jax
 from flax import nnx
 
+from vitok.models.base import Model, Tokenizer, check_model
 from vitok.registry import MODELS
 
+__all__ = ["Model", "ModelHandle", "Tokenizer", "build_model", "init_variables", "logical_axes"]
 
-def build_model(config: Mapping[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+
+def build_model(config: Mapping[str, Any], rngs: nnx.Rngs) -> Model:
     """``config`` is ``config.model``; its ``name`` picks the registered constructor."""
-    return MODELS.lookup(config["name"])(config, rngs)
+    model = MODELS.lookup(config["name"])(config, rngs)
+    check_model(model, config["name"])
+    return model
 
 
 def logical_axes(params: nnx.State) -> Any:
@@ -35,12 +40,25 @@ class ModelHandle:
     param_template: nnx.State
     extra_template: nnx.State
     logical_axes: Any  # pure dict of logical-axis tuples, matching params
+    extra_axes: Any  # the same for extra (frozen sub-models keep their annotations)
 
     @classmethod
     def abstract(cls, config: Mapping[str, Any], seed: int = 0) -> ModelHandle:
         model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(seed)))
         graphdef, params, extra = nnx.split(model, nnx.Param, ...)
-        return cls(graphdef, params, extra, logical_axes(params))
+        return cls(graphdef, params, extra, logical_axes(params), logical_axes(extra))
+
+    def abstract_params(self) -> Any:
+        """Pure dict of ShapeDtypeStructs of the params."""
+        return _shapes(self.param_template)
+
+    def abstract_extra(self) -> Any:
+        return _shapes(self.extra_template)
+
+    def module(self) -> nnx.Module:
+        """The abstract module (ShapeDtypeStruct weights): its attributes and methods, no
+        values."""
+        return nnx.merge(self.graphdef, self.param_template, self.extra_template)
 
     def merge(self, params: Any, extra: Any) -> nnx.Module:
         """Pure dicts -> a module (inside jit this only rebuilds Python objects)."""
@@ -49,6 +67,10 @@ class ModelHandle:
         nnx.replace_by_pure_dict(param_state, params)
         nnx.replace_by_pure_dict(extra_state, extra)
         return nnx.merge(self.graphdef, param_state, extra_state)
+
+
+def _shapes(state: nnx.State) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
 
 
 def init_variables(config: Mapping[str, Any], rng: jax.Array) -> tuple[dict, dict]:

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from vitok import sharding
+from vitok.models.base import PAD_ID, Tokenizer, check_image_shape, pad_ids
 from vitok.models.vit import overlap_patchify, overlap_unpatchify, patchify, unpatchify
 from vitok.nn.adaln import AdaLNTransformer, TimeEmbedder
 from vitok.nn.attention import RegisterCausalMask
@@ -37,7 +38,7 @@ from vitok.perf import transformer_flops
 from vitok.registry import MODELS
 
 
-class FlexTok(nnx.Module):
+class FlexTok(Tokenizer):
     """Adaptive-length 1D tokenizer with a rectified-flow decoder.
 
     Args:
@@ -221,6 +222,32 @@ class FlexTok(nnx.Module):
     def pretrained_workdirs(self) -> dict[str, str]:
         return self.pretrained
 
+    # --- the Tokenizer interface (vitok.models.base) ---------------------------------------------
+
+    ordered = True
+    decode_options = {
+        "steps": 25, "guidance": 1.0, "apg": False, "apg_eta": 0.0, "apg_norm_threshold": 2.5
+    }  # fmt: skip
+    # One unguided Euler step from pure noise is the decoder's estimate of E[x0 | tokens].
+    mean_decode_options = {"steps": 1, "guidance": 1.0}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.channels)
+
+    @property
+    def token_shape(self) -> tuple[int]:
+        return (self.num_registers,)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq.codebook_size
+
+    @property
+    def decoder_patch(self) -> int:
+        """Pixels per decoder patch (the VAE's factor included)."""
+        return self.image_size[0] // self.grid[0]
+
     def repa_target(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] -> the frozen encoder's patch features on the decoder's patch grid,
         [B, P, D_enc] float32 (bilinearly resized when the grids differ)."""
@@ -242,12 +269,7 @@ class FlexTok(nnx.Module):
     # --- shapes and spaces ---------------------------------------------------------------------
 
     def check_images(self, images) -> None:
-        expected = (*self.image_size, self.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"FlexTok expects images of shape [B, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}] in [-1, 1], got {tuple(images.shape)}"
-            )
+        check_image_shape(images, self.image_shape, "FlexTok")
 
     def to_space(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] in [-1, 1] -> flow-space patches x0 [B, P, patch_dim] (fp32)."""
@@ -412,13 +434,14 @@ class FlexTok(nnx.Module):
     def detokenize(
         self, ids: jax.Array, rng: jax.Array, *, steps: int = 25, guidance: float = 1.0, **kw
     ) -> jax.Array:
-        """ids [B, k] int32 (the first k tokens, 1 <= k <= N) -> images [B, H, W, C]."""
-        b, k = ids.shape
+        """ids [B, k] int32 (1 <= k <= N; PAD_ID past an image's own length) -> images
+        [B, H, W, C]: each image decodes from its first tokens, the rest masked."""
+        k = ids.shape[1]
         if not 1 <= k <= self.num_registers:
             raise ValueError(f"detokenize takes 1 to {self.num_registers} tokens, got k={k}")
-        padded = jnp.pad(ids, ((0, 0), (0, self.num_registers - k)))
-        keep = jnp.broadcast_to(jnp.arange(self.num_registers) < k, (b, self.num_registers))
-        codes = self.fsq.ids_to_codes(padded)
+        padded = pad_ids(ids, self.num_registers)
+        keep = padded != PAD_ID
+        codes = self.fsq.ids_to_codes(jnp.where(keep, padded, 0))
         return self.sample(codes, keep, rng, steps=steps, guidance=guidance, **kw)
 
     def forward_flops(self) -> float:

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from vitok import runs
+
 
 class Frozen(nnx.Variable):
     """A weight of a pretrained sub-model: stored in ``extra``, never trained."""
@@ -33,10 +35,7 @@ def freeze(module: nnx.Module) -> nnx.Module:
 def pretrained_workdirs(model_handle: Any) -> dict[str, str]:
     """{attribute: workdir} of the model's pretrained sub-models; an empty workdir is an error
     (raised before anything is initialised or compiled)."""
-    abstract = nnx.merge(
-        model_handle.graphdef, model_handle.param_template, model_handle.extra_template
-    )
-    sources = abstract.pretrained_workdirs() if hasattr(abstract, "pretrained_workdirs") else {}
+    sources = model_handle.module().pretrained_workdirs()
     for attribute, workdir in sources.items():
         if not workdir:
             raise ValueError(
@@ -46,28 +45,23 @@ def pretrained_workdirs(model_handle: Any) -> dict[str, str]:
     return sources
 
 
-def load_pretrained(model_handle: Any, model_config: Any, extra: dict) -> dict:
+def load_pretrained(model_handle: Any, extra: dict, mesh: jax.sharding.Mesh) -> dict:
     """Returns ``extra`` with each pretrained sub-model's weights read from its workdir.
 
-    The sub-model's trained params (EMA if kept) replace the matching subtree of ``extra``, with
-    the same shardings; a shape mismatch is an error naming the sub-model and the workdir.
+    The sub-model's trained params (EMA if kept) are read onto ``mesh`` (sharded by the source
+    run's rules) and replace the matching subtree of ``extra`` with that subtree's shardings;
+    a shape mismatch is an error naming the sub-model and the workdir.
     """
     sources = pretrained_workdirs(model_handle)
-    if not sources:
-        return extra
-    from vitok import sharding
-    from vitok.inference import load_config, load_params
-
     extra = dict(extra)
     for attribute, workdir in sources.items():
-        run_config = load_config(workdir)
-        _, params, _, step = load_params(run_config, workdir, sharding.make_mesh({"data": -1}))
+        run = runs.load_run(workdir, mesh)
         current = extra[attribute]
-        loaded = _select(params, run_config, current, attribute, workdir)
+        loaded = _select(run.params, run.config, current, attribute, workdir)
         extra[attribute] = jax.tree.map(
             lambda new, old: jax.device_put(new, old.sharding), loaded, current
         )
-        print(f"vitok: loaded model.{attribute} from {workdir} (step {step})")
+        print(f"vitok: loaded model.{attribute} from {workdir} (step {run.step})")
     return extra
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from vitok import sharding
+from vitok.models.base import Model
 from vitok.nn.attention import NeighbourMask, masked_attention
 from vitok.nn.layers import Dense, LayerNorm, param
 from vitok.nn.transformer import Block, make_stack, run_stack
@@ -195,7 +196,7 @@ def mix_heads(head_logits: Sequence[jax.Array], sources: jax.Array) -> jax.Array
 # --- the model ----------------------------------------------------------------------------------
 
 
-class TokenGenerator(nnx.Module):
+class TokenGenerator(Model):
     """Class-conditional GPT over a grid of discrete tokens, decoded by neighbours or in raster.
 
     Args:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
+from vitok import runs
 from vitok.models import ModelHandle
 
 
@@ -110,10 +111,8 @@ def source_run(config: Any) -> SourceRun | None:
     spec = config.get("init_from")
     if spec is None or not spec.get("workdir"):
         return None
-    from vitok.inference import load_config
-
     workdir = spec.workdir
-    source_config = load_config(workdir)  # a clear error when it is no training run
+    source_config = runs.load_config(workdir)  # a clear error when it is no training run
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
         raise FileNotFoundError(f"init_from: {workdir!r} has no checkpoint in {checkpoints}")
@@ -127,18 +126,12 @@ def init_from_run(source: SourceRun | None, model: ModelHandle, params: dict, me
     run never holds a replicated copy."""
     if source is None:
         return params
-    from vitok.inference import load_params
-
     workdir, source_config, skip = source
-    _, source_params, _, step = load_params(source_config, workdir, mesh)
-    weights = "EMA" if source_config.optim.get("ema_decay", 0.0) else "trained"
-    source_handle = ModelHandle.abstract(source_config.model, source_config.seed)
-    source_model = nnx.merge(
-        source_handle.graphdef, source_handle.param_template, source_handle.extra_template
-    )
-    target_model = nnx.merge(model.graphdef, model.param_template, model.extra_template)
+    run = runs.load_run(workdir, mesh, config=source_config)
+    step = run.step
+    weights = "EMA" if run.weights == "ema" else "trained"
     loaded, report = adapt_params(
-        source_params, source_model, params, target_model, skip,
+        run.params, run.model.module(), params, model.module(), skip,
         where=f"{workdir!r} (step {step})",
     )  # fmt: skip
     if jax.process_index() == 0:

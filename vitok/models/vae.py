@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vitok.models.base import Model, Tokenizer, check_image_shape
 from vitok.models.frozen import freeze
 from vitok.nn.attention import attention
-from vitok.nn.layers import Dense, param
+from vitok.nn.layers import param
 from vitok.nn.quantizers import FSQ
 from vitok.perf import transformer_flops
 from vitok.registry import MODELS
@@ -99,7 +100,78 @@ class SpatialAttention(nnx.Module):
         return x + self.out(y)
 
 
-class KLAutoencoder(nnx.Module):
+class ConvEncoder(nnx.Module):
+    """images [B, H, W, C] -> features [B, H/f, W/f, out_channels] float32: ResBlocks per level,
+    a stride-2 convolution between levels, a mid-block with one self-attention layer."""
+
+    def __init__(self, channels, out_channels, widths, blocks, *, rngs, dtype):
+        kw = dict(rngs=rngs, dtype=dtype)
+        self.conv_in = Conv(channels, widths[0], **kw)
+        layers, c = [], widths[0]
+        for level, w in enumerate(widths):
+            for _ in range(blocks):
+                layers.append(ResBlock(c, w, **kw))
+                c = w
+            if level < len(widths) - 1:
+                layers.append(Conv(c, c, 3, 2, **kw))
+        self.blocks = nnx.List(layers)
+        self.mid = nnx.List([ResBlock(c, c, **kw), SpatialAttention(c, **kw), ResBlock(c, c, **kw)])
+        self.norm = GroupNorm(c, rngs=rngs)
+        self.conv_out = Conv(c, out_channels, **kw)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = self.conv_in(images)
+        for block in (*self.blocks, *self.mid):
+            x = block(x)
+        return self.conv_out(jax.nn.silu(self.norm(x))).astype(jnp.float32)
+
+
+class ConvDecoder(nnx.Module):
+    """z [B, H/f, W/f, in_channels] -> images [B, H, W, C] float32 (the encoder's mirror, one
+    more ResBlock per level, nearest-neighbour upsampling)."""
+
+    def __init__(self, in_channels, channels, widths, blocks, *, rngs, dtype):
+        kw = dict(rngs=rngs, dtype=dtype)
+        c = widths[-1]
+        self.conv_in = Conv(in_channels, c, **kw)
+        self.mid = nnx.List([ResBlock(c, c, **kw), SpatialAttention(c, **kw), ResBlock(c, c, **kw)])
+        layers = []
+        for level, w in reversed(list(enumerate(widths))):
+            for _ in range(blocks + 1):
+                layers.append(ResBlock(c, w, **kw))
+                c = w
+            if level > 0:
+                layers.append(Upsample(c, **kw))
+        self.blocks = nnx.List(layers)
+        self.norm = GroupNorm(c, rngs=rngs)
+        self.conv_out = Conv(c, channels, **kw)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        x = self.conv_in(z)
+        for block in (*self.mid, *self.blocks):
+            x = block(x)
+        return self.conv_out(jax.nn.silu(self.norm(x))).astype(jnp.float32)
+
+
+def conv_autoencoder_flops(image_size, widths, blocks) -> float:
+    """Approximate matmul FLOPs of encoder + decoder (convolutions + mid attention), one image."""
+    h, w = image_size
+    total, c = 0.0, widths[0]
+    for level, width in enumerate(widths):
+        pixels = (h // 2**level) * (w // 2**level)
+        total += 2 * pixels * 9 * (c * width + (2 * blocks - 1) * width * width) * 2
+        c = width
+    factor = 2 ** (len(widths) - 1)
+    total += 2 * transformer_flops((h // factor) * (w // factor), c, 1, 0)
+    return float(total)
+
+
+def _check_divisible(image_size, factor) -> None:
+    if image_size[0] % factor or image_size[1] % factor:
+        raise ValueError(f"image size {tuple(image_size)} is not divisible by the VAE's {factor}")
+
+
+class KLAutoencoder(Model):
     """SD-style KL-regularised convolutional autoencoder.
 
     Args:
@@ -127,43 +199,13 @@ class KLAutoencoder(nnx.Module):
         self.channels = channels
         self.latent_channels = latent_channels
         self.factor = 2 ** (len(mults) - 1)
-        if image_size[0] % self.factor or image_size[1] % self.factor:
-            raise ValueError(f"image size {image_size} is not divisible by the VAE's {self.factor}")
+        _check_divisible(image_size, self.factor)
         self.latent_scale = float(latent_scale)
-        widths = [width * m for m in mults]
-        kw = dict(rngs=rngs, dtype=dtype)
-
-        self.enc_in = Conv(channels, widths[0], **kw)
-        enc, c = [], widths[0]
-        for level, w in enumerate(widths):
-            for _ in range(blocks):
-                enc.append(ResBlock(c, w, **kw))
-                c = w
-            if level < len(widths) - 1:
-                enc.append(Conv(c, c, 3, 2, **kw))
-        self.enc_blocks = nnx.List(enc)
-        self.enc_mid = nnx.List(
-            [ResBlock(c, c, **kw), SpatialAttention(c, **kw), ResBlock(c, c, **kw)]
-        )
-        self.enc_norm = GroupNorm(c, rngs=rngs)
-        self.enc_out = Conv(c, 2 * latent_channels, **kw)
-
-        self.dec_in = Conv(latent_channels, c, **kw)
-        self.dec_mid = nnx.List(
-            [ResBlock(c, c, **kw), SpatialAttention(c, **kw), ResBlock(c, c, **kw)]
-        )
-        dec = []
-        for level, w in reversed(list(enumerate(widths))):
-            for _ in range(blocks + 1):
-                dec.append(ResBlock(c, w, **kw))
-                c = w
-            if level > 0:
-                dec.append(Upsample(c, **kw))
-        self.dec_blocks = nnx.List(dec)
-        self.dec_norm = GroupNorm(c, rngs=rngs)
-        self.dec_out = Conv(c, channels, **kw)
-        self._widths = widths
+        self._widths = [width * m for m in mults]
         self._blocks = blocks
+        kw = dict(rngs=rngs, dtype=dtype)
+        self.encoder = ConvEncoder(channels, 2 * latent_channels, self._widths, blocks, **kw)
+        self.decoder = ConvDecoder(latent_channels, channels, self._widths, blocks, **kw)
 
     def latent_shape(self, image_size=None) -> tuple[int, int, int]:
         h, w = image_size or self.image_size
@@ -171,27 +213,13 @@ class KLAutoencoder(nnx.Module):
 
     def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B, H, W, C] in [-1, 1] -> (mean, logvar) [B, H/f, W/f, z] float32."""
-        mean, logvar = jnp.split(self.encoder_features(images), 2, axis=-1)
+        check_image_shape(images, (*self.image_size, self.channels), "the autoencoder")
+        mean, logvar = jnp.split(self.encoder(images), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
-
-    def encoder_features(self, images: jax.Array) -> jax.Array:
-        """images [B, H, W, C] -> the encoder's output [B, H/f, W/f, enc_out channels] float32."""
-        expected = (*self.image_size, self.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"the autoencoder expects images [B, {expected}], got {tuple(images.shape)}"
-            )
-        x = self.enc_in(images)
-        for block in (*self.enc_blocks, *self.enc_mid):
-            x = block(x)
-        return self.enc_out(jax.nn.silu(self.enc_norm(x))).astype(jnp.float32)
 
     def decode_latents(self, z: jax.Array) -> jax.Array:
         """z [B, H/f, W/f, z] (unscaled) -> images [B, H, W, C] float32."""
-        x = self.dec_in(z)
-        for block in (*self.dec_mid, *self.dec_blocks):
-            x = block(x)
-        return self.dec_out(jax.nn.silu(self.dec_norm(x))).astype(jnp.float32)
+        return self.decoder(z)
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None):
         """-> (reconstruction [B, H, W, C], mean, logvar); samples z when ``rng`` is given."""
@@ -211,21 +239,12 @@ class KLAutoencoder(nnx.Module):
         return self.decode_latents(latents / self.latent_scale)
 
     def forward_flops(self) -> float:
-        """Approximate matmul FLOPs of one forward pass (convolutions + mid attention)."""
-        h, w = self.image_size
-        total, c = 0.0, self._widths[0]
-        for level, width in enumerate(self._widths):
-            pixels = (h // 2**level) * (w // 2**level)
-            total += 2 * pixels * 9 * (c * width + (2 * self._blocks - 1) * width * width) * 2
-            c = width
-        tokens = (h // self.factor) * (w // self.factor)
-        total += 2 * transformer_flops(tokens, c, 1, 0)
-        return float(total)
+        return conv_autoencoder_flops(self.image_size, self._widths, self._blocks)
 
 
-class FSQAutoencoder(KLAutoencoder):
-    """The same convolutional encoder and decoder with an FSQ bottleneck: an image becomes a
-    grid of discrete codes, the 2D token source of the generators (NAR, raster AR).
+class FSQAutoencoder(Tokenizer):
+    """The KL autoencoder's convolutional encoder and decoder with an FSQ bottleneck: an image
+    becomes a grid of discrete codes, the 2D token source of the generators (NAR, raster AR).
 
         images [B, H, W, C] ──encoder──► z [B, h, w, len(levels)] ──FSQ──► ids [B, h, w]
         ids ──codes in [-1, 1]──► decoder ──► images
@@ -234,45 +253,74 @@ class FSQAutoencoder(KLAutoencoder):
     (8, 8, 8, 8, 4) = 16,384 (the size of LlamaGen's VQ-16 codebook).
     """
 
-    def __init__(self, *, levels: tuple[int, ...], rngs: nnx.Rngs, **kwargs):
-        super().__init__(latent_channels=len(levels), rngs=rngs, **kwargs)
+    ordered = False
+
+    def __init__(
+        self,
+        *,
+        image_size: tuple[int, int],
+        levels: tuple[int, ...],
+        channels: int = 3,
+        width: int = 128,
+        mults: tuple[int, ...] = (1, 2, 4, 4),
+        blocks: int = 2,
+        dtype: str | jnp.dtype = "float32",
+        rngs: nnx.Rngs,
+    ):
+        dtype = jnp.dtype(dtype)
+        self.image_size, self.channels = tuple(image_size), channels
+        self.factor = 2 ** (len(mults) - 1)
+        _check_divisible(image_size, self.factor)
+        self._widths, self._blocks = [width * m for m in mults], blocks
         self.quantizer = FSQ(levels)
         self.codebook_size = self.quantizer.codebook_size
-        # One output channel per FSQ level (the KL encoder's head outputs mean and logvar).
-        widths = self._widths
-        self.enc_out = Conv(widths[-1], len(levels), rngs=rngs, dtype=self.enc_in.dtype)
+        kw = dict(rngs=rngs, dtype=dtype)
+        self.encoder = ConvEncoder(channels, len(levels), self._widths, blocks, **kw)
+        self.decoder = ConvDecoder(len(levels), channels, self._widths, blocks, **kw)
 
     @property
     def grid(self) -> tuple[int, int]:
         """The code grid (h, w) of one image."""
-        return self.latent_shape()[:2]
+        return (self.image_size[0] // self.factor, self.image_size[1] // self.factor)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.channels)
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.grid
+
+    @property
+    def decoder_patch(self) -> int:
+        return self.factor
+
+    def latents(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> pre-quantization z [B, h, w, len(levels)] float32."""
+        self.check_images(images)
+        return self.encoder(images)
 
     def tokenize(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] in [-1, 1] -> ids int32 [B, h, w]."""
-        return self.quantizer(self.encoder_features(images))[1]
+        return self.quantizer(self.latents(images))[1]
 
-    def moments(self, images: jax.Array):
-        raise ValueError(
-            "an FSQ autoencoder has discrete codes, not a Gaussian latent: use tokenize"
-        )
-
-    def encode(self, images: jax.Array):
-        raise ValueError("an FSQ autoencoder has discrete codes, not a latent space: use tokenize")
-
-    def detokenize(self, ids: jax.Array) -> jax.Array:
+    def detokenize(self, ids: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """ids int [B, h, w] -> images [B, H, W, C] float32."""
         if tuple(ids.shape[1:]) != self.grid:
             raise ValueError(
                 f"the autoencoder decodes code grids [B, {self.grid}], got {ids.shape}"
             )
-        return self.decode_latents(self.quantizer.ids_to_codes(ids))
+        return self.decoder(self.quantizer.ids_to_codes(ids))
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None):
         """-> (reconstruction [B, H, W, C], ids [B, h, w], pre-quantization z [B, h, w, d]);
         straight-through gradients."""
-        z = self.encoder_features(images)
+        z = self.latents(images)
         codes, ids = self.quantizer(z)
-        return self.decode_latents(codes), ids, z
+        return self.decoder(codes), ids, z
+
+    def forward_flops(self) -> float:
+        return conv_autoencoder_flops(self.image_size, self._widths, self._blocks)
 
 
 class Upsample(nnx.Module):
@@ -308,101 +356,3 @@ def build_fsq_autoencoder(config, rngs: nnx.Rngs) -> FSQAutoencoder:
 def build_frozen_vae(config, rngs: nnx.Rngs) -> KLAutoencoder:
     """A VAE whose weights are ``Frozen`` (loaded from ``config.checkpoint`` at the start)."""
     return freeze(build_vae(config, rngs))
-
-
-class ViTFSQAutoencoder(nnx.Module):
-    """A ViT-VQGAN-style (Yu et al. 2022) tokenizer with an FSQ bottleneck: p x p patches ->
-    transformer encoder -> FSQ code per patch -> transformer decoder -> pixels per patch.
-
-        images [B, H, W, C] ──patches──► encoder ──► FSQ ids [B, H/p, W/p] ──► decoder ──► images
-
-    The same interface as ``FSQAutoencoder`` (``tokenize``, ``detokenize``, ``grid``), and much
-    cheaper on a CPU than convolutions at full resolution.
-    """
-
-    def __init__(
-        self,
-        *,
-        image_size: tuple[int, int],
-        channels: int = 3,
-        patch_size: int = 4,
-        levels: tuple[int, ...] = (8, 8, 4),
-        width: int = 128,
-        depth: int = 2,
-        num_heads: int = 4,
-        dtype: str | jnp.dtype = "float32",
-        rngs: nnx.Rngs,
-    ):
-        from vitok.nn.posemb import sincos_2d
-        from vitok.nn.transformer import Encoder
-
-        dtype = jnp.dtype(dtype)
-        self.image_size, self.channels, self.patch_size = tuple(image_size), channels, patch_size
-        if image_size[0] % patch_size or image_size[1] % patch_size:
-            raise ValueError(f"image size {image_size} is not divisible by patch {patch_size}")
-        self.quantizer = FSQ(levels)
-        self.codebook_size = self.quantizer.codebook_size
-        pixels = patch_size * patch_size * channels
-        kw = dict(rngs=rngs, dtype=dtype)
-        self.embed_in = Dense(pixels, width, ("patch", "embed"), **kw)
-        self.encoder = Encoder(width, depth, num_heads, 4 * width, **kw)
-        self.to_code = Dense(width, len(levels), ("embed", None), **kw)
-        self.from_code = Dense(len(levels), width, (None, "embed"), **kw)
-        self.decoder = Encoder(width, depth, num_heads, 4 * width, **kw)
-        # Zero-init output: with random outputs the first updates push every code the same way
-        # into tanh saturation (measured: one code left after 10 steps); from zero they do not.
-        self.to_pixels = Dense(
-            width, pixels, ("embed", "patch"), kernel_init=nnx.initializers.zeros_init(), **kw
-        )
-        self.posemb = nnx.Variable(jnp.asarray(sincos_2d(*self.grid, width)))
-        self._width, self._depth = width, depth
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
-
-    def _latents(self, images: jax.Array) -> jax.Array:
-        from vitok.models.vit import patchify
-
-        expected = (*self.image_size, self.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"the tokenizer expects images [B, {expected}], got {images.shape}")
-        x = self.embed_in(patchify(images, self.patch_size)) + self.posemb[...]
-        return self.to_code(self.encoder(x)).astype(jnp.float32)
-
-    def _decode_codes(self, codes: jax.Array) -> jax.Array:
-        from vitok.models.vit import unpatchify
-
-        x = self.from_code(codes) + self.posemb[...]
-        patches = self.to_pixels(self.decoder(x)).astype(jnp.float32)
-        return unpatchify(patches, self.grid, self.patch_size)
-
-    def tokenize(self, images: jax.Array) -> jax.Array:
-        """images [B, H, W, C] in [-1, 1] -> ids int32 [B, h, w]."""
-        return self.quantizer(self._latents(images))[1].reshape(images.shape[0], *self.grid)
-
-    def detokenize(self, ids: jax.Array) -> jax.Array:
-        """ids int [B, h, w] -> images [B, H, W, C] float32."""
-        if tuple(ids.shape[1:]) != self.grid:
-            raise ValueError(f"the tokenizer decodes code grids [B, {self.grid}], got {ids.shape}")
-        codes = self.quantizer.ids_to_codes(ids.reshape(ids.shape[0], -1))
-        return self._decode_codes(codes)
-
-    def __call__(self, images: jax.Array, rng: jax.Array | None = None):
-        """-> (reconstruction [B, H, W, C], ids [B, h, w], pre-quantization z [B, h*w, d]);
-        straight-through gradients."""
-        z = self._latents(images)
-        codes, ids = self.quantizer(z)
-        return self._decode_codes(codes), ids.reshape(images.shape[0], *self.grid), z
-
-    def forward_flops(self) -> float:
-        tokens = self.grid[0] * self.grid[1]
-        return 2 * transformer_flops(tokens, self._width, self._depth, 4 * self._width)
-
-
-@MODELS.register("fsq_vit")
-def build_vit_fsq_autoencoder(config, rngs: nnx.Rngs) -> ViTFSQAutoencoder:
-    kwargs = {k: v for k, v in dict(config).items() if k != "name"}
-    kwargs["image_size"] = tuple(kwargs["image_size"])
-    kwargs["levels"] = tuple(int(x) for x in kwargs["levels"])
-    return ViTFSQAutoencoder(**kwargs, rngs=rngs)

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from vitok import sharding
+from vitok.models.base import Model, check_image_shape
 from vitok.nn.flexi import patch_resize_matrix, pi_resize_patch_kernel, resize_posemb
 from vitok.nn.layers import Dense, param
 from vitok.nn.posemb import sincos_2d
@@ -105,7 +106,7 @@ def overlap_unpatchify(patches: jax.Array, grid: tuple[int, int], patch_size: in
     return canvas[:, o : o + gh * p, o : o + gw * p]
 
 
-class ViT(nnx.Module):
+class ViT(Model):
     """Pre-norm ViT classifier.
 
     Args:
@@ -218,12 +219,7 @@ class ViT(nnx.Module):
         )
 
     def check_images(self, images: jax.Array) -> None:
-        expected = (*self.image_size, self.channels)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"ViT expects images of shape [B, {expected[0]}, {expected[1]}, {expected[2]}], "
-                f"got {tuple(images.shape)}"
-            )
+        check_image_shape(images, (*self.image_size, self.channels), "ViT")
 
     def adapt_pretrained(self, path: tuple[str, ...], value: jax.Array, source) -> jax.Array | None:
         """A weight of another model (``source``) for this ViT when the two differ in patch or
@@ -287,6 +283,17 @@ class ViT(nnx.Module):
         x = sharding.constrain(x, ("batch", "length", "embed"))
         return self.encoder(x, dropout_rng=dropout_rng)
 
+    def features(
+        self,
+        images: jax.Array,
+        *,
+        patch_size: int | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """images: [B, H, W, C] -> pooled features [B, D] (the class token, or the mean)."""
+        x = self.tokens(images, patch_size=patch_size, dropout_rng=dropout_rng)
+        return x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+
     def __call__(
         self,
         images: jax.Array,
@@ -295,8 +302,7 @@ class ViT(nnx.Module):
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """images: [B, H, W, C] -> logits [B, num_classes] in float32 (features if no head)."""
-        x = self.tokens(images, patch_size=patch_size, dropout_rng=dropout_rng)
-        pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+        pooled = self.features(images, patch_size=patch_size, dropout_rng=dropout_rng)
         if self.head is None:
             return pooled
         return self.head(pooled).astype(jnp.float32)

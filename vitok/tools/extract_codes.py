@@ -5,7 +5,7 @@
 
 Reads every example of each split through the tokenizer run's deterministic eval data config
 (``config.evals.<first>.data``, the split replaced; ``--data_source``/``--data_name`` point it
-at another dataset), tokenizes it with the trained FSQ autoencoder and writes one .npz per split
+at another dataset), tokenizes it with the trained tokenizer (any ``vitok.models.Tokenizer``) and writes one .npz per split
 with ``codes`` (int32 [N, h, w] from an FSQ autoencoder run, or [N, T] coarse-to-fine 1D tokens
 from a FlexTok run) and ``label`` (int32 [N]; -1 when the data has no labels).
 ``--num_examples`` overrides the size of a generated source (photo_crops).
@@ -21,35 +21,8 @@ import sys
 
 import numpy as np
 
-TOKENIZERS = ("fsq_ae", "fsq_vit", "flextok")
-
-
-class CodeExtractor:
-    """A trained tokenizer's ``tokenize``, jitted: images in [-1, 1] -> int32 ids
-    ([B, h, w] from an FSQ autoencoder, [B, T] from FlexTok)."""
-
-    def __init__(self, workdir: str):
-        import jax
-
-        from vitok import sharding
-        from vitok.inference import load_config, load_params
-
-        self.config = load_config(workdir)
-        if self.config.model.name not in TOKENIZERS:
-            raise ValueError(
-                f"{workdir!r} holds a {self.config.model.name!r} model; codes come from a "
-                f"tokenizer run ({', '.join(TOKENIZERS)}), e.g. configs/vae.py:mnist_fsq"
-            )
-        mesh = sharding.make_mesh({"data": -1})
-        setup, self.params, self.extra, self.step = load_params(self.config, workdir, mesh)
-        handle = setup.model
-        self.model = handle.merge(self.params, self.extra)
-        fsq = getattr(self.model, "fsq", None) or self.model.quantizer
-        self.codebook_size = fsq.codebook_size
-        self._tokenize = jax.jit(lambda p, e, x: handle.merge(p, e).tokenize(x))
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self._tokenize(self.params, self.extra, images))
+from vitok.data import pipeline
+from vitok.inference import Tokenizer
 
 
 def data_config(config, split: str, source: str = "", name: str = "", num_examples: int = 0):
@@ -69,11 +42,9 @@ def data_config(config, split: str, source: str = "", name: str = "", num_exampl
 
 
 def extract(
-    extractor: CodeExtractor, data, batch_size: int = 256, flip: bool = False
+    tokenizer: Tokenizer, data, batch_size: int = 256, flip: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """-> (codes int32 [N, h, w], labels int32 [N]) of every example of ``data``."""
-    from vitok.data import pipeline
-
+    """-> (codes int32 [N, *token_shape], labels int32 [N]) of every example of ``data``."""
     codes, labels = [], []
     for batch in pipeline.eval_batches(data, global_batch_size=batch_size):
         keep = batch["mask"] > 0
@@ -82,7 +53,7 @@ def extract(
         variants = [images, images[:, :, ::-1]] if flip else [images]
         for x in variants:
             pad = batch_size - len(x)  # one compiled shape for every batch
-            ids = extractor(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]))
+            ids = tokenizer.tokenize(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]))
             codes.append(ids[: len(x)])
             labels.append(np.asarray(label, np.int32))
     return np.concatenate(codes).astype(np.int32), np.concatenate(labels)
@@ -99,7 +70,9 @@ def save_codes(path: str, codes: np.ndarray, labels: np.ndarray, codebook_size: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--workdir", required=True, help="a tokenizer run's workdir (fsq_ae, fsq_vit, flextok)"
+        "--workdir",
+        required=True,
+        help="a tokenizer run's workdir (fsq_ae, fsq_vit, flextok, karl)",
     )
     parser.add_argument("--out", required=True, help="output .npz path with {split}")
     parser.add_argument("--splits", default="train,test")
@@ -113,18 +86,18 @@ def main(argv: list[str] | None = None) -> None:
     if len(splits) > 1 and "{split}" not in args.out:
         sys.exit("vitok.tools.extract_codes: --out needs {split} when writing several splits")
     try:
-        extractor = CodeExtractor(args.workdir)
+        tokenizer = Tokenizer.from_workdir(args.workdir)
         for split in splits:
             data = data_config(
-                extractor.config, split, args.data_source, args.data_name, args.num_examples
+                tokenizer.config, split, args.data_source, args.data_name, args.num_examples
             )
-            codes, labels = extract(extractor, data, args.batch_size, args.flip)
+            codes, labels = extract(tokenizer, data, args.batch_size, args.flip)
             path = args.out.format(split=split)
-            save_codes(path, codes, labels, extractor.codebook_size)
+            save_codes(path, codes, labels, tokenizer.codebook_size)
             grid = "x".join(map(str, codes.shape[1:]))
             print(
                 f"vitok: wrote {len(codes)} {grid} code grids ({split}, codebook "
-                f"{extractor.codebook_size}) to {path}"
+                f"{tokenizer.codebook_size}) to {path}"
             )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"vitok.tools.extract_codes: {e}")

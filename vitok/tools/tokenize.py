@@ -1,9 +1,10 @@
-"""Tokenize a folder of images with a trained FlexTok.
+"""Tokenize a folder of images with a trained tokenizer (FlexTok, KARL, an FSQ autoencoder).
 
     python -m vitok.tools.tokenize --workdir=workdirs/flextok_tiny --images=photos/ \
         --out=tokens.npz [--resize]
 
-Writes ``tokens`` (int32 [B, N], coarse to fine) and ``names`` (each image's path relative to
+Writes ``tokens`` (int32 [B, N] coarse to fine for a 1D tokenizer, -1 past an image's length;
+[B, h, w] for a grid) and ``names`` (each image's path relative to
 --images) into the .npz. Images must have the tokenizer's size unless --resize is given (resize
 the short side, then centre-crop). Unreadable files stop the run with their name.
 """
@@ -43,30 +44,40 @@ def read_images(folder: str, shape: tuple[int, int, int], resize: bool) -> tuple
     return np.stack(images), names
 
 
+def tokenize_padded(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Tokenizes a batch padded to ``batch_size`` (one compiled shape for a ragged last one)."""
+    pad = batch_size - len(images)
+    padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    return tokenizer.tokenize(padded)[: len(images)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="a FlexTok training run's workdir")
+    parser.add_argument("--workdir", required=True, help="a tokenizer training run's workdir")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--resize", action="store_true", help="resize + centre-crop to fit")
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
 
-    from vitok.inference import FlexTokTokenizer
+    from vitok.inference import Tokenizer
 
     try:
-        tokenizer = FlexTokTokenizer.from_workdir(args.workdir)
+        tokenizer = Tokenizer.from_workdir(args.workdir)
         images, names = read_images(args.images, tokenizer.image_shape, args.resize)
     except (ValueError, FileNotFoundError, ops.BadImageError) as e:
         sys.exit(f"vitok.tools.tokenize: {e}")
     tokens = np.concatenate(
         [
-            tokenizer.tokenize(images[i : i + args.batch_size])
+            tokenize_padded(tokenizer, images[i : i + args.batch_size], args.batch_size)
             for i in range(0, len(images), args.batch_size)
         ]
     )
-    np.savez(args.out, tokens=tokens, names=np.asarray(names))
-    print(f"vitok: wrote {tokens.shape[0]} x {tokens.shape[1]} tokens to {args.out}")
+    tmp = args.out + ".tmp.npz"  # renamed when complete: never a truncated tokens file
+    np.savez(tmp, tokens=tokens, names=np.asarray(names))
+    os.replace(tmp, args.out)
+    shape = " x ".join(map(str, tokens.shape))
+    print(f"vitok: wrote {shape} tokens to {args.out}")
 
 
 if __name__ == "__main__":
