@@ -198,10 +198,12 @@ def _imagenet256(encoder_depth: int, decoder_depth: int) -> ml_collections.Confi
     c.flextok.cfg_dropout = 0.1
     c.flextok.loss_space = "velocity"
     c.flextok.repa_weight = 1.0
+    c.data = ml_collections.ConfigDict()  # a fresh section: no photo_crops keys left behind
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.split = "train"
     c.data.data_dir = ""
+    c.data.skip_bad = False
     c.data.pp = "decode(channels=3)|resize(256)|random_crop(256)|flip_lr|value_range(-1, 1)"
     c.data.num_threads = 32
     c.data.prefetch = 256

@@ -100,9 +100,12 @@ def _imagenet256_f8(latent_channels: int) -> ml_collections.ConfigDict:
     c.model.blocks = 2
     c.model.dtype = "bfloat16"
     c.vae.kl_weight = 1e-6
+    c.data = ml_collections.ConfigDict()  # a fresh section: no photo_crops keys left behind
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
+    c.data.split = "train"
     c.data.data_dir = ""
+    c.data.skip_bad = False
     c.data.pp = "decode(channels=3)|resize(256)|random_crop(256)|flip_lr|value_range(-1, 1)"
     c.data.num_threads = 32
     c.data.prefetch = 256

@@ -1,6 +1,9 @@
 """Small configs shared by the tests: the presets' code paths with smaller numbers."""
 
+import json
 import os
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,3 +85,15 @@ def small_vae_config(**overrides):
     c.peak_flops_per_device = 1e9
     c.optim.warmup_steps = 1
     return override(c, overrides)
+
+
+def read_metrics(workdir, prefix=("train/", "eval/")):
+    """The rows of a run's metrics.jsonl, keeping ``step`` and the keys with ``prefix``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith(prefix)} for r in rows]
+
+
+def losses(workdir):
+    """The logged training losses of a run, in step order."""
+    return np.array([r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r])

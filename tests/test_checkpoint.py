@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, small_vit_config
+from helpers import ROOT, small_vit_config
 
 from vitok import checkpoint, train
 

@@ -1,5 +1,6 @@
 """Sources, preprocessing ops and pipelines, including every kind of bad input."""
 
+import inspect
 import io
 import os
 
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import flextok
+from vitok import config as config_lib
 from vitok.data import ops, pipeline, sources
 
 RNG = np.random.default_rng(0)
@@ -266,3 +269,68 @@ def test_random_hue_keeps_luma_and_a_full_turn_is_the_identity():
     image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     out = fn({"image": image}, np.random.default_rng(2))["image"]
     assert out.dtype == np.uint8 and out.shape == image.shape and not np.array_equal(out, image)
+
+
+def test_a_key_that_no_part_of_the_pipeline_reads_is_an_error_naming_it():
+    config = flextok.get_config("tiny")
+    with config.unlocked():
+        config.data.crop_sise = 16
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.crop_sise is not a key of"):
+        config_lib.validate(config)
+    config = flextok.get_config("tiny")
+    with config.unlocked():
+        config.evals.recon.data.photo = "astronaut"
+    with pytest.raises(config_lib.ConfigError, match=r"config.evals.recon.data.photo is not"):
+        config_lib.validate(config)
+    # Defaults live in one place: the source's constructor (the pipeline's in PIPELINE_KEYS).
+    assert (
+        sources.source_keys("photo_crops")["min_scale"]
+        == inspect.signature(sources.PhotoCropsSource).parameters["min_scale"].default
+    )
+    with pytest.raises(ValueError, match="config.data.path is required for data source 'folder'"):
+        sources.build_source({"source": "folder", "path": ""}, "train")
+
+
+def test_any_preset_switches_its_data_source_from_the_command_line(folder):
+    base = ["--config=configs/flextok.py:tiny", "--workdir=/tmp/unused"]
+    args = config_lib.parse_command_line(
+        [*base, "--config.data.source=folder", f"--config.data.path={folder}"]
+    )
+    data = args.config.data
+    assert data.source == "folder" and data.path == str(folder)
+    assert data.pp == flextok.get_config("tiny").data.pp  # the preset's pipeline keys stay
+    assert "crop_size" not in data  # photo_crops' keys go
+    batch = next(iter(pipeline.train_dataset(data, global_batch_size=2, seed=0)))
+    assert batch["image"].shape == (2, 40, 48, 3) and batch["label"].shape == (2,)
+    # The new source's keys are checked like any other.
+    with pytest.raises(SystemExit, match="unknown config key 'config.data.crop_size'"):
+        config_lib.parse_command_line(
+            [*base, "--config.data.source=folder", "--config.data.crop_size=8"]
+        )
+    with pytest.raises(SystemExit, match="unknown data source 'mnist5kk'; known"):
+        config_lib.parse_command_line([*base, "--config.data.source=mnist5kk"])
+    # tfds too (an eval section here): its keys appear with their defaults.
+    args = config_lib.parse_command_line(
+        [*base, "--config.evals.recon.data.source=tfds", "--config.evals.recon.data.name=x"]
+    )
+    recon = args.config.evals.recon.data
+    assert (recon.name, recon.image_key, recon.split) == ("x", "image", "test")
+
+
+def test_one_registry_mechanism_rejects_duplicates_and_names_the_known():
+    from vitok.data import ops
+    from vitok.nn import attention
+    from vitok.registry import EVALUATORS, MODELS, TASKS
+
+    for registry, existing in [
+        (MODELS, "vit"), (TASKS, "flextok"), (EVALUATORS, "reconstruction"),
+        (sources.SOURCES, "folder"), (ops.OPS, "flip_lr"), (attention.BACKENDS, "chunked"),
+    ]:  # fmt: skip
+        registry.lookup(existing)
+        with pytest.raises(ValueError, match="registered twice"):
+            registry.register(existing)(lambda: None)
+        with pytest.raises(
+            ValueError, match=rf"unknown {registry.kind} 'nope'; known: .*{existing}"
+        ):
+            registry.lookup("nope")
+    assert {"ar", "fsq_ae", "fsq_vit", "nar", "vae"} <= set(MODELS.names())

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_vit_config
 from flax import nnx
+from helpers import small_vit_config
 
 from vitok import train
 from vitok.data import ops

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_flextok_config
 from flax import nnx
+from helpers import small_flextok_config
 
 from vitok import sharding, train
 from vitok.data import sources
@@ -304,7 +304,7 @@ def test_train_on_eight_devices_matches_one_and_writes_the_reconstruction_report
     train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
     eight = small_flextok_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     final = train.train_and_evaluate(eight, str(tmp_path / "eight"))
-    from test_train import losses
+    from helpers import losses
 
     np.testing.assert_allclose(
         losses(str(tmp_path / "eight")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5

@@ -7,7 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import short_run, small_vit_config
+from helpers import short_run, small_vit_config
 
 pytestmark = pytest.mark.slow  # trains and tokenizes end to end
 
@@ -49,9 +49,7 @@ def test_extracted_codes_are_the_tokenizers_codes_of_every_digit(digit_codes):
     np.testing.assert_array_equal([test[i]["label"] for i in range(50)], digits.labels[:50])
     tokenizer = Tokenizer.from_workdir(str(root / "tokenizer"))
     images = np.stack([digits[i]["image"] for i in range(8)]).astype(np.float32) / 127.5 - 1
-    np.testing.assert_array_equal(
-        tokenizer.tokenize(images), [test[i]["codes"] for i in range(8)]
-    )
+    np.testing.assert_array_equal(tokenizer.tokenize(images), [test[i]["codes"] for i in range(8)])
 
 
 def test_codes_that_do_not_fit_the_generator_are_refused_before_training(digit_codes):

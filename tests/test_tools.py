@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import small_flextok_config
+from helpers import small_flextok_config
 from PIL import Image
 
 from vitok import train

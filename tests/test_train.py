@@ -1,26 +1,15 @@
 """End-to-end trainer behaviour: layouts agree, bad configs fail clearly, NaN stops the run."""
 
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
-from conftest import small_vit_config
 from flax import nnx
+from helpers import losses, read_metrics, small_vit_config
 
 from vitok import checkpoint, train
 from vitok import config as config_lib
-
-
-def read_metrics(workdir, prefix=("train/", "eval/")):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k == "step" or k.startswith(prefix)} for r in rows]
-
-
-def losses(workdir):
-    return np.array([r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r])
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_vit_config
 from flax import nnx
+from helpers import small_vit_config
 
 from vitok import sharding, train
-from vitok.runs import load_run
 from vitok.models.transfer import adapt_params
 from vitok.models.vit import ViT
 from vitok.nn import flexi
+from vitok.runs import load_run
 
 
 def _vit(image: int, patch: int, **kwargs) -> ViT:

@@ -5,28 +5,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import _override, small_flextok_config
 from flax import nnx
+from helpers import small_flextok_config, small_vae_config
 
 from vitok import train
 from vitok.models import build_model
 from vitok.tasks.vae import gaussian_kl
-
-
-def small_vae_config(**overrides):
-    from configs import vae
-
-    c = vae.get_config("tiny")
-    c.total_steps, c.batch_size, c.log_every = 3, 8, 1
-    c.eval_every = c.checkpoint_every = 3
-    c.model.image_size = (16, 16)
-    c.model.width, c.model.mults, c.model.latent_channels = 8, (1, 2), 4
-    c.data.crop_size = c.evals.recon.data.crop_size = 16
-    c.evals.recon.max_examples = c.evals.recon.data.num_examples = 8
-    c.evals.recon.batch_size = 8
-    c.peak_flops_per_device = 1e9
-    c.optim.warmup_steps = 1
-    return _override(c, overrides)
 
 
 def test_gaussian_kl_matches_the_closed_form_and_is_zero_at_the_prior():

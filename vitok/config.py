@@ -8,6 +8,7 @@ start-up with a message that names them.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import ml_collections
 from absl import flags
@@ -31,6 +32,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for section in ("model", "data", "optim", "mesh", "sharding"):
         if section not in config:
             raise ConfigError(f"config is missing the section config.{section}")
+    from vitok.data.pipeline import check_data_config
+
+    sections = {"config.data": config.data}
+    for name, evaluator in config.get("evals", {}).items():
+        if "data" in evaluator:
+            sections[f"config.evals.{name}.data"] = evaluator.data
+    try:
+        for where, section in sections.items():
+            check_data_config(section, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def adamw_section(
@@ -96,15 +108,19 @@ def parse_command_line(argv: list[str]) -> CommandLine:
     flags. Raises SystemExit with a message naming a bad flag, key, type or preset."""
     values = flags.FlagValues()
     try:
-        config_flags.DEFINE_config_file(
-            "config",
-            None,
-            "configs/NAME.py:PRESET",
-            flag_values=values,
-            lock_config=True,
-            sys_argv=["vitok"] + list(argv),
-        )
-        flags.mark_flag_as_required("config", flag_values=values)
+        switches = _source_switches(argv)
+        if switches:
+            argv = _switch_sources(argv, switches, values)
+        else:
+            config_flags.DEFINE_config_file(
+                "config",
+                None,
+                "configs/NAME.py:PRESET",
+                flag_values=values,
+                lock_config=True,
+                sys_argv=["vitok"] + list(argv),
+            )
+            flags.mark_flag_as_required("config", flag_values=values)
         _define_run_flags(values)
         values(["vitok"] + list(argv))
         config = values.config
@@ -126,6 +142,48 @@ def parse_command_line(argv: list[str]) -> CommandLine:
         distributed=values.distributed,
         cpu_collectives=values.cpu_collectives,
     )
+
+
+_SOURCE_FLAG = re.compile(r"--config\.((?:\w+\.)*)source=(\w+)")
+
+
+def _source_switches(argv: list[str]) -> list[tuple[str, str]]:
+    """(section path, source) of each ``--config.<section>.source=NAME`` flag."""
+    found = [_SOURCE_FLAG.fullmatch(a) for a in argv]
+    return [(m.group(1).rstrip("."), m.group(2)) for m in found if m]
+
+
+def _switch_sources(argv: list[str], switches, values: flags.FlagValues) -> list[str]:
+    """Loads the preset, gives each switched data section the new source's keys (so that
+    ``--config.data.source=folder --config.data.path=DIR`` works on any preset), and defines
+    ``values.config`` as that config; returns argv without the ``--config=FILE`` flag."""
+    from vitok.data.pipeline import data_section
+
+    file_flags = [a for a in argv if a.startswith("--config=")]
+    if not file_flags:
+        raise ConfigError("--config=configs/NAME.py:PRESET is required")
+    loader = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=loader, lock_config=False, sys_argv=["vitok", *file_flags]
+    )
+    loader(["vitok", file_flags[-1]])
+    config = loader.config
+    if not isinstance(config, ml_collections.ConfigDict):
+        config.get("seed")  # raises the load error
+    for path, source in switches:
+        *parents, last = path.split(".")
+        parent = config
+        for key in parents:
+            parent = parent[key]
+        if last not in parent:
+            raise ConfigError(f"unknown config key 'config.{path}.source'")
+        parent[last] = ml_collections.ConfigDict(data_section(source, parent[last]))
+    config.lock()
+    rest = [a for a in argv if not a.startswith("--config=")]
+    config_flags.DEFINE_config_dict(
+        "config", config, flag_values=values, lock_config=True, sys_argv=["vitok", *rest]
+    )
+    return rest
 
 
 def _define_run_flags(values: flags.FlagValues) -> None:

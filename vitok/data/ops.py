@@ -16,22 +16,19 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vitok.registry import Registry
+
 Example = dict
 Op = Callable[[Example, np.random.Generator], Example]
 
-_OPS: dict[str, Callable[..., Op]] = {}
+OPS = Registry("preprocessing op")
 
 
 class BadImageError(ValueError):
     """An image that cannot be used; the message names the file."""
 
 
-def op(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
-    def wrap(factory: Callable[..., Op]) -> Callable[..., Op]:
-        _OPS[name] = factory
-        return factory
-
-    return wrap
+op = OPS.register
 
 
 def parse(pp: str | list[str] | tuple[str, ...]) -> Op:
@@ -63,10 +60,10 @@ def _build(spec: str) -> Op:
             raise ValueError(f"preprocessing op {spec!r}: arguments must be literals") from None
     else:
         raise ValueError(f"cannot parse preprocessing op {spec!r}; expected name or name(args)")
-    if name not in _OPS:
-        raise ValueError(f"unknown preprocessing op {name!r} in {spec!r}; known: {sorted(_OPS)}")
+    if name not in OPS:
+        raise ValueError(f"unknown preprocessing op {name!r} in {spec!r}; known: {OPS.names()}")
     try:
-        return _OPS[name](*args, **kwargs)
+        return OPS.lookup(name)(*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad arguments for preprocessing op {spec!r}: {e}") from None
 

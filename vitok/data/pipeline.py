@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from vitok.data import ops
-from vitok.data.sources import build_source
+from vitok.data.sources import REQUIRED, SOURCES, build_source, source_keys
 
 
 @dataclasses.dataclass
@@ -73,14 +73,54 @@ class _ProcessSlice(grain.MapDataset):
         return f"ProcessSlice(local_batch={self._b}, process={self._p}/{self._n})"
 
 
+# The keys of a data section that the pipeline itself reads, with their defaults; the rest
+# belong to its source (``vitok.data.sources.source_keys``).
+PIPELINE_KEYS = {
+    "source": None, "split": None, "pp": "", "skip_bad": False, "num_threads": 8, "prefetch": 64
+}  # fmt: skip
+
+
+def option(config: Mapping[str, Any], key: str) -> Any:
+    return config[key] if key in config else PIPELINE_KEYS[key]
+
+
+def check_data_config(config: Mapping[str, Any], where: str = "config.data") -> None:
+    """Every key of a data section must be the pipeline's or its source's: a typo such as
+    ``crop_sise`` is an error naming it, with the keys it could have meant."""
+    if "source" not in config:
+        raise ValueError(f"{where} has no 'source' (known: {SOURCES.names()})")
+    known = set(PIPELINE_KEYS) | set(source_keys(config["source"]))
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"{where}.{unknown[0]} is not a key of data source {config['source']!r} "
+            f"(its keys: {sorted(known - set(PIPELINE_KEYS))}; pipeline keys: "
+            f"{sorted(PIPELINE_KEYS)})"
+        )
+
+
+def data_section(source: str, previous: Mapping[str, Any] | None = None) -> dict:
+    """A data section for ``source``: the pipeline keys of ``previous`` (pp, split, threads)
+    and every key of the new source, taken from ``previous`` where it has it, else the
+    source's default ("" for a required one). Used to switch a preset's data source."""
+    previous = dict(previous or {})
+    section = {k: previous[k] for k in PIPELINE_KEYS if k in previous}
+    for key, default in source_keys(source).items():
+        section[key] = previous.get(key, "" if default is REQUIRED or default is None else default)
+    section["source"] = source
+    return section
+
+
 def _transform(config: Mapping[str, Any], counter: SkipCounter | None) -> _Preprocess:
-    return _Preprocess(config["pp"], bool(config.get("skip_bad", False)), counter or SkipCounter())
+    return _Preprocess(
+        option(config, "pp"), bool(option(config, "skip_bad")), counter or SkipCounter()
+    )
 
 
 def _read_options(config: Mapping[str, Any]) -> grain.ReadOptions:
     return grain.ReadOptions(
-        num_threads=int(config.get("num_threads", 8)),
-        prefetch_buffer_size=int(config.get("prefetch", 64)),
+        num_threads=int(option(config, "num_threads")),
+        prefetch_buffer_size=int(option(config, "prefetch")),
     )
 
 
@@ -95,7 +135,7 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Infinite, shuffled, augmented batches of this process's slice: dicts of [b, ...] arrays."""
     local_batch = _local_batch(global_batch_size, process_count)
-    source = build_source(config, config.get("split", "train"))
+    source = build_source(config, config.get("split") or "train")
     transform = _transform(config, counter)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     ds = ds.random_map(transform)
@@ -117,7 +157,7 @@ def eval_batches(
     to size b with a float ``mask`` (1 real, 0 padding). Every process yields the same number of
     batches."""
     local_batch = _local_batch(global_batch_size, process_count)
-    source = build_source(config, split or config.get("split", "test"))
+    source = build_source(config, split or config.get("split") or "test")
     n = len(source) if max_examples is None else min(len(source), int(max_examples))
     transform = _transform(config, counter)
     ds = grain.MapDataset.source(source)[:n].seed(0).random_map(transform)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.resources
+import inspect
 import os
 import zipfile
 from collections.abc import Mapping
@@ -24,23 +25,33 @@ import numpy as np
 
 from vitok.registry import Registry
 
-SOURCES = Registry("data source", "vitok.data.sources")
+SOURCES = Registry("data source")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def build_source(config: Mapping[str, Any], split: str):
+REQUIRED = object()  # a source key without a default
+
+
+def source_keys(name: str) -> dict[str, Any]:
+    """{key: default (or REQUIRED)} of data source ``name``: its constructor's keyword
+    arguments except ``split``, the one place its defaults live."""
+    parameters = inspect.signature(SOURCES.lookup(name)).parameters
+    return {
+        key: REQUIRED if p.default is inspect.Parameter.empty else p.default
+        for key, p in parameters.items()
+        if key != "split" and p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def build_source(config: Mapping[str, Any], split: str, where: str = "config.data"):
     """``config`` is ``config.data`` (or an eval's data); ``split`` overrides ``config.split``."""
-    kwargs = {k: v for k, v in dict(config).items() if k in _SOURCE_KEYS.get(config["source"], ())}
-    return SOURCES.lookup(config["source"])(split=split, **kwargs)
-
-
-_SOURCE_KEYS = {
-    "tfds": ("name", "data_dir", "image_key", "label_key"),
-    "folder": ("path",),
-    "mnist5k": (),
-    "photo_crops": ("crop_size", "num_examples", "min_scale", "photos"),
-    "codes": ("path",),
-}
+    name = config["source"]
+    keys = source_keys(name)
+    missing = [k for k, default in keys.items() if default is REQUIRED and not config.get(k)]
+    if missing:
+        raise ValueError(f"{where}.{missing[0]} is required for data source {name!r}")
+    kwargs = {k: config[k] for k in keys if k in config}
+    return SOURCES.lookup(name)(split=split, **kwargs)
 
 
 # --- tfds --------------------------------------------------------------------------------------

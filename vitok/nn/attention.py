@@ -18,6 +18,7 @@ from flax import nnx
 from vitok import sharding
 from vitok.nn.flash import chunked_attention, default_chunk
 from vitok.nn.layers import dropout, param
+from vitok.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,19 +103,12 @@ def _dense(mask, q_len: int, kv_len: int) -> np.ndarray:
 Mask = FullMask | CausalMask | RegisterCausalMask | NeighbourMask
 
 Backend = Callable[..., jax.Array]
-_BACKENDS: dict[str, Backend] = {}
-
-
-def register_backend(name: str) -> Callable[[Backend], Backend]:
-    def wrap(fn: Backend) -> Backend:
-        _BACKENDS[name] = fn
-        return fn
-
-    return wrap
+BACKENDS = Registry("attention backend")
+register_backend = BACKENDS.register
 
 
 def backends() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
+    return tuple(BACKENDS.names())
 
 
 def attention(
@@ -129,9 +123,7 @@ def attention(
 
     q: [B, Lq, H, Dh], k/v: [B, Lk, H, Dh], returns [B, Lq, H, Dh] in q's dtype.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; known: {backends()}")
-    return _BACKENDS[backend](q, k, v, mask or FullMask())
+    return BACKENDS.lookup(backend)(q, k, v, mask or FullMask())
 
 
 @register_backend("dense")
