@@ -53,14 +53,21 @@ def test_a_run_loads_its_ema_weights_without_its_optimizer_state(tmp_path):
     other = runs.load_run(workdir, mesh, config=changed)
     for a, b in zip(jax.tree.leaves(other.params), jax.tree.leaves(run.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # ... and it is sharded by the params' logical axes on the given mesh.
-    spec = other.params["encoder"]["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec
-    assert (
-        spec
-        == setup.state_shardings(abstract)["params"]["encoder"]["blocks"]["mlp"]["fc1"][
-            "kernel"
-        ].spec
+    # ... and it is laid out by the params' logical axes on the mesh it is given (FSDP here,
+    # though the run trained on one device).
+    fsdp = sharding.make_mesh({"data": 2, "fsdp": 4})
+    sharded = runs.load_run(workdir, fsdp)
+    wanted = sharding.tree_shardings(
+        sharded.model.abstract_params(),
+        sharded.model.logical_axes,
+        fsdp,
+        runs.sharding_rules(config),
     )
+    specs = [a.sharding.spec for a in jax.tree.leaves(sharded.params)]
+    assert specs == [s.spec for s in jax.tree.leaves(wanted)]
+    assert any("fsdp" in tuple(spec) for spec in specs)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(run.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_missing_run_or_checkpoint_is_named(tmp_path):
