@@ -95,6 +95,7 @@ class Tokenizer(Model):
     token_shape: tuple[int, ...]
     codebook_size: int
     ordered: bool = False
+    contiguous_ids: bool = True  # ordered ids: PAD_ID only as a suffix (KARL: at halted tokens)
     decoder_patch: int = 1
     tokenize_options: Mapping[str, Any] = {}
     decode_options: Mapping[str, Any] = {}
@@ -124,9 +125,9 @@ class Tokenizer(Model):
                     f"token ids must have shape [B, k] with 1 <= k <= {n}, got {ids.shape}"
                 )
             real = ids != PAD_ID
-            if ids.size and (~real[:, 0]).any():
+            if self.contiguous_ids and ids.size and (~real[:, 0]).any():
                 raise ValueError("every image needs at least one token (the first id is -1)")
-            if (real[:, 1:] & ~real[:, :-1]).any():
+            if self.contiguous_ids and (real[:, 1:] & ~real[:, :-1]).any():
                 raise ValueError("padding (-1) may only follow an image's tokens, not precede them")
             values = ids[real]
         else:

@@ -94,13 +94,34 @@ class NeighbourMask:
         return _dense(self, q_len, kv_len)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenKeepMask:
+    """A per-example mask from kept positions ``keep`` [B, L] (a traced array): query i may
+    attend to key j when both are kept, and every position attends to itself, so a dropped
+    position affects no kept one (KARL's halted tokens). Broadcast over heads, never mixed
+    across examples. Dense attention only (the mask depends on the data)."""
+
+    keep: jax.Array
+
+    def allowed(self, q_pos, k_pos, q_len: int, kv_len: int):
+        raise ValueError(
+            "TokenKeepMask is a per-example mask; use attention_backend 'dense' for it"
+        )
+
+    def dense(self, q_len: int, kv_len: int) -> jax.Array:
+        """-> bool [B, L, L]."""
+        keep = self.keep.astype(bool)
+        both = keep[:, :, None] & keep[:, None, :]
+        return both | jnp.eye(keep.shape[1], dtype=bool)[None]
+
+
 def _dense(mask, q_len: int, kv_len: int) -> np.ndarray:
     """The reference [q_len, kv_len] boolean matrix (True = may attend)."""
     allowed = mask.allowed(np.arange(q_len), np.arange(kv_len), q_len, kv_len)
     return np.ones((q_len, kv_len), bool) if allowed is None else np.asarray(allowed, bool)
 
 
-Mask = FullMask | CausalMask | RegisterCausalMask | NeighbourMask
+Mask = FullMask | CausalMask | RegisterCausalMask | NeighbourMask | TokenKeepMask
 
 Backend = Callable[..., jax.Array]
 BACKENDS = Registry("attention backend")

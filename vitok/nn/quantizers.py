@@ -1,4 +1,4 @@
-"""Finite scalar quantization (Mentzer et al. 2023): each of d channels is squashed into a bounded
+"""Quantizers. Finite scalar quantization (Mentzer et al. 2023): each of d channels is squashed into a bounded
 range and rounded to one of ``levels[i]`` values; the codebook is the implicit product grid, of
 size ``prod(levels)``, with no codebook parameters and no commitment loss.
 
@@ -15,6 +15,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from vitok.nn.layers import param
 
 
 class FSQ:
@@ -68,3 +71,43 @@ class FSQ:
                 f"token ids must lie in [0, {self.codebook_size}) for FSQ levels {self.levels}; "
                 f"got values in [{ids.min()}, {ids.max()}]"
             )
+
+
+class VectorQuantizer(nnx.Module):
+    """VQ with an l2-normalised codebook (ViT-VQGAN; KARL's 4096 x 12): z and every code are
+    unit-normalised, the nearest code (squared distance) is chosen and passed on with a
+    straight-through gradient. Loss: ``beta * |sg[q] - z|^2 + |q - sg[z]|^2`` (means), no EMA
+    update; the codebook starts U(-1/K, 1/K) as in the official KARL code."""
+
+    def __init__(self, codebook_size: int, dim: int, *, beta: float = 0.25, rngs: nnx.Rngs):
+        bound = 1.0 / codebook_size
+
+        def init(key, shape, dtype):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        self.codebook = param(rngs, init, (codebook_size, dim), ("vocab", None))
+        self.codebook_size, self.dim, self.beta = int(codebook_size), int(dim), float(beta)
+
+    def normalized_codebook(self) -> jax.Array:
+        return _l2_normalize(self.codebook[...].astype(jnp.float32))
+
+    def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """z [..., dim] -> (codes [..., dim] unit-norm (straight-through), ids [...] int32,
+        loss scalar float32)."""
+        z = _l2_normalize(z.astype(jnp.float32))
+        codebook = self.normalized_codebook()
+        # |z - c|^2 = 2 - 2 z.c for unit vectors: the nearest code has the largest dot product.
+        ids = jnp.argmax(jnp.einsum("...d,kd->...k", z, codebook), axis=-1).astype(jnp.int32)
+        q = codebook[ids]
+        loss = self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - z)) + jnp.mean(
+            jnp.square(q - jax.lax.stop_gradient(z))
+        )
+        return z + jax.lax.stop_gradient(q - z), ids, loss
+
+    def ids_to_codes(self, ids: jax.Array) -> jax.Array:
+        """ids [...] int -> unit-norm codes [..., dim] float32."""
+        return self.normalized_codebook()[ids]
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -1,0 +1,288 @@
+"""KARL (Duggal et al. 2025, "Single-pass Adaptive Image Tokenization for Minimum Program
+Search"): one encoder pass gives an image as many 1D tokens as a requested quality needs.
+
+    [quality token ; P 2D tokens ; T latent tokens] ──encoder (full attention)──►
+        latent outputs ──LN, Dense──► code_dim ──VQ (l2-normalised) / FSQ / continuous──► tokens
+                       ──LN, Dense, tanh, Dense──► halting probability ω per token
+    [P mask tokens ; kept tokens] ──decoder (halted tokens excluded from attention)──► 2D tokens
+
+The quality token is a learned embedding of the requested L1 error's bin (``quality_bins``,
+the smallest bin >= the request), initialised to the constant bin value as in the official code.
+A token halts when ω > ``halt_threshold`` (0.75); the image's token count is T minus its halted
+tokens. The 2D tokens are pixel patches here (``patch_size``); the decoder regresses the P
+patches (the paper's VAE-latent variant regresses latents the same way).
+
+Tokenizer interface (``vitok.models.base``): ``tokenize(images, quality=, budget=)`` gives int32
+ids [B, max_tokens] with ``PAD_ID`` at halted positions and past the budget, so ``(ids != -1)``
+counts each image's tokens; halted tokens may sit between kept ones, so KARL's ids are not a
+contiguous prefix (``contiguous_ids = False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vitok import sharding
+from vitok.models.base import PAD_ID, Tokenizer
+from vitok.models.vit import patchify, unpatchify
+from vitok.nn.attention import TokenKeepMask
+from vitok.nn.layers import Dense, LayerNorm, param
+from vitok.nn.posemb import sincos_2d
+from vitok.nn.quantizers import FSQ, VectorQuantizer
+from vitok.nn.transformer import Encoder
+from vitok.perf import transformer_flops
+from vitok.registry import MODELS
+
+# The official code's 19 L1 bins (images in [0, 1]) and halting threshold.
+QUALITY_BINS = (
+    0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.09, 0.10,
+    0.12, 0.14, 0.16, 0.18, 0.20, 0.24, 0.28, 0.32, 0.38,
+)  # fmt: skip
+HALT_THRESHOLD = 0.75
+
+
+def quality_bin(quality: jax.Array, bins: Sequence[float]) -> jax.Array:
+    """Requested L1 errors [B] -> bin indices [B] int32: the smallest bin >= the request, the
+    last bin above it (so 0 maps to the first bin)."""
+    edges = jnp.asarray(bins, jnp.float32)
+    index = jnp.searchsorted(edges, jnp.asarray(quality, jnp.float32), side="left")
+    return jnp.minimum(index, len(bins) - 1).astype(jnp.int32)
+
+
+def budget_mask(budget: jax.Array | int, num_tokens: int, batch: int) -> jax.Array:
+    """Budget T (scalar or [B]) -> bool [B, num_tokens]: the first T positions."""
+    budget = jnp.broadcast_to(jnp.asarray(budget), (batch,))
+    return jnp.arange(num_tokens)[None] < budget[:, None]
+
+
+def halting_targets(budget: jax.Array | int, num_tokens: int, batch: int) -> jax.Array:
+    """Phase-2 BCE labels [B, num_tokens] float32: 0 (keep) for the first T tokens, 1 (halt)
+    for the rest."""
+    return (~budget_mask(budget, num_tokens, batch)).astype(jnp.float32)
+
+
+def decoder_keep(token_keep: jax.Array, num_patches: int) -> jax.Array:
+    """Kept latent tokens [B, T] -> kept positions of the decoder's [P mask tokens ; T tokens]
+    sequence [B, P + T] (the P mask tokens are always kept)."""
+    patches = jnp.ones((token_keep.shape[0], num_patches), bool)
+    return jnp.concatenate([patches, token_keep.astype(bool)], axis=1)
+
+
+class KARL(Tokenizer):
+    """Args:
+    image_size, channels, patch_size: the images and their 2D tokens (p x p pixel patches).
+    max_tokens: T_max, the number of learned latent tokens (the full budget).
+    encoder, decoder: dicts of width, depth, num_heads, mlp_dim.
+    quantizer: "vq" (``codebook_size`` x ``code_dim``, l2-normalised), "fsq" (``fsq_levels``)
+      or "continuous" (``code_dim`` floats; ``tokenize`` is then unavailable).
+    quality_bins, halt_threshold, halt_hidden: the halting mechanism.
+    """
+
+    ordered = True
+    contiguous_ids = False
+    decode_options: dict = {}
+
+    def __init__(
+        self,
+        *,
+        image_size: tuple[int, int],
+        channels: int = 3,
+        patch_size: int = 4,
+        max_tokens: int = 32,
+        encoder: dict,
+        decoder: dict,
+        quantizer: str = "vq",
+        codebook_size: int = 4096,
+        code_dim: int = 12,
+        vq_beta: float = 0.25,
+        fsq_levels: Sequence[int] = (8, 5, 5, 5),
+        quality_bins: Sequence[float] = QUALITY_BINS,
+        halt_threshold: float = HALT_THRESHOLD,
+        halt_hidden: int = 512,
+        dtype: str | jnp.dtype = "float32",
+        rngs: nnx.Rngs,
+    ):
+        dtype = jnp.dtype(dtype)
+        h, w = image_size
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the image size {h}x{w}")
+        if quantizer not in ("vq", "fsq", "continuous"):
+            raise ValueError(f"quantizer must be 'vq', 'fsq' or 'continuous', got {quantizer!r}")
+        self.image_size, self.channels, self.patch_size = (h, w), channels, patch_size
+        self.grid = (h // patch_size, w // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.patch_dim = patch_size * patch_size * channels
+        self.max_tokens = int(max_tokens)
+        self.quality_bins = tuple(float(b) for b in quality_bins)
+        self.halt_threshold = float(halt_threshold)
+        self.quantizer_kind = quantizer
+        if quantizer == "fsq":
+            self.fsq = FSQ(fsq_levels)
+            code_dim = self.fsq.dim
+        self.vq = (
+            VectorQuantizer(int(codebook_size), int(code_dim), beta=vq_beta, rngs=rngs)
+            if quantizer == "vq"
+            else None
+        )
+        self.code_dim = int(code_dim)
+        self._codebook_size = (
+            int(codebook_size) if quantizer == "vq" else self.fsq.codebook_size
+            if quantizer == "fsq" else 0
+        )  # fmt: skip
+
+        we, wd = int(encoder["width"]), int(decoder["width"])
+        self.enc_width, self.dec_width = we, wd
+        kw = dict(rngs=rngs, dtype=dtype)
+        token_init = nnx.initializers.normal(stddev=we**-0.5)
+        self.patch_embed = Dense(self.patch_dim, we, ("patch", "embed"), **kw)
+        self.latent_tokens = param(rngs, token_init, (self.max_tokens, we), (None, "embed"))
+        bins = np.asarray(self.quality_bins, np.float32)
+        self.quality_embed = param(
+            rngs,
+            lambda key, shape, dtype: jnp.broadcast_to(jnp.asarray(bins)[:, None], shape),
+            (len(bins), we),
+            (None, "embed"),
+        )
+        self.encoder = Encoder(
+            we, int(encoder["depth"]), int(encoder["num_heads"]), int(encoder["mlp_dim"]), **kw
+        )
+        self.to_code = Dense(we, self.code_dim, ("embed", None), **kw)
+        self.halt_norm = LayerNorm(we, rngs=rngs, dtype=dtype)
+        self.halt_hidden = Dense(we, int(halt_hidden), ("embed", "mlp"), **kw)
+        self.halt_out = Dense(int(halt_hidden), 1, ("mlp", None), **kw)
+
+        dec_init = nnx.initializers.normal(stddev=wd**-0.5)
+        self.from_code = Dense(self.code_dim, wd, (None, "embed"), **kw)
+        self.token_posemb = param(rngs, dec_init, (self.max_tokens, wd), (None, "embed"))
+        self.mask_token = param(rngs, dec_init, (wd,), ("embed",))
+        self.decoder = Encoder(
+            wd, int(decoder["depth"]), int(decoder["num_heads"]), int(decoder["mlp_dim"]), **kw
+        )
+        self.out_hidden = Dense(wd, 2 * wd, ("embed", "mlp"), **kw)
+        self.out = Dense(2 * wd, self.patch_dim, ("mlp", "patch"), **kw)
+
+    # --- the Tokenizer interface -----------------------------------------------------------------
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.channels)
+
+    @property
+    def token_shape(self) -> tuple[int]:
+        return (self.max_tokens,)
+
+    @property
+    def codebook_size(self) -> int:
+        return self._codebook_size
+
+    @property
+    def decoder_patch(self) -> int:
+        return self.patch_size
+
+    @property
+    def tokenize_options(self) -> dict:
+        return {"quality": 0.05, "budget": self.max_tokens}
+
+    # --- encoder ---------------------------------------------------------------------------------
+
+    def encode(
+        self, images: jax.Array, quality_index: jax.Array, budget: int
+    ) -> dict[str, jax.Array]:
+        """images [B, H, W, C] in [-1, 1], quality_index [B] int, budget T (static) ->
+        ``codes`` [B, T, code_dim] (straight-through), ``ids`` [B, T] int32 (-1 for continuous),
+        ``halt_logits`` [B, T] float32, ``quantizer_loss`` scalar."""
+        self.check_images(images)
+        if not 1 <= budget <= self.max_tokens:
+            raise ValueError(f"budget must be in 1..{self.max_tokens}, got {budget}")
+        b = images.shape[0]
+        x = self.patch_embed(patchify(images.astype(jnp.float32), self.patch_size))
+        x = x + jnp.asarray(sincos_2d(*self.grid, self.enc_width)).astype(x.dtype)[None]
+        quality = self.quality_embed[...][quality_index].astype(x.dtype)[:, None]
+        latents = jnp.broadcast_to(
+            self.latent_tokens[...][:budget].astype(x.dtype), (b, budget, self.enc_width)
+        )
+        x = jnp.concatenate([quality, x, latents], axis=1)
+        x = self.encoder(sharding.constrain(x, ("batch", "length", "embed")))
+        h = x[:, 1 + self.num_patches :]
+        z = self.to_code(h).astype(jnp.float32)
+        halt = self.halt_out(jnp.tanh(self.halt_hidden(self.halt_norm(h))))
+        out = {"halt_logits": halt[..., 0].astype(jnp.float32)}
+        if self.quantizer_kind == "vq":
+            out["codes"], out["ids"], out["quantizer_loss"] = self.vq(z)
+        elif self.quantizer_kind == "fsq":
+            out["codes"], out["ids"] = self.fsq(z)
+            out["quantizer_loss"] = jnp.zeros((), jnp.float32)
+        else:
+            out["codes"], out["ids"] = z, jnp.full(z.shape[:2], PAD_ID, jnp.int32)
+            out["quantizer_loss"] = jnp.zeros((), jnp.float32)
+        return out
+
+    def token_keep(self, halt_logits: jax.Array, budget: jax.Array | int) -> jax.Array:
+        """[B, T] -> bool [B, T]: not halted (ω <= threshold) and within the budget."""
+        not_halted = jax.nn.sigmoid(halt_logits) <= self.halt_threshold
+        return not_halted & budget_mask(budget, halt_logits.shape[1], halt_logits.shape[0])
+
+    # --- decoder ---------------------------------------------------------------------------------
+
+    def decode(self, codes: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+        """codes [B, T, code_dim], keep [B, T] bool (None: all) -> images [B, H, W, C] float32.
+        Tokens that are not kept take no part in attention (nor does anything attend to them)."""
+        b, t, _ = codes.shape
+        tokens = self.from_code(codes) + self.token_posemb[...][:t].astype(codes.dtype)[None]
+        patches = jnp.broadcast_to(self.mask_token[...], (b, self.num_patches, self.dec_width))
+        patches = patches + jnp.asarray(sincos_2d(*self.grid, self.dec_width))[None]
+        x = jnp.concatenate([patches.astype(tokens.dtype), tokens], axis=1)
+        mask = None if keep is None else TokenKeepMask(decoder_keep(keep, self.num_patches))
+        h = self.decoder(sharding.constrain(x, ("batch", "length", "embed")), mask)
+        out = self.out(jnp.tanh(self.out_hidden(h[:, : self.num_patches])))
+        return unpatchify(out.astype(jnp.float32), self.grid, self.patch_size)
+
+    def ids_to_codes(self, ids: jax.Array) -> jax.Array:
+        safe = jnp.where(ids == PAD_ID, 0, ids)
+        return self.vq.ids_to_codes(safe) if self.vq is not None else self.fsq.ids_to_codes(safe)
+
+    def tokenize(
+        self, images: jax.Array, *, quality: float = 0.05, budget: int | None = None
+    ) -> jax.Array:
+        """images [B, H, W, C] in [-1, 1] -> ids [B, max_tokens] int32, PAD_ID where halted or
+        past ``budget``: one encoder pass at the requested L1 ``quality``."""
+        if self.quantizer_kind == "continuous":
+            raise ValueError("a continuous KARL has no token ids; use encode() for its codes")
+        if not 0.0 <= float(quality) <= 1.0:
+            raise ValueError(f"quality is a mean L1 error in [0, 1], got {quality}")
+        budget = self.max_tokens if budget is None else int(budget)
+        index = jnp.full((images.shape[0],), quality_bin(quality, self.quality_bins))
+        out = self.encode(images, index, budget)
+        keep = self.token_keep(out["halt_logits"], budget)
+        ids = jnp.where(keep, out["ids"], PAD_ID)
+        return jnp.pad(ids, ((0, 0), (0, self.max_tokens - budget)), constant_values=PAD_ID)
+
+    def detokenize(self, ids: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """ids [B, k] (k <= max_tokens; PAD_ID for halted tokens) -> images [B, H, W, C]."""
+        keep = ids != PAD_ID
+        return self.decode(self.ids_to_codes(ids), keep)
+
+    def forward_flops(self) -> float:
+        """Matmul FLOPs of one phase's forward pass (encoder + decoder at the full budget)."""
+        t, p = self.max_tokens, self.num_patches
+        we, wd = self.enc_width, self.dec_width
+        enc = transformer_flops(1 + p + t, we, self.encoder.depth, self.encoder.mlp_dim)
+        dec = transformer_flops(p + t, wd, self.decoder.depth, self.decoder.mlp_dim)
+        heads = 2 * p * self.patch_dim * we + 2 * p * (wd * 2 * wd + 2 * wd * self.patch_dim)
+        return float(enc + dec + heads + 2 * t * (we * self.code_dim + self.code_dim * wd))
+
+
+@MODELS.register("karl")
+def build_karl(config, rngs: nnx.Rngs) -> KARL:
+    kwargs = {k: v for k, v in dict(config).items() if k != "name"}
+    kwargs["image_size"] = tuple(kwargs["image_size"])
+    kwargs["encoder"], kwargs["decoder"] = dict(kwargs["encoder"]), dict(kwargs["decoder"])
+    for key in ("fsq_levels", "quality_bins"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return KARL(**kwargs, rngs=rngs)
