@@ -278,7 +278,7 @@ def test_detokenize_works_for_every_k_and_rejects_bad_input():
     with pytest.raises(ValueError, match=r"shape \[B, 16, 16, 3\]"):
         model.tokenize(jnp.zeros((2, 32, 32, 3)))
     with pytest.raises(ValueError, match=r"lie in \[0, 15\)"):
-        model.fsq.check_ids(np.asarray([[3, 15]]))
+        model.check_ids(np.asarray([[3, 15]]))
 
 
 @pytest.mark.slow

@@ -148,7 +148,7 @@ class Checkpointer:
         if partial:
             index = {key: i for i, key in enumerate(saved)}
             saved = {key: saved[key] for key in wanted if key in saved}
-            rows = rows[[index[key] for key in saved]] if len(rows) == len(index) else rows
+            rows = rows[[index[key] for key in saved]]
         _check_same_tree(saved, wanted, step, self.directory)
         if partial:
             restore_args = jax.tree.map(
@@ -163,11 +163,8 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        expected = rows
         actual = np.asarray(fingerprint(restored["state"]), np.float64)
-        if expected.shape != actual.shape or not np.allclose(
-            actual, expected, rtol=_RTOL, atol=1e-6
-        ):
+        if rows.shape != actual.shape or not np.allclose(actual, rows, rtol=_RTOL, atol=1e-6):
             raise CheckpointError(f"fingerprint mismatch at step {step}: the arrays are corrupted")
         return restored["state"]
 

@@ -14,6 +14,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from vitok.data.pipeline import check_data_config, data_section
+
 REQUIRED_KEYS = ("seed", "total_steps", "eval_every", "checkpoint_every", "batch_size")
 
 
@@ -32,8 +34,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for section in ("model", "data", "optim", "mesh", "sharding"):
         if section not in config:
             raise ConfigError(f"config is missing the section config.{section}")
-    from vitok.data.pipeline import check_data_config
-
     sections = {"config.data": config.data}
     for name, evaluator in config.get("evals", {}).items():
         if "data" in evaluator:
@@ -157,8 +157,6 @@ def _switch_sources(argv: list[str], switches, values: flags.FlagValues) -> list
     """Loads the preset, gives each switched data section the new source's keys (so that
     ``--config.data.source=folder --config.data.path=DIR`` works on any preset), and defines
     ``values.config`` as that config; returns argv without the ``--config=FILE`` flag."""
-    from vitok.data.pipeline import data_section
-
     file_flags = [a for a in argv if a.startswith("--config=")]
     if not file_flags:
         raise ConfigError("--config=configs/NAME.py:PRESET is required")

@@ -21,7 +21,7 @@ import numpy as np
 
 from vitok import runs
 from vitok.models.base import Tokenizer as TokenizerModel
-from vitok.models.base import id_lengths, pad_ids
+from vitok.models.base import checked_options, id_lengths, pad_ids
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:
@@ -35,13 +35,6 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 def to_uint8(images: jax.Array) -> jax.Array:
     """[-1, 1] -> uint8 [0, 255], rounded and clipped."""
     return jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def _check_options(given: dict, known: dict, what: str) -> dict:
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise ValueError(f"{what} takes the options {sorted(known)}; unknown: {unknown}")
-    return {**known, **given}
 
 
 class Tokenizer:
@@ -83,7 +76,7 @@ class Tokenizer:
     def tokenize(self, images: np.ndarray, **options) -> np.ndarray:
         """uint8 [B, H, W, C] (or float in [-1, 1]) -> int32 [B, *token_shape] (ordered: coarse
         to fine, -1 past an image's length)."""
-        options = _check_options(options, dict(self.model.tokenize_options), "tokenize")
+        options = checked_options(options, dict(self.model.tokenize_options), "tokenize")
         images = to_model_range(images)
         self.check_images(images)
         ids = self._tokenize(
@@ -91,11 +84,18 @@ class Tokenizer:
         )
         return np.asarray(ids)
 
+    def tokenize_padded(self, images: np.ndarray, batch_size: int, **options) -> np.ndarray:
+        """``tokenize`` of up to ``batch_size`` images, zero-padded to ``batch_size`` so that a
+        ragged last batch reuses the compiled shape."""
+        pad = batch_size - len(images)
+        padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        return self.tokenize(padded, **options)[: len(images)]
+
     def detokenize(self, ids: np.ndarray, *, seed: int = 0, **options) -> np.ndarray:
         """int [B, *token_shape] (ordered: [B, k], the first k tokens, 1 <= k <= N) -> uint8
         images [B, H, W, C]. ``options``: the tokenizer's ``decode_options`` (FlexTok: steps,
         guidance, ...)."""
-        options = _check_options(options, dict(self.model.decode_options), "detokenize")
+        options = checked_options(options, dict(self.model.decode_options), "detokenize")
         if "steps" in options and int(options["steps"]) < 1:
             raise ValueError(f"steps must be >= 1, got {options['steps']}")
         ids = np.asarray(ids)

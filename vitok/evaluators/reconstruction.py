@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from vitok.data import pipeline
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
 from vitok.evaluators.linear_code import LinearCode, fit_linear_code
-from vitok.models.base import Tokenizer, prefix_ids
+from vitok.models.base import Tokenizer, checked_options, prefix_ids
 from vitok.registry import EVALUATORS
 
 
@@ -184,8 +184,8 @@ class ReconstructionEvaluator:
     each k decodes the ids with positions >= k padded.
 
     Config: data, batch_size, max_examples, token_counts ("pow2" or a list), steps, guidance
-    (decode options, where the tokenizer takes them), seed, grid_rows (rows of the PNG grid; 0 for none), mean_decode, baseline_examples, and
-    optionally ``fid``: a feature network (see ``vitok.evaluators.fid.FeatureNet``) for
+    (decode options, where the tokenizer takes them), seed, grid_rows (rows of the PNG grid; 0
+    for none), mean_decode, baseline_examples, and optionally ``fid``: a feature network (see ``vitok.evaluators.fid.FeatureNet``) for
     ``{prefix}/fid@k`` between the reconstructions and the originals (rFID).
     Writes ``reconstructions.png`` (rows: images; columns: each k, then the original),
     ``reconstructions_mean.png`` and ``reconstructions_linear.png`` (the same for the mean
@@ -203,14 +203,12 @@ class ReconstructionEvaluator:
                 f"{context.config.model.name!r}; use the 'autoencoder' evaluator for grids"
             )
         self.counts = token_counts(config.get("token_counts", "pow2"), tokenizer.token_shape[0])
-        known = dict(tokenizer.decode_options)
         options = {name: config[name] for name in ("steps", "guidance") if name in config}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(
-                f"evaluator {self.prefix!r}: {unknown} are no decode options of "
-                f"{context.config.model.name!r} (known: {sorted(known)})"
-            )
+        checked_options(
+            options,
+            tokenizer.decode_options,
+            f"evaluator {self.prefix!r}: the decoder of {context.config.model.name!r}",
+        )
         self.seed = int(config.get("seed", 0))
         self.grid_rows = int(config.get("grid_rows", 8))
         mean_options = tokenizer.mean_decode_options
@@ -228,7 +226,7 @@ class ReconstructionEvaluator:
         def scores(recon, images, mask):
             return _image_scores(recon, to_unit_range(images), mask, self.pixel_patch)
 
-        self._encode = jax.jit(tokenize)
+        self._tokenize = jax.jit(tokenize)
         self._sample = jax.jit(functools.partial(reconstruct, options=options))
         self._mean = jax.jit(functools.partial(reconstruct, options=dict(mean_options or {})))
         self._scores = jax.jit(scores)
@@ -276,12 +274,12 @@ class ReconstructionEvaluator:
                     multihost_utils.process_allgather(batch["image"], tiled=True)
                 )
             # Tokenized once per batch; every k decodes from the same noise.
-            codes = self._encode(params, extra, batch["image"])
+            ids = self._tokenize(params, extra, batch["image"])
             rng = jax.random.fold_in(jax.random.key(self.seed), batch_index)
             for i, k in enumerate(self.counts):
-                recons = {"sample": self._sample(params, extra, codes, k, rng)}
+                recons = {"sample": self._sample(params, extra, ids, k, rng)}
                 if self.mean_decode:
-                    recons["mean"] = self._mean(params, extra, codes, k, rng)
+                    recons["mean"] = self._mean(params, extra, ids, k, rng)
                 if self.linear_code is not None:
                     linear = self.linear_code.reconstruct(host_images, k)
                     recons["linear"] = to_unit_range(linear)

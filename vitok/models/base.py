@@ -80,7 +80,7 @@ def check_model(model: Any, name: str) -> None:
 class Tokenizer(Model):
     """Images in [-1, 1] <-> int32 ids. Subclasses set, as attributes or properties:
 
-    * ``image_shape``: (H, W, C) of the images it takes;
+    * ``image_size`` (H, W) and ``channels`` C of the images it takes (``image_shape``);
     * ``token_shape``: (N,) for an ordered 1D sequence, (h, w) for a grid of codes;
     * ``codebook_size``: ids lie in [0, codebook_size) (and PAD_ID past a length);
     * ``ordered``: True for coarse-to-fine 1D tokens, any first k of which decode;
@@ -91,7 +91,8 @@ class Tokenizer(Model):
       (MMSE-style) decode, when its default decode samples; None otherwise.
     """
 
-    image_shape: tuple[int, int, int]
+    image_size: tuple[int, int]
+    channels: int
     token_shape: tuple[int, ...]
     codebook_size: int
     ordered: bool = False
@@ -100,6 +101,10 @@ class Tokenizer(Model):
     tokenize_options: Mapping[str, Any] = {}
     decode_options: Mapping[str, Any] = {}
     mean_decode_options: Mapping[str, Any] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.channels)
 
     def tokenize(self, images: jax.Array, **options) -> jax.Array:
         """images [B, H, W, C] in [-1, 1] -> ids int32 [B, *token_shape]."""
@@ -144,6 +149,32 @@ class Tokenizer(Model):
                 f"token ids must lie in [0, {self.codebook_size}), got values in "
                 f"[{values.min()}, {values.max()}]"
             )
+
+
+class GridTokenizer(Tokenizer):
+    """A tokenizer whose ids are a grid [B, h, w]: one code per ``decoder_patch`` x
+    ``decoder_patch`` pixels (the FSQ autoencoders)."""
+
+    ordered = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The code grid (h, w) of one image."""
+        p = self.decoder_patch
+        return (self.image_size[0] // p, self.image_size[1] // p)
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.grid
+
+
+def checked_options(given: Mapping[str, Any], known: Mapping[str, Any], what: str) -> dict:
+    """``known`` (name -> default) updated with ``given``; an unknown name is a ValueError
+    naming ``what`` and the known names."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"{what} takes the options {sorted(known)}; unknown: {unknown}")
+    return {**known, **given}
 
 
 def check_image_shape(images: Any, shape: tuple[int, ...], who: str) -> None:

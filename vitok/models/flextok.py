@@ -232,10 +232,6 @@ class FlexTok(Tokenizer):
     mean_decode_options = {"steps": 1, "guidance": 1.0}
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (*self.image_size, self.channels)
-
-    @property
     def token_shape(self) -> tuple[int]:
         return (self.num_registers,)
 

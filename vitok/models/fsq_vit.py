@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitok.models.base import Tokenizer
+from vitok.models.base import GridTokenizer
 from vitok.models.vit import patchify, unpatchify
 from vitok.nn.layers import Dense
 from vitok.nn.posemb import sincos_2d
@@ -16,7 +16,7 @@ from vitok.perf import transformer_flops
 from vitok.registry import MODELS
 
 
-class ViTFSQAutoencoder(Tokenizer):
+class ViTFSQAutoencoder(GridTokenizer):
     """A ViT-VQGAN-style (Yu et al. 2022) tokenizer with an FSQ bottleneck: p x p patches ->
     transformer encoder -> FSQ code per patch -> transformer decoder -> pixels per patch.
 
@@ -25,8 +25,6 @@ class ViTFSQAutoencoder(Tokenizer):
     The same interface as ``FSQAutoencoder`` (``tokenize``, ``detokenize``, ``grid``), and much
     cheaper on a CPU than convolutions at full resolution.
     """
-
-    ordered = False
 
     def __init__(
         self,
@@ -61,18 +59,6 @@ class ViTFSQAutoencoder(Tokenizer):
         )
         self.posemb = nnx.Variable(jnp.asarray(sincos_2d(*self.grid, width)))
         self._width, self._depth = width, depth
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (*self.image_size, self.channels)
-
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        return self.grid
 
     @property
     def decoder_patch(self) -> int:

@@ -85,7 +85,6 @@ class KARL(Tokenizer):
 
     ordered = True
     contiguous_ids = False
-    decode_options: dict = {}
 
     def __init__(
         self,
@@ -130,10 +129,12 @@ class KARL(Tokenizer):
             else None
         )
         self.code_dim = int(code_dim)
-        self._codebook_size = (
-            int(codebook_size) if quantizer == "vq" else self.fsq.codebook_size
-            if quantizer == "fsq" else 0
-        )  # fmt: skip
+        if quantizer == "vq":
+            self._codebook_size = int(codebook_size)
+        elif quantizer == "fsq":
+            self._codebook_size = self.fsq.codebook_size
+        else:  # continuous: no ids
+            self._codebook_size = 0
 
         we, wd = int(encoder["width"]), int(decoder["width"])
         self.enc_width, self.dec_width = we, wd
@@ -167,10 +168,6 @@ class KARL(Tokenizer):
         self.out = Dense(2 * wd, self.patch_dim, ("mlp", "patch"), **kw)
 
     # --- the Tokenizer interface -----------------------------------------------------------------
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (*self.image_size, self.channels)
 
     @property
     def token_shape(self) -> tuple[int]:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitok.models.base import Model, Tokenizer, check_image_shape
+from vitok.models.base import GridTokenizer, Model, check_image_shape
 from vitok.models.frozen import freeze
 from vitok.nn.attention import attention
 from vitok.nn.layers import param
@@ -242,7 +242,7 @@ class KLAutoencoder(Model):
         return conv_autoencoder_flops(self.image_size, self._widths, self._blocks)
 
 
-class FSQAutoencoder(Tokenizer):
+class FSQAutoencoder(GridTokenizer):
     """The KL autoencoder's convolutional encoder and decoder with an FSQ bottleneck: an image
     becomes a grid of discrete codes, the 2D token source of the generators (NAR, raster AR).
 
@@ -252,8 +252,6 @@ class FSQAutoencoder(Tokenizer):
     ``levels`` sets the codebook: prod(levels) codes, e.g. (8, 5, 5, 5) = 1,000 or
     (8, 8, 8, 8, 4) = 16,384 (the size of LlamaGen's VQ-16 codebook).
     """
-
-    ordered = False
 
     def __init__(
         self,
@@ -277,19 +275,6 @@ class FSQAutoencoder(Tokenizer):
         kw = dict(rngs=rngs, dtype=dtype)
         self.encoder = ConvEncoder(channels, len(levels), self._widths, blocks, **kw)
         self.decoder = ConvDecoder(len(levels), channels, self._widths, blocks, **kw)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """The code grid (h, w) of one image."""
-        return (self.image_size[0] // self.factor, self.image_size[1] // self.factor)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (*self.image_size, self.channels)
-
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        return self.grid
 
     @property
     def decoder_patch(self) -> int:

@@ -1,4 +1,6 @@
-"""Quantizers. Finite scalar quantization (Mentzer et al. 2023): each of d channels is squashed into a bounded
+"""Quantizers: FSQ and an l2-normalised VQ (``VectorQuantizer``, below).
+
+Finite scalar quantization (Mentzer et al. 2023): each of d channels is squashed into a bounded
 range and rounded to one of ``levels[i]`` values; the codebook is the implicit product grid, of
 size ``prod(levels)``, with no codebook parameters and no commitment loss.
 
@@ -60,17 +62,6 @@ class FSQ:
         """[...] int -> codes [..., d] float32 in [-1, 1]; inverse of quantizing to ``ids``."""
         digits = (ids[..., None] // self._basis) % np.asarray(self.levels, np.int32)
         return self.digits_to_codes(digits.astype(jnp.float32))
-
-    def check_ids(self, ids) -> None:
-        """Raises a clear error for ids outside the codebook (host-side check, numpy input)."""
-        ids = np.asarray(ids)
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.codebook_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.codebook_size}) for FSQ levels {self.levels}; "
-                f"got values in [{ids.min()}, {ids.max()}]"
-            )
 
 
 class VectorQuantizer(nnx.Module):

@@ -5,8 +5,8 @@
 
 Reads every example of each split through the tokenizer run's deterministic eval data config
 (``config.evals.<first>.data``, the split replaced; ``--data_source``/``--data_name`` point it
-at another dataset), tokenizes it with the trained tokenizer (any ``vitok.models.Tokenizer``) and writes one .npz per split
-with ``codes`` (int32 [N, h, w] from an FSQ autoencoder run, or [N, T] coarse-to-fine 1D tokens
+at another dataset), tokenizes it with the trained tokenizer (any ``vitok.models.Tokenizer``)
+and writes one .npz per split with ``codes`` (int32 [N, h, w] from an FSQ autoencoder run, or [N, T] coarse-to-fine 1D tokens
 from a FlexTok run) and ``label`` (int32 [N]; -1 when the data has no labels).
 ``--num_examples`` overrides the size of a generated source (photo_crops).
 ``--flip`` adds each image's horizontal mirror as a second example (the papers extract codes of
@@ -52,9 +52,7 @@ def extract(
         label = batch["label"][keep] if "label" in batch else np.full((len(images),), -1)
         variants = [images, images[:, :, ::-1]] if flip else [images]
         for x in variants:
-            pad = batch_size - len(x)  # one compiled shape for every batch
-            ids = tokenizer.tokenize(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]))
-            codes.append(ids[: len(x)])
+            codes.append(tokenizer.tokenize_padded(x, batch_size))
             labels.append(np.asarray(label, np.int32))
     return np.concatenate(codes).astype(np.int32), np.concatenate(labels)
 

@@ -44,13 +44,6 @@ def read_images(folder: str, shape: tuple[int, int, int], resize: bool) -> tuple
     return np.stack(images), names
 
 
-def tokenize_padded(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Tokenizes a batch padded to ``batch_size`` (one compiled shape for a ragged last one)."""
-    pad = batch_size - len(images)
-    padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    return tokenizer.tokenize(padded)[: len(images)]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="a tokenizer training run's workdir")
@@ -69,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"vitok.tools.tokenize: {e}")
     tokens = np.concatenate(
         [
-            tokenize_padded(tokenizer, images[i : i + args.batch_size], args.batch_size)
+            tokenizer.tokenize_padded(images[i : i + args.batch_size], args.batch_size)
             for i in range(0, len(images), args.batch_size)
         ]
     )
