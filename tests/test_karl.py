@@ -89,14 +89,39 @@ def test_tokenize_returns_one_id_per_unhalted_token_within_the_budget():
     ids = model.tokenize(images, quality=0.05, budget=4)
     assert ids.shape == (4, 6) and ids.dtype == jnp.int32
     out = model.encode(images, quality_bin(jnp.full((4,), 0.05), QUALITY_BINS), 4)
-    unhalted = (jax.nn.sigmoid(out["halt_logits"]) <= 0.75).sum(-1)
+    unhalted = (jax.nn.sigmoid(out["halt_logits"][:, :4]) <= 0.75).sum(-1)
     np.testing.assert_array_equal((ids != PAD_ID).sum(-1), unhalted)
     np.testing.assert_array_equal(ids[:, 4:], PAD_ID)
     kept = np.asarray(ids != PAD_ID)[:, :4]
-    np.testing.assert_array_equal(np.asarray(ids)[:, :4][kept], np.asarray(out["ids"])[kept])
+    np.testing.assert_array_equal(
+        np.asarray(ids)[:, :4][kept], np.asarray(out["ids"])[:, :4][kept]
+    )
     assert model.detokenize(ids).shape == (4, 8, 8, 3)
     with pytest.raises(ValueError, match="budget must be in 1..6"):
         model.tokenize(images, budget=7)
+
+
+def test_a_budget_is_the_same_as_an_encoder_over_only_the_first_t_latent_tokens():
+    """Positions past the budget are excluded from attention: whatever their learned tokens
+    hold, the first T outputs do not change, and a budget per image gives each image's own."""
+    model = small_karl()
+    images = jax.random.uniform(jax.random.key(4), (2, 8, 8, 3), minval=-1, maxval=1)
+    index = jnp.asarray([3, 7])
+    out = model.encode(images, index, jnp.asarray([2, 5]))
+    table = model.latent_tokens[...]
+    model.latent_tokens[...] = table.at[5:].set(50.0)
+    changed = model.encode(images, index, jnp.asarray([2, 5]))
+    assert float(jnp.abs(changed["halt_logits"][1, :5] - out["halt_logits"][1, :5]).max()) < 1e-5
+    model.latent_tokens[...] = table.at[2:].set(50.0)
+    changed = model.encode(images, index, jnp.asarray([2, 5]))
+    np.testing.assert_allclose(changed["halt_logits"][0, :2], out["halt_logits"][0, :2], atol=1e-5)
+    np.testing.assert_array_equal(changed["ids"][0, :2], out["ids"][0, :2])
+    np.testing.assert_array_equal(out["within"], [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    # ... and without a budget every latent token is attended to.
+    model.latent_tokens[...] = table
+    full = model.encode(images, index)
+    model.latent_tokens[...] = table.at[5:].set(50.0)
+    assert float(jnp.abs(model.encode(images, index)["halt_logits"][:, :5] - full["halt_logits"][:, :5]).max()) > 1e-3
 
 
 def test_the_tokenizer_interface_serves_karl_with_checked_options():

@@ -65,4 +65,4 @@ class Registry:
 
 MODELS = Registry("model", "vitok.models", modules={"fsq_ae": "vae", "ar": "nar"})
 TASKS = Registry("task", "vitok.tasks", modules={"fsq_ae": "vae"})
-EVALUATORS = Registry("evaluator", "vitok.evaluators")
+EVALUATORS = Registry("evaluator", "vitok.evaluators", modules={"adaptive_length": "adaptive"})

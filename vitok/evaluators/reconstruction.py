@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from vitok.data import pipeline
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
 from vitok.evaluators.linear_code import LinearCode, fit_linear_code
-from vitok.models.base import Tokenizer, checked_options, prefix_ids
+from vitok.models.base import Tokenizer, checked_options
 from vitok.registry import EVALUATORS
 
 
@@ -180,8 +180,8 @@ class ReconstructionEvaluator:
       coefficients, each quantized to the codebook size; ``vitok.evaluators.linear_code``),
       fitted once on ``baseline_examples`` images of the run's training data (0: off).
 
-    Any ``vitok.models.Tokenizer`` with ordered 1D tokens: images are tokenized once, and
-    each k decodes the ids with positions >= k padded.
+    Any ``vitok.models.Tokenizer`` with ordered 1D tokens, through ``reconstruct_at_budget``:
+    FlexTok decodes its first k ids, KARL encodes at the budget k (lowest quality bin).
 
     Config: data, batch_size, max_examples, token_counts ("pow2" or a list), steps, guidance
     (decode options, where the tokenizer takes them), seed, grid_rows (rows of the PNG grid; 0
@@ -216,17 +216,13 @@ class ReconstructionEvaluator:
         self.pixel_patch = tokenizer.decoder_patch
         self.codebook_size = tokenizer.codebook_size
 
-        def tokenize(params, extra, images):
-            return context.model.merge(params, extra).tokenize(images)
-
-        def reconstruct(params, extra, ids, k, rng, options):
+        def reconstruct(params, extra, images, k, rng, options):
             model = context.model.merge(params, extra)
-            return to_unit_range(model.detokenize(prefix_ids(ids, k), rng, **options))
+            return to_unit_range(model.reconstruct_at_budget(images, k, rng, **options))
 
         def scores(recon, images, mask):
             return _image_scores(recon, to_unit_range(images), mask, self.pixel_patch)
 
-        self._tokenize = jax.jit(tokenize)
         self._sample = jax.jit(functools.partial(reconstruct, options=options))
         self._mean = jax.jit(functools.partial(reconstruct, options=dict(mean_options or {})))
         self._scores = jax.jit(scores)
@@ -273,13 +269,12 @@ class ReconstructionEvaluator:
                 host_images = np.asarray(
                     multihost_utils.process_allgather(batch["image"], tiled=True)
                 )
-            # Tokenized once per batch; every k decodes from the same noise.
-            ids = self._tokenize(params, extra, batch["image"])
+            # Every k decodes from the same noise.
             rng = jax.random.fold_in(jax.random.key(self.seed), batch_index)
             for i, k in enumerate(self.counts):
-                recons = {"sample": self._sample(params, extra, ids, k, rng)}
+                recons = {"sample": self._sample(params, extra, batch["image"], k, rng)}
                 if self.mean_decode:
-                    recons["mean"] = self._mean(params, extra, ids, k, rng)
+                    recons["mean"] = self._mean(params, extra, batch["image"], k, rng)
                 if self.linear_code is not None:
                     linear = self.linear_code.reconstruct(host_images, k)
                     recons["linear"] = to_unit_range(linear)

@@ -110,6 +110,19 @@ class Tokenizer(Model):
         """images [B, H, W, C] in [-1, 1] -> ids int32 [B, *token_shape]."""
         raise NotImplementedError
 
+    def tokenize_at_budget(self, images: jax.Array, k: jax.Array | int) -> jax.Array:
+        """Ordered tokenizers: ids [B, N] for a reconstruction from at most k tokens (k may be
+        traced). A nested tokenizer (FlexTok) keeps the first k of its ids; one whose encoder
+        takes the budget (KARL) overrides this."""
+        return prefix_ids(self.tokenize(images), k)
+
+    def reconstruct_at_budget(
+        self, images: jax.Array, k: jax.Array | int, rng: jax.Array | None = None, **options
+    ) -> jax.Array:
+        """images [B, H, W, C] -> their reconstructions from at most k tokens (``options``: the
+        decode options). A tokenizer with continuous tokens overrides this."""
+        return self.detokenize(self.tokenize_at_budget(images, k), rng, **options)
+
     def detokenize(self, ids: jax.Array, rng: jax.Array | None = None, **options) -> jax.Array:
         """ids int32 [B, *token_shape] (ordered: [B, k], k <= N, PAD_ID past each image's
         length) -> images [B, H, W, C], about [-1, 1]."""

@@ -82,17 +82,25 @@ class VectorQuantizer(nnx.Module):
     def normalized_codebook(self) -> jax.Array:
         return _l2_normalize(self.codebook[...].astype(jnp.float32))
 
-    def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """z [..., dim] -> (codes [..., dim] unit-norm (straight-through), ids [...] int32,
-        loss scalar float32)."""
+    def __call__(
+        self, z: jax.Array, weights: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """z [..., dim], optional weights [...] (e.g. 1 for the tokens in use) -> (codes
+        [..., dim] unit-norm (straight-through), ids [...] int32, loss scalar float32: the mean
+        over entries, or the weighted mean over vectors)."""
         z = _l2_normalize(z.astype(jnp.float32))
         codebook = self.normalized_codebook()
         # |z - c|^2 = 2 - 2 z.c for unit vectors: the nearest code has the largest dot product.
         ids = jnp.argmax(jnp.einsum("...d,kd->...k", z, codebook), axis=-1).astype(jnp.int32)
         q = codebook[ids]
-        loss = self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - z)) + jnp.mean(
-            jnp.square(q - jax.lax.stop_gradient(z))
+        per_vector = self.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(q) - z), -1) + jnp.mean(
+            jnp.square(q - jax.lax.stop_gradient(z)), -1
         )
+        if weights is None:
+            loss = jnp.mean(per_vector)
+        else:
+            weights = weights.astype(jnp.float32)
+            loss = jnp.sum(per_vector * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         return z + jax.lax.stop_gradient(q - z), ids, loss
 
     def ids_to_codes(self, ids: jax.Array) -> jax.Array:
