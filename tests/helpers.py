@@ -97,3 +97,28 @@ def read_metrics(workdir, prefix=("train/", "eval/")):
 def losses(workdir):
     """The logged training losses of a run, in step order."""
     return np.array([r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r])
+
+
+def small_karl_config(**overrides):
+    """configs/karl.py:tiny shrunk for fast tests (same code path, smaller numbers)."""
+    from configs import karl
+
+    c = short_run(karl.get_config("tiny"), steps=4, batch_size=16)
+    c.model.image_size = (16, 16)
+    c.model.max_tokens = 4
+    c.model.codebook_size = 32
+    c.model.code_dim = 4
+    c.model.halt_hidden = 16
+    for part in (c.model.encoder, c.model.decoder):
+        part.width, part.depth, part.num_heads, part.mlp_dim = 32, 1, 2, 64
+    c.karl.budgets = (1, 2, 3, 4, 5)
+    c.data.crop_size = 16
+    for ev in (c.evals.recon, c.evals.adaptive):
+        ev.data.crop_size = 16
+        ev.batch_size = ev.max_examples = ev.data.num_examples = 16
+        ev.grid_rows = 2
+    c.evals.recon.baseline_examples = 64
+    c.evals.adaptive.qualities = (0.05, 0.2)
+    c.peak_flops_per_device = 1e9
+    c.optim.warmup_steps = 1
+    return override(c, overrides)

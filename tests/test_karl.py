@@ -155,3 +155,134 @@ def test_the_tokenizer_interface_serves_karl_with_checked_options():
         tokenizer.tokenize(images, budget=9)
     with pytest.raises(ValueError, match=r"lie in \[0, 16\)"):
         tokenizer.detokenize(np.full((1, 6), 16))
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def test_halting_loss_on_hand_computed_numbers():
+    from vitok.tasks.karl import halting_loss
+
+    # Budget 2 of 4: keep labels for [0, 0] (log 2 each), halt labels for [2, -2]:
+    # log(1 + e^-2) = 0.12693 and log(1 + e^2) = 2.12693, mean 1.12693; sum 1.82008.
+    loss = halting_loss(jnp.asarray([[0.0, 0.0, 2.0, -2.0]]), jnp.asarray([2]))
+    assert float(loss) == pytest.approx(np.log(2) + 1.126928, abs=1e-5)
+    # Each group is averaged over the batch by itself: 1 kept and 3 halted tokens, then 4 kept.
+    two = halting_loss(jnp.asarray([[3.0, 1.0, 1.0, 1.0], [0.0] * 4]), jnp.asarray([1, 4]))
+    keep = (np.log1p(np.exp(3.0)) + 4 * np.log(2)) / 5
+    halt = np.log1p(np.exp(-1.0))
+    assert float(two) == pytest.approx(keep + halt, abs=1e-5)
+    # No token past any budget: only the keep term.
+    assert float(halting_loss(jnp.zeros((1, 3)), jnp.asarray([3]))) == pytest.approx(np.log(2))
+
+
+def test_bin_augmentation_only_tightens_full_budgets_and_loosens_minimal_ones():
+    from vitok.tasks.karl import augment_bins
+
+    bins = jnp.full((4000,), 6)
+    budget = jnp.asarray([8, 2, 5, 8] * 1000)  # t_max 8, t_min 2, 5 in between
+    out = np.asarray(augment_bins(jax.random.key(0), bins, budget, 8, 2, 19, 1.0))
+    full, minimal, middle = out[np.asarray(budget) == 8], out[1::4], out[2::4]
+    assert set(full) == set(range(7))  # uniform over 0..6
+    assert abs(np.mean(full) - 3.0) < 0.15
+    assert set(minimal) == set(range(6, 19))  # uniform over 6..18
+    np.testing.assert_array_equal(middle, 6)
+    none = augment_bins(jax.random.key(0), bins, budget, 8, 2, 19, 0.0)
+    np.testing.assert_array_equal(none, 6)
+
+
+def test_two_phase_loss_equals_its_terms_computed_by_hand():
+    """A deterministic case (one budget, one phase-1 bin, no augmentation): the task's loss is
+    phase 1's reconstruction + keep BCE and phase 2's reconstruction + halting BCE (at the bin of
+    the error phase 1 achieved, through the predicted halting) + both quantizer losses."""
+    from helpers import small_karl_config
+
+    from vitok.tasks.karl import KARLTask
+
+    deterministic = {"karl.budgets": (2,), "karl.phase1_bins": 1, "karl.bin_augment": 0.0}
+    config = small_karl_config(**deterministic)
+    task = KARLTask(config)
+    model = small_karl(image_size=(16, 16), max_tokens=4)
+    images = jax.random.uniform(jax.random.key(5), (3, 16, 16, 3), minval=-1, maxval=1)
+    loss, metrics = task.loss(model, {"image": images}, jax.random.key(6))
+
+    def softplus(x):
+        return np.log1p(np.exp(x))
+
+    target = np.asarray(model.to_space(images))
+    enc1 = model.encode(images, jnp.zeros(3, jnp.int32), 2)
+    recon1 = np.asarray(model.decode_space(enc1["codes"], jnp.arange(4)[None] < 2))
+    l1 = np.abs(np.clip((np.asarray(model.from_space(recon1)) + 1) / 2, 0, 1)
+                - np.clip((np.asarray(images) + 1) / 2, 0, 1)).mean(axis=(1, 2, 3))  # fmt: skip
+    bins2 = np.searchsorted(np.asarray(QUALITY_BINS), l1, side="left")
+    enc2 = model.encode(images, jnp.asarray(np.minimum(bins2, 18)))
+    logits2 = np.asarray(enc2["halt_logits"])
+    keep2 = 1 / (1 + np.exp(-logits2)) <= 0.75
+    recon2 = np.asarray(model.decode_space(enc2["codes"], jnp.asarray(keep2)))
+    terms = {
+        "train/recon_phase1": np.mean((recon1 - target) ** 2),
+        "train/keep_bce": softplus(np.asarray(enc1["halt_logits"])[:, :2]).mean(),
+        "train/halt_bce": softplus(logits2[:, :2]).mean() + softplus(-logits2[:, 2:]).mean(),
+        "train/recon_phase2": np.mean((recon2 - target) ** 2),
+        "train/quantizer": float(enc1["quantizer_loss"] + enc2["quantizer_loss"]),
+        "train/l1_phase1": l1.mean(),
+        "train/tokens_phase2": keep2.sum(-1).mean(),
+    }
+    for name, value in terms.items():
+        assert float(metrics[name]) == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    losses = [v for k, v in terms.items() if k not in ("train/l1_phase1", "train/tokens_phase2")]
+    assert float(loss) == pytest.approx(sum(losses), rel=1e-5)
+    # The phase-1 VQ loss counts only the 2 tokens within the budget.
+    z = jax.random.normal(jax.random.key(7), (3, 4, 4))
+    _, _, within_loss = model.vq(z, jnp.broadcast_to(jnp.arange(4) < 2, (3, 4)))
+    _, _, first_two = model.vq(z[:, :2])
+    assert float(within_loss) == pytest.approx(float(first_two), rel=1e-5)
+
+
+def test_training_lowers_both_phases_losses_and_learns_to_halt():
+    from helpers import small_karl_config
+
+    from vitok import sharding, train
+
+    # One phase-1 budget (2 of 4 tokens): the halting it teaches is learnable in a few steps.
+    config = small_karl_config(
+        **{"optim.lr": 3e-3, "mesh.data": 1, "karl.budgets": (2,), "total_steps": 60}
+    )
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    setup = train.Setup.create(config, mesh, config.sharding.rules)
+    state = jax.jit(setup.init_state)(jax.random.key(0))
+    images = jax.random.uniform(jax.random.key(1), (16, 16, 16, 3), minval=-1, maxval=1)
+    images = jnp.round(images * 2) / 2  # a few flat levels: learnable in a few steps
+    step = jax.jit(setup.train_step)
+    first = None
+    for _ in range(60):
+        state, metrics = step(state, {"image": images})
+        first = first or {k: float(v) for k, v in metrics.items()}
+    last = {k: float(v) for k, v in metrics.items()}
+    for key in ("train/recon_phase1", "train/recon_phase2", "train/halt_bce"):
+        assert last[key] < 0.8 * first[key], (key, first[key], last[key])
+    assert last["train/tokens_phase2"] == 2  # halts exactly the tokens past the budget
+
+
+@pytest.mark.slow
+def test_train_on_eight_devices_matches_one_and_writes_the_reports(tmp_path):
+    from helpers import losses, small_karl_config
+
+    from vitok import train
+
+    one = small_karl_config(**{"mesh.data": 1})
+    with one.unlocked():
+        one.evals = {}
+    train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+    eight = small_karl_config(**{"mesh.data": 4, "mesh.fsdp": 2})
+    final = train.train_and_evaluate(eight, str(tmp_path / "eight"))
+    np.testing.assert_allclose(
+        losses(str(tmp_path / "eight")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5
+    )
+    workdir = tmp_path / "eight"
+    table = (workdir / "adaptive.md").read_text()
+    assert f"{final['adaptive/tokens@0.05']:.1f}" in table
+    assert 0 <= final["adaptive/over@0.2"] <= final["adaptive/over@0.05"] <= 1
+    assert 0 < final["adaptive/tokens@0.2"] <= 4 and 0 < final["eval/psnr@4"] < 60
+    assert "eval/baseline_psnr@4" in final
+    assert (workdir / "reconstructions.png").exists() and (workdir / "adaptive.png").exists()
