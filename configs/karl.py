@@ -174,9 +174,7 @@ def _karl_small(quantizer: str) -> ml_collections.ConfigDict:
     c.data.split = "train"
     c.data.data_dir = ""
     c.data.skip_bad = False
-    c.data.pp = (
-        "decode(channels=3)|resize(292)|random_crop(256)|flip_lr|value_range(-1, 1)"
-    )  # the official RandomResizedCrop(256, scale 0.8-1) needs the Inception crop (issue 19)
+    c.data.pp = "decode(channels=3)|resize(292)|random_crop(256)|flip_lr|value_range(-1, 1)"  # the official RandomResizedCrop(256, scale 0.8-1) needs the Inception crop (issue 19)
     c.data.num_threads = 32
     c.data.prefetch = 256
     val = ml_collections.ConfigDict(

@@ -93,9 +93,7 @@ def test_tokenize_returns_one_id_per_unhalted_token_within_the_budget():
     np.testing.assert_array_equal((ids != PAD_ID).sum(-1), unhalted)
     np.testing.assert_array_equal(ids[:, 4:], PAD_ID)
     kept = np.asarray(ids != PAD_ID)[:, :4]
-    np.testing.assert_array_equal(
-        np.asarray(ids)[:, :4][kept], np.asarray(out["ids"])[:, :4][kept]
-    )
+    np.testing.assert_array_equal(np.asarray(ids)[:, :4][kept], np.asarray(out["ids"])[:, :4][kept])
     assert model.detokenize(ids).shape == (4, 8, 8, 3)
     with pytest.raises(ValueError, match="budget must be in 1..6"):
         model.tokenize(images, budget=7)
@@ -121,7 +119,14 @@ def test_a_budget_is_the_same_as_an_encoder_over_only_the_first_t_latent_tokens(
     model.latent_tokens[...] = table
     full = model.encode(images, index)
     model.latent_tokens[...] = table.at[5:].set(50.0)
-    assert float(jnp.abs(model.encode(images, index)["halt_logits"][:, :5] - full["halt_logits"][:, :5]).max()) > 1e-3
+    assert (
+        float(
+            jnp.abs(
+                model.encode(images, index)["halt_logits"][:, :5] - full["halt_logits"][:, :5]
+            ).max()
+        )
+        > 1e-3
+    )
 
 
 def test_the_tokenizer_interface_serves_karl_with_checked_options():

@@ -103,7 +103,7 @@ class AdaptiveLengthEvaluator:
         if count == 0:
             raise ValueError(f"evaluator {self.prefix!r} saw no examples")
         results, rows = {}, []
-        for q, t in zip(self.qualities, totals):
+        for q, t in zip(self.qualities, totals, strict=True):
             over = t[3] / max(t[4], 1.0)
             row = {"quality": q, "l1": t[0] / count, "tokens": t[1] / count, "psnr": t[2] / count}
             row.update({f"over_{m:.2f}": t[4 + j] / count for j, m in enumerate(MARGINS)})

@@ -304,9 +304,7 @@ class KARL(Tokenizer):
         safe = jnp.where(ids == PAD_ID, 0, ids)
         return self.vq.ids_to_codes(safe) if self.vq is not None else self.fsq.ids_to_codes(safe)
 
-    def tokenize(
-        self, images: jax.Array, *, quality: Any = 0.05, budget: Any = None
-    ) -> jax.Array:
+    def tokenize(self, images: jax.Array, *, quality: Any = 0.05, budget: Any = None) -> jax.Array:
         """images [B, H, W, C] in [-1, 1] -> ids [B, max_tokens] int32, PAD_ID where halted or
         past ``budget``: one encoder pass at the requested mean L1 error ``quality`` (on [0, 1]
         images; a float or [B]). ``budget``: T (int or [B]; None: max_tokens)."""
@@ -377,7 +375,9 @@ def build_karl(config, rngs: nnx.Rngs) -> KARL:
         from vitok.models.vae import build_frozen_vae
 
         if base_config["name"] != "vae":
-            raise ValueError(f"model.base.name must be '' (pixels) or 'vae', got {base_config['name']!r}")
+            raise ValueError(
+                f"model.base.name must be '' (pixels) or 'vae', got {base_config['name']!r}"
+            )
         base = build_frozen_vae(base_config, rngs)
         pretrained["base"] = base_config.get("checkpoint", "")
     return KARL(**kwargs, base=base, pretrained=pretrained, rngs=rngs)

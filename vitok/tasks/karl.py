@@ -143,9 +143,7 @@ class KARLTask:
             ids = jnp.where(keep2, enc2["ids"], model.codebook_size)  # the halted: a spare bin
             counts = jnp.zeros((model.codebook_size + 1,), jnp.int32).at[ids.reshape(-1)].add(1)
             usage["train/code_usage"] = (counts[:-1] > 0).mean()
-        total = (
-            recon1_loss + recon2_loss + quantizer + self.halt_weight * (keep_bce + halt_bce)
-        )
+        total = recon1_loss + recon2_loss + quantizer + self.halt_weight * (keep_bce + halt_bce)
         return total, {
             "train/recon_phase1": recon1_loss,
             "train/recon_phase2": recon2_loss,
@@ -157,4 +155,3 @@ class KARLTask:
             "train/budget_phase1": budget.astype(jnp.float32).mean(),
             **usage,
         }
-
