@@ -66,6 +66,9 @@ def base() -> ml_collections.ConfigDict:
     c.model.quality_bins = QUALITY_BINS
     c.model.halt_threshold = HALT_THRESHOLD
     c.model.halt_hidden = 64
+    c.model.token_mixing = False
+    c.model.mixing_init = "dct"
+    c.model.decoder_patches = "disjoint"
     c.model.remat = False
     c.model.scan_layers = False
     c.model.dtype = "float32"
@@ -189,7 +192,6 @@ def _karl_small(quantizer: str) -> ml_collections.ConfigDict:
     )
     c.evals.recon.batch_size = 256
     c.evals.recon.max_examples = 10_000
-    c.evals.recon.token_counts = (32, 64, 128, 256)
     c.evals.recon.data = val
     c.evals.adaptive.batch_size = 256
     c.evals.adaptive.max_examples = 10_000
@@ -203,10 +205,15 @@ def _karl_small(quantizer: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _continuous(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.evals.recon.baseline_examples = 0  # no codebook: no bit budget for the linear code
+    return c
+
+
 PRESETS = {
     "tiny": tiny,
     "karl_small": lambda: _karl_small("vq"),
-    "karl_small_continuous": lambda: _karl_small("continuous"),
+    "karl_small_continuous": lambda: _continuous(_karl_small("continuous")),
 }
 
 

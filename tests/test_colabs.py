@@ -14,6 +14,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colabs", "*.ipynb")))
 EXPECTED = {
     "vit_tiny.ipynb": "of these 32 digits correct",
     "flextok_tiny.ipynb": "decoded 6 held-out photos at 6 token counts",
+    "karl_tiny.ipynb": "tokenized 6 held-out photos at 4 requested qualities",
 }
 
 

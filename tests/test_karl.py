@@ -70,8 +70,13 @@ def test_halting_targets_and_masks_match_hand_built_ones():
     assert not two[0, 0, 2] and two[1, 0, 2] and two[0, 0, 1] and not two[1, 0, 1]
 
 
-def test_halted_tokens_have_no_effect_on_the_decoded_image():
-    model = small_karl()
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"token_mixing": True, "decoder_patches": "overlap_out"}],
+    ids=["plain", "mixing"],
+)
+def test_halted_tokens_have_no_effect_on_the_decoded_image(options):
+    model = small_karl(**options)
     codes = jax.random.normal(jax.random.key(0), (2, 6, 4))
     keep = jnp.asarray([[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
     changed = jnp.where(
@@ -291,3 +296,75 @@ def test_train_on_eight_devices_matches_one_and_writes_the_reports(tmp_path):
     assert 0 < final["adaptive/tokens@0.2"] <= 4 and 0 < final["eval/psnr@4"] < 60
     assert "eval/baseline_psnr@4" in final
     assert (workdir / "reconstructions.png").exists() and (workdir / "adaptive.png").exists()
+
+
+@pytest.mark.slow
+def test_command_line_tools_serve_karl_with_quality_and_budget(tmp_path):
+    from helpers import small_karl_config
+    from PIL import Image
+
+    from vitok import train
+    from vitok.data import sources
+    from vitok.inference import Tokenizer
+    from vitok.tools import detokenize, extract_codes, tokenize
+
+    workdir = str(tmp_path / "run")
+    config = small_karl_config(**{"total_steps": 2})
+    with config.unlocked():
+        config.evals = {"recon": config.evals.recon}
+        config.evals.recon.baseline_examples = 0
+    train.train_and_evaluate(config, workdir)
+    photos = sources.PhotoCropsSource(split="test", crop_size=16, num_examples=3)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(photos[i]["image"]).save(folder / f"img{i}.png")
+    out = str(tmp_path / "tokens.npz")
+    tokenize.main(["--workdir", workdir, "--images", str(folder), "--out", out, "--quality",
+                   "0.2", "--budget", "3"])  # fmt: skip
+    with np.load(out) as data:
+        tokens = data["tokens"]
+    tokenizer = Tokenizer.from_workdir(workdir)
+    images = np.stack([photos[i]["image"] for i in range(3)])
+    np.testing.assert_array_equal(tokens, tokenizer.tokenize(images, quality=0.2, budget=3))
+    assert tokens.shape == (3, 4) and (tokens[:, 3] == PAD_ID).all()
+    recon = str(tmp_path / "recon")
+    detokenize.main(["--workdir", workdir, "--tokens", out, "--out", recon])
+    expected = tokenizer.detokenize(tokens)
+    np.testing.assert_array_equal(np.asarray(Image.open(f"{recon}/img1_k4.png")), expected[1])
+    with pytest.raises(SystemExit, match=r"quality is a mean L1 error in \[0, 1\], got 1.5"):
+        tokenize.main(["--workdir", workdir, "--images", str(folder), "--out", out,
+                       "--quality", "1.5"])  # fmt: skip
+    with pytest.raises(SystemExit, match="budget must be in 1..4, got 9"):
+        tokenize.main(["--workdir", workdir, "--images", str(folder), "--out", out,
+                       "--budget", "9"])  # fmt: skip
+    codes = str(tmp_path / "codes_{split}.npz")
+    extract_codes.main(["--workdir", workdir, "--out", codes, "--splits", "test", "--quality",
+                        "0.2"])  # fmt: skip
+    with np.load(codes.format(split="test")) as data:
+        assert data["codes"].shape == (16, 4) and int(data["codebook_size"]) == 32
+
+
+def test_karl_small_preset_is_the_papers_model_on_a_frozen_vae():
+    """configs/karl.py:karl_small: 1024 wide, 8 + 8 layers of 8 heads, 256 2D tokens from the
+    frozen f8c16 VAE's 32x32 latents in 2x2 patches, 256 1D tokens, VQ 4096 x 12, the 19 bins,
+    threshold 0.75, budgets 16..368, lr 1e-4 x 512 / 256 (the facts sheet)."""
+    from configs import karl, vae
+    from vitok.models import ModelHandle
+
+    config = karl.get_config("karl_small")
+    model = ModelHandle.abstract(config.model).module()
+    assert (model.enc_width, model.dec_width) == (1024, 1024)
+    assert (model.encoder.depth, model.decoder.depth) == (8, 8)
+    assert config.model.encoder.num_heads == config.model.decoder.num_heads == 8
+    assert model.num_patches == 256 and model.max_tokens == 256
+    assert (model.codebook_size, model.code_dim) == (4096, 12) and model.quantizer_kind == "vq"
+    assert model.quality_bins == QUALITY_BINS and model.halt_threshold == 0.75
+    assert tuple(config.karl.budgets) == tuple(range(16, 384, 16))
+    assert config.optim.lr == pytest.approx(1e-4 * 512 / 256) and config.batch_size == 512
+    assert model.pretrained_workdirs() == {"base": ""}  # set to the VAE run's workdir
+    base = vae.get_config("imagenet256_f8c16").model
+    for key in ("latent_channels", "width", "mults", "blocks"):
+        assert tuple(np.atleast_1d(config.model.base[key])) == tuple(np.atleast_1d(base[key]))
+    assert model.decoder_patch == 16  # one 2D token per 16 x 16 pixels, as the paper's
+    assert karl.get_config("karl_small_continuous").model.quantizer == "continuous"

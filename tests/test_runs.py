@@ -110,10 +110,11 @@ def test_a_model_without_forward_flops_is_refused_by_name():
 
 
 def test_every_registered_family_meets_the_contract():
-    from configs import flextok, nar, vae, vit
+    from configs import flextok, karl, nar, vae, vit
 
     for module, preset in [
-        (vit, "tiny"), (flextok, "tiny"), (vae, "tiny"), (vae, "mnist_fsq"), (nar, "digits_nar")
+        (vit, "tiny"), (flextok, "tiny"), (vae, "tiny"), (vae, "mnist_fsq"), (nar, "digits_nar"),
+        (karl, "tiny"),
     ]:  # fmt: skip
         config = module.get_config(preset)
         model = ModelHandle.abstract(config.model).module()

@@ -36,7 +36,8 @@ from flax import nnx
 
 from vitok import sharding
 from vitok.models.base import PAD_ID, Tokenizer
-from vitok.models.vit import patchify, unpatchify
+from vitok.models.flextok import constant_init, dct_basis, normal_fan_in
+from vitok.models.vit import overlap_unpatchify, patchify, unpatchify
 from vitok.nn.attention import TokenKeepMask
 from vitok.nn.layers import Dense, LayerNorm, param
 from vitok.nn.posemb import sincos_2d
@@ -96,6 +97,15 @@ class KARL(Tokenizer):
     quantizer: "vq" (``codebook_size`` x ``code_dim``, l2-normalised), "fsq" (``fsq_levels``)
       or "continuous" (``code_dim`` floats; ``tokenize`` is then unavailable).
     quality_bins, halt_threshold, halt_hidden: the halting mechanism.
+    token_mixing: a learned linear route between latent-token slots and patch positions in both
+      directions ([T, P] into the encoder's latent tokens, [P, T] into the decoder's patch
+      tokens; halted tokens do not enter), as FlexTok's ``register_mixing``. ``mixing_init``
+      "dct" starts slot t at the t-th 2D DCT basis function (coarse to fine), "normal" random.
+      Attention learns where to read only slowly; on the CPU presets' few photos this route is
+      what lets the tokenizer generalise to new ones (without it a tiny model memorises its
+      training photos). Full-scale presets leave it off.
+    decoder_patches: "disjoint" (each decoder token writes its p x p patch) or "overlap_out"
+      (each writes a 2p x 2p tile blended with its neighbours': no seam at every patch border).
     base: None (pixel patches) or a frozen autoencoder with ``encode``/``decode``/``latent_shape``
       whose latents are the 2D base space (``pretrained`` names its workdir).
     """
@@ -120,6 +130,9 @@ class KARL(Tokenizer):
         quality_bins: Sequence[float] = QUALITY_BINS,
         halt_threshold: float = HALT_THRESHOLD,
         halt_hidden: int = 512,
+        token_mixing: bool = False,
+        mixing_init: str = "dct",
+        decoder_patches: str = "disjoint",
         remat: bool = False,
         scan_layers: bool = False,
         dtype: str | jnp.dtype = "float32",
@@ -161,6 +174,11 @@ class KARL(Tokenizer):
         else:  # continuous: no ids
             self._codebook_size = 0
 
+        if decoder_patches not in ("disjoint", "overlap_out"):
+            raise ValueError(
+                f"decoder_patches must be 'disjoint' or 'overlap_out', got {decoder_patches!r}"
+            )
+        self.decoder_patches = decoder_patches
         we, wd = int(encoder["width"]), int(decoder["width"])
         self.enc_width, self.dec_width = we, wd
         kw = dict(rngs=rngs, dtype=dtype)
@@ -191,7 +209,18 @@ class KARL(Tokenizer):
             wd, int(decoder["depth"]), int(decoder["num_heads"]), int(decoder["mlp_dim"]), **stack
         )
         self.out_hidden = Dense(wd, 2 * wd, ("embed", "mlp"), **kw)
-        self.out = Dense(2 * wd, self.patch_dim, ("mlp", "patch"), **kw)
+        out_dim = self.patch_dim * (4 if decoder_patches == "overlap_out" else 1)
+        self.out = Dense(2 * wd, out_dim, ("mlp", "patch"), **kw)
+        t, p = self.max_tokens, self.num_patches
+        if mixing_init == "dct":
+            basis = dct_basis(self.grid, t)  # [T, P], low frequencies first
+            enc_init, dec_init = constant_init(basis), constant_init(basis.T)
+        elif mixing_init == "normal":
+            enc_init, dec_init = normal_fan_in(p), normal_fan_in(t)
+        else:
+            raise ValueError(f"mixing_init must be 'dct' or 'normal', got {mixing_init!r}")
+        self.enc_token_mix = param(rngs, enc_init, (t, p), (None, None)) if token_mixing else None
+        self.dec_patch_mix = param(rngs, dec_init, (p, t), (None, None)) if token_mixing else None
 
     # --- the Tokenizer interface -----------------------------------------------------------------
 
@@ -255,6 +284,10 @@ class KARL(Tokenizer):
         quality = self.quality_embed[...][quality_index].astype(x.dtype)[:, None]
         t = self.max_tokens
         latents = jnp.broadcast_to(self.latent_tokens[...].astype(x.dtype), (b, t, self.enc_width))
+        if self.enc_token_mix is not None:
+            latents = latents + jnp.einsum(
+                "tp,bpd->btd", self.enc_token_mix[...].astype(x.dtype), x
+            )
         x = jnp.concatenate([quality, x, latents], axis=1)
         within = budget_mask(t if budget is None else budget, t, b)
         mask = None
@@ -291,10 +324,19 @@ class KARL(Tokenizer):
         tokens = self.from_code(codes) + self.token_posemb[...][:t].astype(codes.dtype)[None]
         patches = jnp.broadcast_to(self.mask_token[...], (b, self.num_patches, self.dec_width))
         patches = patches + jnp.asarray(sincos_2d(*self.grid, self.dec_width))[None]
-        x = jnp.concatenate([patches.astype(tokens.dtype), tokens], axis=1)
+        patches = patches.astype(tokens.dtype)
+        if self.dec_patch_mix is not None:
+            kept = tokens if keep is None else tokens * keep[..., None].astype(tokens.dtype)
+            mix = self.dec_patch_mix[...][:, :t].astype(tokens.dtype)
+            patches = patches + jnp.einsum("pt,btd->bpd", mix, kept)
+        x = jnp.concatenate([patches, tokens], axis=1)
         mask = None if keep is None else TokenKeepMask(decoder_keep(keep, self.num_patches))
         h = self.decoder(sharding.constrain(x, ("batch", "length", "embed")), mask)
-        return self.out(jnp.tanh(self.out_hidden(h[:, : self.num_patches]))).astype(jnp.float32)
+        out = self.out(jnp.tanh(self.out_hidden(h[:, : self.num_patches]))).astype(jnp.float32)
+        if self.decoder_patches == "overlap_out":
+            blended = overlap_unpatchify(out, self.grid, self.patch_size)
+            out = patchify(blended, self.patch_size)
+        return out
 
     def decode(self, codes: jax.Array, keep: jax.Array | None = None) -> jax.Array:
         """codes [B, T, code_dim], keep [B, T] bool (None: all) -> images [B, H, W, C] float32."""
@@ -358,6 +400,10 @@ class KARL(Tokenizer):
         dec = transformer_flops(p + t, wd, self.decoder.depth, self.decoder.mlp_dim)
         heads = 2 * p * self.patch_dim * we + 2 * p * (wd * 2 * wd + 2 * wd * self.patch_dim)
         latent = 2 * t * (we * self.code_dim + self.code_dim * wd)
+        if self.enc_token_mix is not None:
+            latent += 2 * t * p * (we + wd)
+        if self.decoder_patches == "overlap_out":
+            heads += 2 * p * 2 * wd * 3 * self.patch_dim
         return float(enc + dec + heads + latent + base)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from vitok.data import pipeline
 from vitok.inference import Tokenizer
+from vitok.tools import add_tokenize_options, tokenize_options
 
 
 def data_config(config, split: str, source: str = "", name: str = "", num_examples: int = 0):
@@ -42,7 +43,7 @@ def data_config(config, split: str, source: str = "", name: str = "", num_exampl
 
 
 def extract(
-    tokenizer: Tokenizer, data, batch_size: int = 256, flip: bool = False
+    tokenizer: Tokenizer, data, batch_size: int = 256, flip: bool = False, **options
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (codes int32 [N, *token_shape], labels int32 [N]) of every example of ``data``."""
     codes, labels = [], []
@@ -52,7 +53,7 @@ def extract(
         label = batch["label"][keep] if "label" in batch else np.full((len(images),), -1)
         variants = [images, images[:, :, ::-1]] if flip else [images]
         for x in variants:
-            codes.append(tokenizer.tokenize_padded(x, batch_size))
+            codes.append(tokenizer.tokenize_padded(x, batch_size, **options))
             labels.append(np.asarray(label, np.int32))
     return np.concatenate(codes).astype(np.int32), np.concatenate(labels)
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data_source", default="", help="another data source than the run's")
     parser.add_argument("--data_name", default="", help="tfds dataset name for --data_source")
     parser.add_argument("--num_examples", type=int, default=0, help="size of a generated source")
+    add_tokenize_options(parser)
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s]
     if len(splits) > 1 and "{split}" not in args.out:
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
             data = data_config(
                 tokenizer.config, split, args.data_source, args.data_name, args.num_examples
             )
-            codes, labels = extract(tokenizer, data, args.batch_size, args.flip)
+            codes, labels = extract(
+                tokenizer, data, args.batch_size, args.flip, **tokenize_options(args)
+            )
             path = args.out.format(split=split)
             save_codes(path, codes, labels, tokenizer.codebook_size)
             grid = "x".join(map(str, codes.shape[1:]))

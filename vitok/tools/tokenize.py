@@ -3,7 +3,11 @@
     python -m vitok.tools.tokenize --workdir=workdirs/flextok_tiny --images=photos/ \
         --out=tokens.npz [--resize]
 
-Writes ``tokens`` (int32 [B, N] coarse to fine for a 1D tokenizer, -1 past an image's length;
+KARL takes ``--quality`` (the requested mean L1 error, e.g. 0.05) and ``--budget`` (the most
+tokens per image); each image then gets as many tokens as it needs, in one encoder pass.
+
+Writes ``tokens`` (int32 [B, N] coarse to fine for a 1D tokenizer, -1 past an image's length
+or at KARL's halted positions;
 [B, h, w] for a grid) and ``names`` (each image's path relative to
 --images) into the .npz. Images must have the tokenizer's size unless --resize is given (resize
 the short side, then centre-crop). Unreadable files stop the run with their name.
@@ -19,6 +23,7 @@ import numpy as np
 
 from vitok.data import ops
 from vitok.data.sources import FolderSource
+from vitok.tools import add_tokenize_options, tokenize_options
 
 
 def read_images(folder: str, shape: tuple[int, int, int], resize: bool) -> tuple[np.ndarray, list]:
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--resize", action="store_true", help="resize + centre-crop to fit")
     parser.add_argument("--batch_size", type=int, default=64)
+    add_tokenize_options(parser)
     args = parser.parse_args(argv)
 
     from vitok.inference import Tokenizer
@@ -60,12 +66,18 @@ def main(argv: list[str] | None = None) -> None:
         images, names = read_images(args.images, tokenizer.image_shape, args.resize)
     except (ValueError, FileNotFoundError, ops.BadImageError) as e:
         sys.exit(f"vitok.tools.tokenize: {e}")
-    tokens = np.concatenate(
-        [
-            tokenizer.tokenize_padded(images[i : i + args.batch_size], args.batch_size)
-            for i in range(0, len(images), args.batch_size)
-        ]
-    )
+    options = tokenize_options(args)
+    try:
+        tokens = np.concatenate(
+            [
+                tokenizer.tokenize_padded(
+                    images[i : i + args.batch_size], args.batch_size, **options
+                )
+                for i in range(0, len(images), args.batch_size)
+            ]
+        )
+    except ValueError as e:
+        sys.exit(f"vitok.tools.tokenize: {e}")
     tmp = args.out + ".tmp.npz"  # renamed when complete: never a truncated tokens file
     np.savez(tmp, tokens=tokens, names=np.asarray(names))
     os.replace(tmp, args.out)
