@@ -9,10 +9,13 @@ Sections: 1 set-up (processes, mesh) -> 2 data -> 3 model, optimizer and sharded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -269,8 +272,9 @@ def train_and_evaluate(
     first_bad = jnp.zeros((), jnp.int32)
     paused = 0.0  # seconds of evaluation and checkpointing since the last log, not step time
     step_fn = None  # compiled on the first batch, whose shardings it takes
+    stop = StopSignals()
 
-    with sharding.mesh_rules(mesh, rules):
+    with sharding.mesh_rules(mesh, rules), _restoring(stop):
         for step in range(start_step + 1, config.total_steps + 1):
             local = next(train_iter)
             batch = sharding.global_batch(local, mesh, rules)
@@ -306,18 +310,99 @@ def train_and_evaluate(
                     )
                 last_metrics.update(results)
 
-            if step % config.checkpoint_every == 0 or is_last:
+            preempted = stop.should_stop(step, sync=step % log_every == 0)
+            if step % config.checkpoint_every == 0 or is_last or preempted:
                 _check_finite(first_bad, ckpt)
                 if not bool(checkpoint.all_finite(state["params"])):
                     raise NonFiniteLossError(_nan_message("parameters", step, ckpt))
                 ckpt.save(step, state, train_iter)
             paused += time.perf_counter() - t0
+            if preempted and not is_last:
+                ckpt.wait()
+                ckpt.close()
+                writer.close()
+                raise Preempted(step, stop.received, ckpt.directory)
 
     ckpt.close()
     writer.close()
     if is_main:
         plot_curves(workdir)
     return last_metrics
+
+
+# Exit status of a run stopped by SIGTERM / SIGINT after checkpointing its last step: "try
+# again" (EX_TEMPFAIL); rerunning the same command resumes exactly where it stopped.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM / SIGINT), checkpointed ``step`` and stopped."""
+
+    def __init__(self, step: int, signal_name: str, directory: str):
+        self.step, self.signal_name = step, signal_name
+        super().__init__(
+            f"{signal_name}: stopped after step {step}, checkpointed in {directory}; run the "
+            f"same command again to resume"
+        )
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+    With one process the request is this process's own flag. With several, every process must
+    stop after the same step: a signal to any of them sets the flag on all through the
+    coordination service's preemption sync point (``reached_preemption_sync_point``, which
+    JAX's distributed runtime arms on SIGTERM), and a SIGINT is shared at the next log step.
+    The previous handlers come back on ``restore``."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+        multi = jax.process_count() > 1
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            if multi and sig == signal.SIGTERM:
+                continue  # the distributed runtime's own SIGTERM notifier is kept
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self, step: int, sync: bool) -> bool:
+        """Whether to stop after ``step``; every process gets the same answer. ``sync``: a step
+        at which processes may exchange their local flags (one small all-reduce)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.received = self.received or "SIGTERM"
+            return True
+        if not sync:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+        if np.any(flags):
+            self.received = self.received or "SIGINT"
+            return True
+        return False
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+@contextlib.contextmanager
+def _restoring(stop: StopSignals):
+    try:
+        yield
+    finally:
+        stop.restore()
 
 
 def _nan_message(what: str, step: int, ckpt: checkpoint.Checkpointer) -> str:
@@ -359,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     except checkpoint.CheckpointMismatchError as e:
         print(f"vitok: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"vitok: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     if jax.process_index() == 0:
         shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/", "train/loss"))}
         print(f"vitok: done; final metrics {shown}", file=sys.stderr)

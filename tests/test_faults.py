@@ -1,0 +1,88 @@
+"""Fault injection: what a run does when the cluster interrupts it (issue 17).
+
+SIGTERM / SIGINT: the run finishes its step, checkpoints it, waits for the commit and exits with
+``PREEMPTED_EXIT_CODE``; the same command then resumes and ends with exactly the metrics of an
+uninterrupted run. Real signals, real subprocesses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import ROOT
+
+from vitok.train import PREEMPTED_EXIT_CODE
+
+ARGS = [
+    "--config=configs/vit.py:tiny",
+    "--config.total_steps=60",
+    "--config.batch_size=16",
+    "--config.log_every=1",
+    "--config.eval_every=30",
+    "--config.checkpoint_every=1000",  # only the last step and the preempted one
+    "--config.model.patch_size=7",
+    "--config.model.width=32",
+    "--config.model.depth=1",
+    "--config.model.mlp_dim=64",
+    "--config.model.num_heads=2",
+    "--config.evals.test.max_examples=256",
+    "--config.peak_flops_per_device=1e9",
+]
+
+
+def _launch(workdir, extra=()):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cmd = [sys.executable, "-m", "vitok.train", f"--workdir={workdir}", *ARGS, *extra]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _metrics(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def _logged_steps(workdir) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    proc = _launch(workdir)
+    out = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, out
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_checkpoints_the_current_step_and_the_rerun_resumes_exactly(
+    reference, tmp_path, sig
+):
+    workdir = str(tmp_path / "preempted")
+    proc = _launch(workdir)
+    deadline = time.time() + 300
+    while _logged_steps(workdir) < 12:
+        assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    message = out.strip().splitlines()[-1]
+    assert message.startswith(f"vitok: {sig.name}: stopped after step "), message
+    stopped = int(message.split("stopped after step ")[1].split(",")[0])
+    assert 12 <= stopped < 60 and "run the same command again to resume" in message
+    # The stopped step's checkpoint is committed (no temporary directory left behind).
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(stopped)]
+
+    proc = _launch(workdir)
+    out = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, out
+    assert f"resuming at step {stopped}" in out
+    assert _metrics(workdir) == _metrics(reference)
