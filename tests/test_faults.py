@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from helpers import ROOT
 
@@ -33,8 +34,8 @@ ARGS = [
 ]
 
 
-def _launch(workdir, extra=()):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+def _launch(workdir, extra=(), devices=8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, "-m", "vitok.train", f"--workdir={workdir}", *ARGS, *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -86,3 +87,51 @@ def test_a_signal_checkpoints_the_current_step_and_the_rerun_resumes_exactly(
     assert proc.returncode == 0, out
     assert f"resuming at step {stopped}" in out
     assert _metrics(workdir) == _metrics(reference)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, mesh):
+    port = _free_port()
+    flags = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [_launch(workdir, [*flags, f"--process_id={i}", *mesh], devices=4) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(reference, tmp_path):
+    """A preemption notice reaches one host; JAX's preemption sync point makes both stop after
+    the same step, write one checkpoint together and exit resumable; the rerun of both resumes
+    and trains like the uninterrupted single-process run."""
+    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=-1"]
+    workdir = str(tmp_path / "two")
+    procs = _two_processes(workdir, mesh)
+    deadline = time.time() + 300
+    while _logged_steps(workdir) < 12:
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == PREEMPTED_EXIT_CODE, out
+    steps = {int(o.split("stopped after step ")[1].split(",")[0]) for o in outs}
+    assert len(steps) == 1, outs
+    (stopped,) = steps
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(stopped)]
+
+    procs = _two_processes(workdir, mesh)
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+    assert f"resuming at step {stopped}" in outs[0]
+    a, b = _metrics(reference), _metrics(workdir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for key in ("train/loss", "eval/accuracy"):
+        x = np.array([r[key] for r in a if key in r])
+        y = np.array([r[key] for r in b if key in r])
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=key)
