@@ -7,6 +7,7 @@ uninterrupted run. Real signals, real subprocesses."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,8 +91,6 @@ def test_a_signal_checkpoints_the_current_step_and_the_rerun_resumes_exactly(
 
 
 def _free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -135,3 +134,73 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(referenc
         x = np.array([r[key] for r in a if key in r])
         y = np.array([r[key] for r in b if key in r])
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# --- one writer per workdir ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_launch_on_a_live_workdir_refuses_and_a_dead_holder_does_not_block(tmp_path):
+    workdir = str(tmp_path / "shared")
+    first = _launch(workdir, ["--config.total_steps=100000"])
+    deadline = time.time() + 300
+    while _logged_steps(workdir) < 2:
+        assert first.poll() is None and time.time() < deadline, "the first run ended early"
+        time.sleep(0.02)
+    second = _launch(workdir)
+    out = second.communicate(timeout=300)[0].decode()
+    assert second.returncode == 2, out
+    line = out.strip().splitlines()[-1]
+    assert f"is in use by a running job (host {socket.gethostname()}, pid {first.pid}" in line
+    assert "Traceback" not in out
+    first.send_signal(signal.SIGKILL)  # dies holding the lock
+    first.wait()
+    assert os.path.exists(os.path.join(workdir, ".lock"))
+    third = _launch(workdir, ["--config.total_steps=3"])
+    out = third.communicate(timeout=300)[0].decode()
+    assert third.returncode == 0, out
+    assert not os.path.exists(os.path.join(workdir, ".lock"))  # released at the end
+
+
+def test_a_lock_from_another_host_is_stale_only_when_its_heartbeat_stops(tmp_path):
+    from vitok.train import WorkdirLock, WorkdirLockedError
+
+    path = tmp_path / ".lock"
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
+    with pytest.raises(WorkdirLockedError, match="host elsewhere, pid 1"):
+        WorkdirLock(str(tmp_path), stale_after=60)
+    old = time.time() - 120
+    os.utime(path, (old, old))  # no heartbeat for two minutes
+    lock = WorkdirLock(str(tmp_path), stale_after=60)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+
+
+# --- errors a user can cause: one line, no traceback ----------------------------------------
+
+BAD_INPUTS = {
+    "unknown_op": (["--config.data.pp=decode(channels=1)|nosuchop"], "unknown preprocessing op 'nosuchop'"),
+    "unknown_backend": (["--config.model.attention_backend=nosuch"], "unknown attention backend 'nosuch'"),
+    "mesh_too_big": (["--config.mesh.data=16"], "needs 16 devices, but 8 are available"),
+    "batch_not_divisible": (["--config.batch_size=12"], "batch_size 12 does not split over the 8-way"),
+    "tfds_not_prepared": (
+        ["--config.data.source=tfds", "--config.data.name=mnist", "--config.data.data_dir=NODATA"],
+        "prepare it first with: tfds build mnist --data_dir=",
+    ),
+    "unknown_evaluator": (["--config.evals.test.type=nosuch"], "unknown evaluator 'nosuch'"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_user_errors_end_in_one_clear_line(case, tmp_path):
+    flags, expected = BAD_INPUTS[case]
+    flags = [f.replace("NODATA", str(tmp_path / "nodata")) for f in flags]
+    proc = _launch(str(tmp_path / "run"), flags)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("vitok: ") and expected in last, last
+    assert "importlib_resources" not in out

@@ -101,6 +101,7 @@ class CommandLine:
     process_id: int | None
     distributed: bool
     cpu_collectives: str | None
+    debug: bool = False
 
 
 def parse_command_line(argv: list[str]) -> CommandLine:
@@ -141,6 +142,7 @@ def parse_command_line(argv: list[str]) -> CommandLine:
         process_id=values.process_id,
         distributed=values.distributed,
         cpu_collectives=values.cpu_collectives,
+        debug=values.debug,
     )
 
 
@@ -196,6 +198,10 @@ def _define_run_flags(values: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "cpu_collectives", "gloo", "CPU collectives for multi-process CPU runs", flag_values=values
     )
+    flags.DEFINE_bool(
+        "debug", False, "full tracebacks instead of one-line errors (or VITOK_DEBUG=1)",
+        flag_values=values,
+    )  # fmt: skip
 
 
 def _explain(error: Exception) -> str:

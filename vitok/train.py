@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -186,7 +188,19 @@ def train_and_evaluate(
     # --- 1. set-up ------------------------------------------------------------------------------
     config_lib.validate(config)
     is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir) if is_main else None  # the job's other processes share it
+    try:
+        return _train(config, workdir, devices, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, workdir: str, devices, lock) -> dict[str, float]:
+    is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh, devices)
+    check_batch_size(config.batch_size, mesh)
     rules = runs.sharding_rules(config)
     writer = MetricWriter(workdir, enabled=is_main)
     if is_main:
@@ -296,6 +310,8 @@ def train_and_evaluate(
                 if skipped.count:
                     values["data/skipped"] = skipped.count
                 writer.write(step, values)
+                if lock is not None:
+                    lock.heartbeat()
                 progress.show(step, rate, {k: values[k] for k in ("train/loss", "train/lr")})
                 last_metrics.update(values)
 
@@ -328,6 +344,85 @@ def train_and_evaluate(
     if is_main:
         plot_curves(workdir)
     return last_metrics
+
+
+class WorkdirLockedError(RuntimeError):
+    pass
+
+
+class WorkdirLock:
+    """One writer per workdir: ``workdir/.lock`` holds the host, pid and start time of the
+    process 0 that owns it. A second launch refuses with the holder's host and pid while the
+    holder lives. A lock is stale (taken over) when its pid is gone on this host, or, from
+    another host, when the holder has not touched it for ``stale_after`` seconds (it touches it
+    at every log step)."""
+
+    def __init__(self, workdir: str, stale_after: float = 600.0):
+        self.path = os.path.join(workdir, ".lock")
+        self.stale_after = stale_after
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder):
+                    raise WorkdirLockedError(
+                        f"workdir {workdir} is in use by a running job (host {holder['host']}, "
+                        f"pid {holder['pid']}, since {holder['started']}); stop it or pick "
+                        f"another --workdir"
+                    ) from None
+                _remove(self.path)  # stale: its holder is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": self.host, "pid": self.pid, "started": time.ctime()}, f)
+            return
+        raise WorkdirLockedError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None  # half-written or removed meanwhile: stale
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") == self.host:
+            return not _pid_alive(int(holder.get("pid", -1)))
+        try:
+            return time.time() - os.path.getmtime(self.path) > self.stale_after
+        except OSError:
+            return True
+
+    def heartbeat(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        holder = self._holder()
+        if holder and holder.get("host") == self.host and holder.get("pid") == self.pid:
+            _remove(self.path)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 # Exit status of a run stopped by SIGTERM / SIGINT after checkpointing its last step: "try
@@ -405,6 +500,17 @@ def _restoring(stop: StopSignals):
         stop.restore()
 
 
+def check_batch_size(batch_size: int, mesh) -> None:
+    """The global batch is split over the data-parallel axes (data x fsdp) and the processes."""
+    ways = int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))
+    ways = max(ways, jax.process_count())
+    if batch_size % ways:
+        raise ValueError(
+            f"batch_size {batch_size} does not split over the {ways}-way data parallelism of "
+            f"mesh {dict(mesh.shape)}; use a multiple of {ways}"
+        )
+
+
 def _nan_message(what: str, step: int, ckpt: checkpoint.Checkpointer) -> str:
     ckpt.wait()
     good = ckpt.latest_step()
@@ -436,8 +542,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = args.debug or os.environ.get("VITOK_DEBUG", "") not in ("", "0")
     try:
         final = train_and_evaluate(args.config, args.workdir)
+    except WorkdirLockedError as e:
+        print(f"vitok: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        if debug:
+            raise
+        # A user-caused error (an unknown name, a bad shape or size, a missing file): one line.
+        print(f"vitok: {str(e).strip() or type(e).__name__} (--debug: traceback)", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteLossError as e:
         print(f"vitok: {e}", file=sys.stderr)
         sys.exit(3)

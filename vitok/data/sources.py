@@ -72,12 +72,16 @@ class TfdsSource:
     ):
         import tensorflow_datasets as tfds
 
-        try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        try:  # never downloads: a run must not start a download of ImageNet by itself
+            self._source = tfds.data_source(
+                name, split=split, data_dir=data_dir or None, download=False
+            )
         except Exception as e:  # tfds raises several types for "not prepared"
+            where = f" --data_dir={data_dir}" if data_dir else ""
             raise FileNotFoundError(
-                f"tfds dataset {name!r} split {split!r} is not available under data_dir="
-                f"{data_dir!r}; prepare it first (tfds build {name}): {e}"
+                f"tfds dataset {name!r} split {split!r} is not prepared under data_dir="
+                f"{data_dir or '~/tensorflow_datasets'!r}; prepare it first with: tfds build "
+                f"{name}{where}"
             ) from e
         self.name = f"{name}:{split}"
         self.image_key = image_key
