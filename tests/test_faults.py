@@ -6,6 +6,7 @@ uninterrupted run. Real signals, real subprocesses."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,3 +205,67 @@ def test_user_errors_end_in_one_clear_line(case, tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("vitok: ") and expected in last, last
     assert "importlib_resources" not in out
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+def _small_filesystem(path) -> bool:
+    """Mounts a 1 MiB tmpfs at ``path`` (needs root); False where that is not allowed."""
+    os.makedirs(path, exist_ok=True)
+    if os.environ.get("VITOK_TEST_NO_MOUNT"):  # to test the fallback where mounting works
+        return False
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True
+        )
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    """On a 1 MiB tmpfs (or, where mounting is not allowed, with every file capped at 64 KiB by
+    RLIMIT_FSIZE: the same failed write), a checkpoint every 5 steps fills the disk."""
+    small = tmp_path / "small"
+    mounted = _small_filesystem(small)
+    flags = ["--config.total_steps=30", "--config.checkpoint_every=5", "--config.log_every=5"]
+    preexec = None
+    if not mounted:
+        import resource
+
+        def preexec():  # writes past 64 KiB fail with EFBIG instead of killing the process
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    try:
+        workdir = str(small / "run")
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        cmd = [sys.executable, "-m", "vitok.train", f"--workdir={workdir}", *ARGS, *flags]
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec
+        )
+        out = done.stdout + done.stderr
+        assert done.returncode == 2, out
+        assert "Traceback" not in out, out
+        last = out.strip().splitlines()[-1]
+        match = re.match(
+            r"vitok: writing the checkpoint of step (\d+) to .* failed \((.*); ([\d.]+) MiB "
+            r"free there\); (the last good checkpoint is step (\d+), kept|no earlier checkpoint "
+            r"exists); stopping the run$",
+            last,
+        )
+        assert match, last
+        failed, reason = int(match[1]), match[2]
+        kept = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")))
+        # No half-written step is left for a later restore to trip over; the good ones stay.
+        assert all(s % 5 == 0 and s < failed for s in kept)
+        if mounted:  # the first checkpoints fit on the tmpfs, a later one does not
+            assert reason == "no space left on device"
+            assert int(match[5]) == failed - 5 == kept[-1]
+        else:  # every checkpoint is larger than the file size limit
+            assert failed == 5 and kept == [] and "no earlier checkpoint exists" in last
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(small)], capture_output=True)

@@ -10,9 +10,12 @@ is tried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from typing import Any
 
@@ -63,8 +66,64 @@ def all_finite(tree: Any) -> jax.Array:
     )
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount); the run stops."""
+
+
+def _write_failure(step: int, directory: str, last_good: int | None, error: Exception) -> str:
+    text = str(error)
+    if "No space left" in text or "os_error_code='28'" in text:
+        reason = "no space left on device"
+    elif "File too large" in text or "os_error_code='27'" in text:
+        reason = "file size limit exceeded"
+    else:
+        reason = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    if last_good:
+        good = f"the last good checkpoint is step {last_good}, kept"
+    else:
+        good = "no earlier checkpoint exists"
+    return (
+        f"writing the checkpoint of step {step} to {directory} failed ({reason}; {free}); "
+        f"{good}; stopping the run"
+    )
+
+
+def _quiet_background_failures() -> None:
+    """After a failed write the run stops; orbax's writer threads and asyncio tasks then fail
+    again one by one, each printing a traceback of the same failure. Silence them: the
+    ``CheckpointWriteError`` says it once."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+
+
+def _drop_closed_loop_errors(unraisable) -> None:
+    """``sys.unraisablehook``: orbax's write callbacks that fire after their event loop closed
+    (they do once a write has failed) raise "Event loop is closed" where no one can catch it;
+    those are dropped, anything else goes to the default hook."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+class _OrbaxWriteErrors(logging.Filter):
+    """Drops orbax's own multi-line error logs of a failed write: the Checkpointer reports the
+    failure once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
 class Checkpointer:
-    """Saves every ``checkpoint_every`` steps (asynchronously), keeps the last ``max_to_keep``."""
+    """Saves every ``checkpoint_every`` steps (asynchronously), keeps the last ``max_to_keep``.
+
+    A failed write raises ``CheckpointWriteError`` (one line: the step, the directory, the
+    reason, the free space, the last good step) at the save or wait that sees it; the failed
+    step's temporary directory is removed and no committed step is touched."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
@@ -76,6 +135,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = self._open()
+        self._pending: int | None = None  # the step of a save that may still be in flight
+        logging.getLogger("absl").addFilter(_OrbaxWriteErrors())
+        sys.unraisablehook = _drop_closed_loop_errors
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
@@ -98,7 +160,35 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items))
+        with self._reporting_write_errors(step):
+            self._manager.save(step, args=ocp.args.Composite(**items))
+        self._pending = step
+
+    @contextlib.contextmanager
+    def _reporting_write_errors(self, step: int):
+        try:
+            yield
+        except Exception as e:  # orbax raises ValueError / OSError / XlaRuntimeError for these
+            failed = self._pending if self._pending is not None else step
+            self._pending = None
+            _quiet_background_failures()
+            self._remove_temporary()
+            committed = (
+                [s for s in self.all_steps() if s != failed]
+                if os.path.isdir(self.directory)
+                else []
+            )
+            raise CheckpointWriteError(
+                _write_failure(failed, self.directory, max(committed, default=None), e)
+            ) from e
+
+    def _remove_temporary(self) -> None:
+        """Deletes half-written steps (orbax's ``*.orbax-checkpoint-tmp*``), never a committed one."""
+        if not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(
         self,
@@ -181,10 +271,12 @@ class Checkpointer:
         self._manager = self._open()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._reporting_write_errors(self._pending or 0):
+            self._manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 

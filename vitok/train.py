@@ -548,6 +548,10 @@ def main(argv: list[str] | None = None) -> None:
     except WorkdirLockedError as e:
         print(f"vitok: {e}", file=sys.stderr)
         sys.exit(2)
+    except checkpoint.CheckpointWriteError as e:
+        print(f"vitok: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)  # not sys.exit: orbax's failed writer threads would print at shutdown
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         if debug:
             raise
