@@ -347,11 +347,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         config.total_steps = args.steps
     workdir = os.path.join(args.root, "karl_tiny")
-    t0 = time.perf_counter()
+    timing = os.path.join(args.root, "train_minutes.json")
     if not finished(workdir, config.total_steps):
         print(f"== training configs/karl.py:tiny for {config.total_steps} steps in {workdir}")
+        t0 = time.perf_counter()
         train.train_and_evaluate(config, workdir)
-    train_minutes = (time.perf_counter() - t0) / 60
+        with open(timing, "w") as f:
+            json.dump((time.perf_counter() - t0) / 60, f)
+    train_minutes = json.load(open(timing)) if os.path.exists(timing) else float("nan")
 
     karl = KARLRun(workdir)
     size = karl.model.image_size[0]
