@@ -27,6 +27,7 @@ import ml_collections
 
 from vitok.config import (
     adamw_section,
+    frozen_kl_vae_section,
     init_from_section,
     mesh_section,
     sharding_section,
@@ -159,22 +160,9 @@ def _imagenet256(encoder_depth: int, decoder_depth: int) -> ml_collections.Confi
     c.model.dtype = "bfloat16"
     c.model.repa_layer = 1
     c.model.repa_dim = 768
-    # The frozen latent space: configs/vae.py:imagenet256_f8c16's model; "checkpoint" is the
-    # workdir of its training run (required; loaded when FlexTok training starts).
-    c.model.vae = ml_collections.ConfigDict(
-        {
-            "name": "vae",
-            "checkpoint": "",
-            "image_size": (256, 256),
-            "channels": 3,
-            "latent_channels": 16,
-            "width": 128,
-            "mults": (1, 2, 4, 4),
-            "blocks": 2,
-            "latent_scale": 1.0,
-            "dtype": "bfloat16",
-        }
-    )
+    # The frozen latent space: configs/vae.py:imagenet256_f8c16's model; set its "checkpoint" to
+    # the workdir of that run.
+    c.model.vae = frozen_kl_vae_section(16)
     # REPA target: configs/vit.py:i1k_b16's ViT-B/16 (its head dropped); "checkpoint" is the
     # workdir of its training run (required when repa_weight > 0).
     c.model.repa_encoder = ml_collections.ConfigDict(

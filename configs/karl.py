@@ -24,6 +24,7 @@ import ml_collections
 
 from vitok.config import (
     adamw_section,
+    frozen_kl_vae_section,
     init_from_section,
     mesh_section,
     sharding_section,
@@ -159,22 +160,9 @@ def _karl_small(quantizer: str) -> ml_collections.ConfigDict:
     c.model.decoder_patches = "disjoint"
     c.model.scan_layers = True
     c.model.dtype = "bfloat16"
-    # The frozen base space: configs/vae.py:imagenet256_f8c16's model; "checkpoint" is the
-    # workdir of its training run (required; loaded when KARL training starts).
-    c.model.base = ml_collections.ConfigDict(
-        {
-            "name": "vae",
-            "checkpoint": "",
-            "image_size": (256, 256),
-            "channels": 3,
-            "latent_channels": 16,
-            "width": 128,
-            "mults": (1, 2, 4, 4),
-            "blocks": 2,
-            "latent_scale": 1.0,
-            "dtype": "bfloat16",
-        }
-    )
+    # The frozen latent space: configs/vae.py:imagenet256_f8c16's model; set its "checkpoint" to
+    # the workdir of that run.
+    c.model.base = frozen_kl_vae_section(16)
     c.karl.budgets = tuple(range(16, 384, 16))  # official: arange(16, 384, 16)
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"

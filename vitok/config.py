@@ -63,6 +63,18 @@ def adamw_section(
     )  # fmt: skip
 
 
+def frozen_kl_vae_section(latent_channels: int = 16) -> ml_collections.ConfigDict:
+    """A frozen sub-model section for configs/vae.py:imagenet256_f8c{4,8,16}'s autoencoder (f8,
+    channel mults 1,2,4,4, 2 ResBlocks, base width 128, bf16), the latent space of FlexTok's
+    and KARL's full-scale presets. ``checkpoint``: the workdir of its training run (required;
+    loaded when the run that uses it starts)."""
+    return ml_collections.ConfigDict(
+        dict(name="vae", checkpoint="", image_size=(256, 256), channels=3,
+             latent_channels=latent_channels, width=128, mults=(1, 2, 4, 4), blocks=2,
+             latent_scale=1.0, dtype="bfloat16")
+    )  # fmt: skip
+
+
 def mesh_section(
     data: int = -1, fsdp: int = 1, tensor: int = 1, sequence: int = 1
 ) -> ml_collections.ConfigDict:

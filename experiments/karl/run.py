@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 from configs import karl as karl_configs  # noqa: E402
 from vitok import runs, train  # noqa: E402
 from vitok.data import pipeline  # noqa: E402
-from vitok.evaluators.adaptive import MARGINS  # noqa: E402
+from vitok.evaluators.adaptive import MARGINS, calibration_table  # noqa: E402
 from vitok.models.karl import per_image_l1  # noqa: E402
 
 QUALITIES = (0.03, 0.05, 0.07, 0.09, 0.12, 0.16)
@@ -255,16 +255,8 @@ def write_markdown(path: str, result: dict) -> None:
         f"# KARL tiny on the CPU ({result['steps']} steps, {result['train_minutes']:.1f} min "
         f"of training; {result['held_out']} held-out photo crops, at most {t} tokens)\n",
         "## Calibration (the paper's Table 3 form; shares in %)\n",
-        "| requested ε | achieved L1 | > ε | > ε+0.01 | > ε+0.02 | > ε+0.03 | L1 of those > ε "
-        "| mean tokens (std) |",
-        "|" + "---|" * 8,
+        *calibration_table(cal),
     ]
-    for r in cal:
-        shares = " | ".join(f"{100 * r[f'over_{m:.2f}']:.0f}" for m in MARGINS)
-        lines.append(
-            f"| {r['quality']:.2f} | {r['l1']:.4f} | {shares} | {r['l1_over']:.4f} | "
-            f"{r['tokens']:.1f} ({r['tokens_std']:.1f}) |"
-        )
     qs = COMPLEXITY_QUALITIES
     lines += [
         "\n## Complexity: mean predicted tokens per image set\n",

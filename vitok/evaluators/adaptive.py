@@ -33,22 +33,30 @@ def calibration_sums(l1: jax.Array, tokens: jax.Array, psnrs: jax.Array, quality
     return jnp.stack([jnp.sum(c * mask) for c in columns])
 
 
-def write_calibration_table(path: str, rows: list[dict], max_tokens: int) -> None:
-    head = "| requested ε | achieved L1 | > ε | > ε+0.01 | > ε+0.02 | > ε+0.03 | L1 of those > ε | mean tokens | PSNR |"
-    lines = [
-        f"Held-out images tokenized at each requested quality in one encoder pass (of at most "
-        f"{max_tokens} tokens); L1 on [0, 1] pixels, shares in %.\n",
-        head,
-        "|" + "---|" * 9,
-    ]
+def calibration_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of the calibration table (the paper's Table 3 form; shares in %). Rows
+    hold quality, l1, over_<margin>, l1_over, tokens, and optionally tokens_std and psnr."""
+    std, with_psnr = "tokens_std" in rows[0], "psnr" in rows[0]
+    head = ["requested ε", "achieved L1"] + [f"> ε+{m:g}" if m else "> ε" for m in MARGINS]
+    head += ["L1 of those > ε", "mean tokens (std)" if std else "mean tokens"]
+    head += ["PSNR"] * with_psnr
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        shares = " | ".join(f"{100 * r[f'over_{m:.2f}']:.0f}" for m in MARGINS)
-        lines.append(
-            f"| {r['quality']:.3f} | {r['l1']:.4f} | {shares} | {r['l1_over']:.4f} | "
-            f"{r['tokens']:.1f} | {r['psnr']:.2f} |"
-        )
+        cells = [f"{r['quality']:.3f}", f"{r['l1']:.4f}"]
+        cells += [f"{100 * r[f'over_{m:.2f}']:.0f}" for m in MARGINS]
+        tokens = f"{r['tokens']:.1f}" + (f" ({r['tokens_std']:.1f})" if std else "")
+        cells += [f"{r['l1_over']:.4f}", tokens] + ([f"{r['psnr']:.2f}"] if with_psnr else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_calibration_table(path: str, rows: list[dict], max_tokens: int) -> None:
+    intro = (
+        f"Held-out images tokenized at each requested quality in one encoder pass (of at most "
+        f"{max_tokens} tokens); L1 on [0, 1] pixels, shares in %.\n"
+    )
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join([intro, *calibration_table(rows)]) + "\n")
 
 
 @EVALUATORS.register("adaptive_length")
