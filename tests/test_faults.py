@@ -21,10 +21,10 @@ from vitok.train import PREEMPTED_EXIT_CODE
 
 ARGS = [
     "--config=configs/vit.py:tiny",
-    "--config.total_steps=60",
+    "--config.total_steps=40",
     "--config.batch_size=16",
     "--config.log_every=1",
-    "--config.eval_every=30",
+    "--config.eval_every=20",
     "--config.checkpoint_every=1000",  # only the last step and the preempted one
     "--config.model.patch_size=7",
     "--config.model.width=32",
@@ -71,7 +71,7 @@ def test_a_signal_checkpoints_the_current_step_and_the_rerun_resumes_exactly(
     workdir = str(tmp_path / "preempted")
     proc = _launch(workdir)
     deadline = time.time() + 300
-    while _logged_steps(workdir) < 12:
+    while _logged_steps(workdir) < 8:
         assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
         time.sleep(0.02)
     proc.send_signal(sig)
@@ -80,9 +80,11 @@ def test_a_signal_checkpoints_the_current_step_and_the_rerun_resumes_exactly(
     message = out.strip().splitlines()[-1]
     assert message.startswith(f"vitok: {sig.name}: stopped after step "), message
     stopped = int(message.split("stopped after step ")[1].split(",")[0])
-    assert 12 <= stopped < 60 and "run the same command again to resume" in message
+    assert 8 <= stopped < 40 and "run the same command again to resume" in message
     # The stopped step's checkpoint is committed (no temporary directory left behind).
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(stopped)]
+    if sig == signal.SIGINT:
+        return  # the same path from here on: resuming is checked once, after SIGTERM
 
     proc = _launch(workdir)
     out = proc.communicate(timeout=600)[0].decode()
@@ -112,7 +114,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(referenc
     workdir = str(tmp_path / "two")
     procs = _two_processes(workdir, mesh)
     deadline = time.time() + 300
-    while _logged_steps(workdir) < 12:
+    while _logged_steps(workdir) < 8:
         assert all(p.poll() is None for p in procs) and time.time() < deadline
         time.sleep(0.02)
     procs[1].send_signal(signal.SIGTERM)

@@ -65,5 +65,6 @@ def test_tfds_pipeline_batches(data_dir):
 
 
 def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not available"):
+    with pytest.raises(FileNotFoundError, match="not prepared.*tfds build vitok_tiny_images"):
         sources.TfdsSource(name="vitok_tiny_images", split="train", data_dir=str(tmp_path))
+    assert not any(tmp_path.rglob("*.tfrecord*")) and not any(tmp_path.rglob("*.array_record*"))
