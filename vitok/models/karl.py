@@ -352,16 +352,22 @@ class KARL(Tokenizer):
         images; a float or [B]). ``budget``: T (int or [B]; None: max_tokens)."""
         if self.quantizer_kind == "continuous":
             raise ValueError("a continuous KARL has no token ids; use encode() for its codes")
+        out, keep = self.encode_request(images, quality, budget)
+        return jnp.where(keep, out["ids"], PAD_ID)
+
+    def encode_request(
+        self, images: jax.Array, quality: Any, budget: Any
+    ) -> tuple[dict[str, jax.Array], jax.Array]:
+        """One encoder pass at the requested ``quality`` (float or [B]) within ``budget`` (int,
+        [B] or None) -> (``encode``'s outputs, kept tokens bool [B, max_tokens])."""
         if isinstance(quality, (int, float)) and not 0.0 <= float(quality) <= 1.0:
             raise ValueError(f"quality is a mean L1 error in [0, 1], got {quality}")
         index = jnp.broadcast_to(quality_bin(quality, self.quality_bins), (images.shape[0],))
-        if budget is not None and isinstance(budget, (int, np.integer)):
-            budget = int(budget)
-            if budget == self.max_tokens:
-                budget = None  # the full budget needs no mask (any attention backend)
+        if isinstance(budget, (int, np.integer)) and int(budget) == self.max_tokens:
+            budget = None  # the full budget needs no mask (any attention backend)
         out = self.encode(images, index, budget)
         keep = self.token_keep(out["halt_logits"], self.max_tokens if budget is None else budget)
-        return jnp.where(keep, out["ids"], PAD_ID)
+        return out, keep
 
     def tokenize_at_budget(self, images: jax.Array, k: jax.Array | int) -> jax.Array:
         """Fixed-budget ids for reconstruction from k tokens: the budget k at the lowest
@@ -374,11 +380,7 @@ class KARL(Tokenizer):
         """One encoder and one decoder pass at the requested ``quality`` (float or [B]) and
         ``budget`` -> (images [B, H, W, C], token counts [B] int32); any quantizer, continuous
         included."""
-        index = jnp.broadcast_to(quality_bin(quality, self.quality_bins), (images.shape[0],))
-        if isinstance(budget, (int, np.integer)) and int(budget) == self.max_tokens:
-            budget = None
-        out = self.encode(images, index, budget)
-        keep = self.token_keep(out["halt_logits"], self.max_tokens if budget is None else budget)
+        out, keep = self.encode_request(images, quality, budget)
         return self.decode(out["codes"], keep), keep.sum(-1).astype(jnp.int32)
 
     def reconstruct_at_budget(
