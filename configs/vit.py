@@ -110,6 +110,7 @@ def tiny_flexi() -> ml_collections.ConfigDict:
 def tiny_seg() -> ml_collections.ConfigDict:
     c = base()
     c.task = "segmentation"
+    del c.label_smoothing  # a classification key; the per-pixel loss has none
     c.total_steps = 600
     c.model.num_classes = 0
     c.model.dense_classes = 11  # background + digits 0..9

@@ -3,11 +3,21 @@ JAX_PLATFORMS=cuda the accelerator tests run on the GPU (e.g. ``-k "not sequence
 
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run (both xdist workers and every subprocess
+# they start): the tests compile the same small configs many times over. Fresh for each run.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+if os.environ.get("VITOK_TEST_COMPILE_CACHE", "1") != "0":
+    os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vitok-jax-cache-{_RUN}")
+    )
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the configs/ package; the tests' helpers live in tests/helpers.py

@@ -1,11 +1,38 @@
 """Small configs shared by the tests: the presets' code paths with smaller numbers."""
 
+import importlib
 import json
 import os
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_vit_cli_args(**steps: int) -> list[str]:
+    """``configs/vit.py:tiny`` shrunk for subprocess runs of ``vitok.train`` (a 1-layer width-32
+    ViT on 7x7 patches, batch 16, every step logged); ``steps`` override total_steps (40),
+    eval_every (20) and checkpoint_every (1000)."""
+    run = {"total_steps": 40, "eval_every": 20, "checkpoint_every": 1000, **steps}
+    return [
+        "--config=configs/vit.py:tiny",
+        *(f"--config.{key}={value}" for key, value in run.items()),
+        "--config.batch_size=16",
+        "--config.log_every=1",
+        "--config.model.patch_size=7",
+        "--config.model.width=32",
+        "--config.model.depth=1",
+        "--config.model.mlp_dim=64",
+        "--config.model.num_heads=2",
+        "--config.evals.test.max_examples=256",
+        "--config.peak_flops_per_device=1e9",
+    ]
+
+
+def load_preset(spec: str):
+    """'flextok.py:tiny' -> configs/flextok.py's ``get_config("tiny")``."""
+    module, preset = spec.split(":")
+    return importlib.import_module(f"configs.{module.removesuffix('.py')}").get_config(preset)
 
 
 def override(c, overrides):

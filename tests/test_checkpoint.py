@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, small_vit_config
+from helpers import ROOT, small_vit_config, tiny_vit_cli_args
 
 from vitok import checkpoint, train
 
@@ -137,20 +137,8 @@ def _run_cli(workdir, extra=()):
         sys.executable,
         "-m",
         "vitok.train",
-        "--config=configs/vit.py:tiny",
         f"--workdir={workdir}",
-        "--config.total_steps=40",
-        "--config.batch_size=16",
-        "--config.log_every=1",
-        "--config.eval_every=10",
-        "--config.checkpoint_every=5",
-        "--config.model.patch_size=7",
-        "--config.model.width=32",
-        "--config.model.depth=1",
-        "--config.model.mlp_dim=64",
-        "--config.model.num_heads=2",
-        "--config.evals.test.max_examples=256",
-        "--config.peak_flops_per_device=1e9",
+        *tiny_vit_cli_args(eval_every=10, checkpoint_every=5),
         *extra,
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -3,9 +3,11 @@
 import inspect
 import io
 import os
+import re
 
 import numpy as np
 import pytest
+from helpers import load_preset
 from PIL import Image
 
 from configs import flextok
@@ -289,6 +291,54 @@ def test_a_key_that_no_part_of_the_pipeline_reads_is_an_error_naming_it():
     )
     with pytest.raises(ValueError, match="config.data.path is required for data source 'folder'"):
         sources.build_source({"source": "folder", "path": ""}, "train")
+
+
+@pytest.mark.parametrize(
+    "preset, section, key, message",
+    [
+        ("flextok.py:tiny", "", "log_evry", "unknown config key 'config.log_evry'"),
+        ("flextok.py:tiny", "flextok", "cfg_dropot", "unknown config key 'config.flextok.cfg_dropot'"),
+        ("flextok.py:tiny", "evals.recon", "stepz", "unknown config key 'config.evals.recon.stepz'"),
+        ("flextok.py:tiny", "optim", "weight_decy", "unknown config key 'config.optim.weight_decy'"),
+        ("flextok.py:tiny", "optim", "momentum", "'config.optim.momentum'; config.optim takes"),
+        ("flextok.py:tiny", "init_from", "skp", "unknown config key 'config.init_from.skp'"),
+        ("vit.py:tiny", "evals.test", "patch_sise", "'config.evals.test.patch_sise'"),
+        ("vit.py:tiny_seg", "", "label_smoothing", "unknown config key 'config.label_smoothing'"),
+        ("karl.py:tiny", "karl", "budget", "unknown config key 'config.karl.budget'"),
+    ],
+)  # fmt: skip
+def test_a_key_that_no_component_reads_is_an_error_naming_it(preset, section, key, message):
+    """Task, evaluator, optimizer and top-level keys are checked like data keys (momentum is
+    an SGD key, label_smoothing a classification key: neither is read where they are put)."""
+    from vitok.train import run_options
+
+    config = load_preset(preset)
+    run_options(config)  # the preset itself is clean
+    with config.unlocked():
+        parent = config
+        for name in filter(None, section.split(".")):
+            parent = parent[name]
+        parent[key] = 0.1
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        run_options(config)
+
+
+def test_a_components_defaults_live_in_its_declared_keys():
+    from vitok.evaluators.reconstruction import ReconstructionEvaluator
+    from vitok.optim import OPTIMIZER_KEYS, optim_options
+    from vitok.tasks.flextok import FlexTokTask
+    from vitok.train import RUN_KEYS, run_options
+
+    config = flextok.get_config("tiny")
+    with config.unlocked():
+        del config.flextok, config.log_every, config.optim.b1
+    assert run_options(config)["log_every"] == RUN_KEYS["log_every"] == 50
+    task = FlexTokTask(config)  # no section: every default
+    assert task.loss_space == FlexTokTask.CONFIG_KEYS["flextok"]["loss_space"] == "velocity"
+    assert optim_options(config.optim)["b1"] == OPTIMIZER_KEYS["adamw"]["b1"] == 0.9
+    assert ReconstructionEvaluator.OPTIONS["baseline_examples"] == 8192
+    with pytest.raises(ValueError, match=r"config.optim.name must be one of \['adamw', 'sgd'\]"):
+        optim_options({"name": "adam", "lr": 1.0})
 
 
 def test_any_preset_switches_its_data_source_from_the_command_line(folder):

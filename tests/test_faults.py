@@ -15,25 +15,11 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, tiny_vit_cli_args
 
 from vitok.train import PREEMPTED_EXIT_CODE
 
-ARGS = [
-    "--config=configs/vit.py:tiny",
-    "--config.total_steps=40",
-    "--config.batch_size=16",
-    "--config.log_every=1",
-    "--config.eval_every=20",
-    "--config.checkpoint_every=1000",  # only the last step and the preempted one
-    "--config.model.patch_size=7",
-    "--config.model.width=32",
-    "--config.model.depth=1",
-    "--config.model.mlp_dim=64",
-    "--config.model.num_heads=2",
-    "--config.evals.test.max_examples=256",
-    "--config.peak_flops_per_device=1e9",
-]
+ARGS = tiny_vit_cli_args()  # checkpoint_every 1000: only the last step and the preempted one
 
 
 def _launch(workdir, extra=(), devices=8):
@@ -198,18 +184,44 @@ BAD_INPUTS = {
 }  # fmt: skip
 
 
+def _cli_argv(case: str, workdir: str) -> list[str]:
+    flags, _ = BAD_INPUTS[case.removesuffix("+debug")]
+    flags = [f.replace("NODATA", os.path.join(workdir, "nodata")) for f in flags]
+    extra = ["--debug"] if case.endswith("+debug") else []
+    return [f"--workdir={os.path.join(workdir, 'run')}", *ARGS, *flags, *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_outcomes(tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """Every bad input (and one with --debug) through ``vitok.train.main``, each in its own
+    forked process (``tests/forked_cli.py``): one interpreter start for all of them."""
+    cases = [*sorted(BAD_INPUTS), "unknown_op+debug"]
+    argvs = [_cli_argv(c, str(tmp_path_factory.mktemp(c.replace("+", "_")))) for c in cases]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "forked_cli.py"), json.dumps(argvs)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(zip(cases, map(tuple, json.loads(done.stdout.splitlines()[-1])), strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_user_errors_end_in_one_clear_line(case, tmp_path):
-    flags, expected = BAD_INPUTS[case]
-    flags = [f.replace("NODATA", str(tmp_path / "nodata")) for f in flags]
-    proc = _launch(str(tmp_path / "run"), flags)
-    out = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode != 0, out
+def test_user_errors_end_in_one_clear_line(case, cli_outcomes):
+    code, out = cli_outcomes[case]
+    assert code != 0, out
     assert "Traceback" not in out, out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("vitok: ") and expected in last, last
+    assert last.startswith("vitok: ") and BAD_INPUTS[case][1] in last, last
     assert "importlib_resources" not in out
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(cli_outcomes):
+    code, out = cli_outcomes["unknown_op+debug"]
+    assert code != 0 and "Traceback (most recent call last)" in out, out
+    assert BAD_INPUTS["unknown_op"][1] in out
 
 
 # --- a full disk ----------------------------------------------------------------------------
@@ -274,11 +286,3 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoin
     finally:
         if mounted:
             subprocess.run(["umount", str(small)], capture_output=True)
-
-
-@pytest.mark.slow
-def test_debug_shows_the_traceback(tmp_path):
-    flags, expected = BAD_INPUTS["unknown_op"]
-    proc = _launch(str(tmp_path / "run"), [*flags, "--debug"])
-    out = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode != 0 and "Traceback (most recent call last)" in out and expected in out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -21,6 +23,32 @@ REQUIRED_KEYS = ("seed", "total_steps", "eval_every", "checkpoint_every", "batch
 
 class ConfigError(ValueError):
     pass
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()  # a key with no default in ``section_options``
+
+
+def section_options(
+    section: Mapping[str, Any] | None, defaults: Mapping[str, Any], where: str
+) -> dict[str, Any]:
+    """``defaults`` (key -> default, or ``REQUIRED``) updated with ``section``'s keys: the one
+    place a component's defaults live. A key ``defaults`` does not have, or a missing required
+    one, is a ConfigError naming ``where.key`` and the keys ``where`` takes."""
+    given = dict(section or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{where}.{unknown[0]}'; {where} takes {sorted(defaults)}"
+        )
+    missing = [k for k, v in defaults.items() if v is REQUIRED and k not in given]
+    if missing:
+        raise ConfigError(f"{where} needs the key '{missing[0]}'")
+    return {**defaults, **given}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

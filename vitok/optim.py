@@ -8,27 +8,64 @@ from typing import Any
 import jax
 import optax
 
+from vitok.config import REQUIRED, section_options
+
+# The keys of ``config.optim`` and their defaults: common ones, then per optimizer ``name`` and
+# per learning-rate ``schedule``.
+OPTIM_KEYS = {
+    "name": "adamw", "lr": REQUIRED, "warmup_steps": 0, "schedule": "cosine", "clip_norm": 0.0,
+    "ema_decay": 0.0,
+}  # fmt: skip
+OPTIMIZER_KEYS = {
+    "adamw": {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "sgd": {"momentum": 0.9},
+}
+SCHEDULE_KEYS = {
+    "cosine": {"end_factor": 0.0},
+    "constant": {},
+    "step": {"step_fractions": (0.5, 2 / 3, 5 / 6), "step_factor": 0.2},  # NAR / LlamaGen
+}
+
+
+def optim_options(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config.optim`` with every default filled in; an unknown optimizer, schedule or key (for
+    the chosen optimizer and schedule) is an error naming it."""
+    given = dict(config or {})
+    name = given.get("name", OPTIM_KEYS["name"])
+    kind = given.get("schedule", OPTIM_KEYS["schedule"])
+    if name not in OPTIMIZER_KEYS:
+        raise ValueError(f"config.optim.name must be one of {sorted(OPTIMIZER_KEYS)}, got {name!r}")
+    if kind not in SCHEDULE_KEYS:
+        raise ValueError(
+            f"config.optim.schedule must be one of {sorted(SCHEDULE_KEYS)}, got {kind!r}"
+        )
+    return section_options(
+        given, {**OPTIM_KEYS, **OPTIMIZER_KEYS[name], **SCHEDULE_KEYS[kind]}, "config.optim"
+    )
+
 
 def schedule(config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``lr``, then cosine (or constant) decay to ``lr * end_factor``."""
+    """Linear warmup to ``lr``, then cosine decay to ``lr * end_factor``, a constant, or steps
+    (``lr * step_factor`` at each of ``step_fractions`` of training)."""
+    config = optim_options(config)
     lr = float(config["lr"])
-    warmup = int(config.get("warmup_steps", 0))
-    kind = config.get("schedule", "cosine")
+    warmup = int(config["warmup_steps"])
+    kind = config["schedule"]
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=lr,
             warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1),
-            end_value=lr * float(config.get("end_factor", 0.0)),
+            end_value=lr * float(config["end_factor"]),
         )
     if kind == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
         )
-    if kind == "step":  # NAR / LlamaGen-style: lr x factor at each fraction of training
-        fractions = tuple(float(f) for f in config.get("step_fractions", (0.5, 2 / 3, 5 / 6)))
-        factor = float(config.get("step_factor", 0.2))
+    if kind == "step":
+        fractions = tuple(float(f) for f in config["step_fractions"])
+        factor = float(config["step_factor"])
         boundaries: dict[int, float] = {}  # steps after warmup -> factor; coinciding multiply
         for f in fractions:
             step = max(int(f * total_steps) - warmup, 1)
@@ -40,7 +77,7 @@ def schedule(config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
             ],
             [warmup],
         )
-    raise ValueError(f"config.optim.schedule must be 'cosine', 'constant' or 'step', got {kind!r}")
+    raise AssertionError(kind)  # optim_options checked it
 
 
 NO_DECAY_NAMES = ("bias", "scale")  # parameter names (suffixes) that never decay
@@ -71,22 +108,20 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (or SGD-momentum) with global-norm clipping; returns (optimizer, schedule).
     ``logical_axes``: the params' logical-axis tuples, which decide weight decay (``decay_mask``)."""
+    config = optim_options(config)
     lr = schedule(config, total_steps)
-    name = config.get("name", "adamw")
-    if name == "adamw":
+    if config["name"] == "adamw":
         opt = optax.adamw(
             lr,
-            b1=float(config.get("b1", 0.9)),
-            b2=float(config.get("b2", 0.999)),
-            eps=float(config.get("eps", 1e-8)),
-            weight_decay=float(config.get("weight_decay", 0.0)),
+            b1=float(config["b1"]),
+            b2=float(config["b2"]),
+            eps=float(config["eps"]),
+            weight_decay=float(config["weight_decay"]),
             mask=lambda params: decay_mask(params, logical_axes),
         )
-    elif name == "sgd":
-        opt = optax.sgd(lr, momentum=float(config.get("momentum", 0.9)))
     else:
-        raise ValueError(f"config.optim.name must be 'adamw' or 'sgd', got {name!r}")
-    clip = float(config.get("clip_norm", 0.0))
+        opt = optax.sgd(lr, momentum=float(config["momentum"]))
+    clip = float(config["clip_norm"])
     if clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(clip), opt)
     return opt, lr

@@ -24,6 +24,7 @@ from flax import nnx
 
 from vitok import checkpoint, sharding
 from vitok.models import ModelHandle
+from vitok.optim import optim_options
 
 
 class RunNotFoundError(FileNotFoundError):
@@ -63,7 +64,7 @@ def weight_shardings(model: ModelHandle, mesh: jax.sharding.Mesh, rules) -> tupl
 
 def weights_key(config: Any) -> str:
     """The state entry that holds a run's weights for use: ``ema`` if it kept one."""
-    return "ema" if float(config.optim.get("ema_decay", 0.0)) else "params"
+    return "ema" if float(optim_options(config.optim)["ema_decay"]) else "params"
 
 
 @dataclasses.dataclass(frozen=True)

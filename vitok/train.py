@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -30,14 +30,45 @@ import optax
 
 from vitok import checkpoint, perf, runs, sharding
 from vitok import config as config_lib
+from vitok.config import REQUIRED, section_options
 from vitok.data import pipeline
+from vitok.evaluators import EVAL_KEYS, evaluator_options
 from vitok.models import ModelHandle, init_variables
 from vitok.models.frozen import load_pretrained, pretrained_workdirs
-from vitok.models.transfer import init_from_run, source_run
-from vitok.optim import make_optimizer
+from vitok.models.transfer import INIT_FROM_KEYS, init_from_run, source_run
+from vitok.optim import make_optimizer, optim_options
 from vitok.plots import plot_curves
 from vitok.registry import EVALUATORS, TASKS
 from vitok.writer import MetricWriter, Progress
+
+# The top-level keys of a training config that the trainer reads, with their defaults; a task
+# adds its own (``CONFIG_KEYS``: a key -> default, or a section -> its keys and defaults).
+RUN_KEYS = {
+    "seed": REQUIRED, "task": REQUIRED, "total_steps": REQUIRED, "batch_size": REQUIRED,
+    "eval_every": REQUIRED, "checkpoint_every": REQUIRED, "log_every": 50, "keep_checkpoints": 3,
+    "async_checkpoints": True, "peak_flops_per_device": 0.0, "model": REQUIRED, "data": REQUIRED,
+    "optim": REQUIRED, "mesh": REQUIRED, "sharding": REQUIRED, "evals": {}, "init_from": None,
+}  # fmt: skip
+
+
+def run_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The top-level keys with their defaults, after checking the keys of every section a
+    component reads with defaults (task, optimizer, evaluators, init_from): an unknown key is
+    an error naming it, at start-up."""
+    task_keys = getattr(TASKS.lookup(config.task), "CONFIG_KEYS", {})
+    run = section_options(config, {**RUN_KEYS, **task_keys}, "config")
+    for key, defaults in task_keys.items():
+        if isinstance(defaults, Mapping):
+            section_options(config.get(key), defaults, f"config.{key}")
+    if run["init_from"] is not None:
+        section_options(run["init_from"], INIT_FROM_KEYS, "config.init_from")
+    optim_options(config.optim)
+    for name, ev in run["evals"].items():
+        if "type" not in ev:
+            raise config_lib.ConfigError(f"config.evals.{name} needs the key 'type'")
+        evaluator = EVALUATORS.lookup(ev.type)
+        evaluator_options(ev, evaluator.OPTIONS, f"config.evals.{name}")
+    return run
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,13 +87,14 @@ class EvalContext:
 
     def eval_batches(self, eval_config: Any) -> Iterator[dict]:
         """Global (sharded) batches of an evaluator's data, with a ``mask`` for padding."""
-        batch_size = int(eval_config.get("batch_size", self.config.batch_size))
+        options = {**EVAL_KEYS, **eval_config}
+        batch_size = int(options["batch_size"] or self.config.batch_size)
         for local in pipeline.eval_batches(
             eval_config.data,
             global_batch_size=batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            max_examples=eval_config.get("max_examples", 0) or None,
+            max_examples=options["max_examples"] or None,
         ):
             yield sharding.global_batch(local, self.mesh, self.rules)
 
@@ -96,7 +128,7 @@ class Setup:
             task=TASKS.lookup(config.task)(config),
             tx=tx,
             lr_schedule=lr_schedule,
-            ema_decay=float(config.optim.get("ema_decay", 0.0)),
+            ema_decay=float(optim_options(config.optim)["ema_decay"]),
         )
 
     def init_state(self, rng: jax.Array) -> dict:
@@ -167,8 +199,7 @@ class Setup:
         return 3 * float(self.model.module().forward_flops()) * self.config.batch_size
 
 
-def _peak_flops(config) -> float:
-    per_device = float(config.get("peak_flops_per_device", 0.0))
+def _peak_flops(per_device: float) -> float:
     if per_device > 0:
         return per_device * jax.device_count()
     measured = perf.measure_matmul_peak()
@@ -187,17 +218,18 @@ def train_and_evaluate(
     """
     # --- 1. set-up ------------------------------------------------------------------------------
     config_lib.validate(config)
+    run = run_options(config)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     lock = WorkdirLock(workdir) if is_main else None  # the job's other processes share it
     try:
-        return _train(config, workdir, devices, lock)
+        return _train(config, run, workdir, devices, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config, workdir: str, devices, lock) -> dict[str, float]:
+def _train(config, run: dict[str, Any], workdir: str, devices, lock) -> dict[str, float]:
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh, devices)
     check_batch_size(config.batch_size, mesh)
@@ -234,8 +266,8 @@ def _train(config, workdir: str, devices, lock) -> dict[str, float]:
     # --- 4. restore or initialise ----------------------------------------------------------------
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        max_to_keep=int(config.get("keep_checkpoints", 3)),
-        async_save=bool(config.get("async_checkpoints", True)),
+        max_to_keep=int(run["keep_checkpoints"]),
+        async_save=bool(run["async_checkpoints"]),
     )
     target = runs.with_shardings(abstract_state, state_shardings)
     restored = ckpt.restore(target, train_iter)
@@ -262,8 +294,7 @@ def _train(config, workdir: str, devices, lock) -> dict[str, float]:
     # --- 5. evaluators ----------------------------------------------------------------------------
     context = EvalContext(config, model, mesh, rules, workdir)
     evaluators = {
-        name: EVALUATORS.lookup(ev.type)(ev, context)
-        for name, ev in config.get("evals", {}).items()
+        name: EVALUATORS.lookup(ev.type)(ev, context) for name, ev in run["evals"].items()
     }
 
     def run_evals() -> dict[str, float]:
@@ -277,9 +308,9 @@ def _train(config, workdir: str, devices, lock) -> dict[str, float]:
 
     # --- 6. the loop ------------------------------------------------------------------------------
     flops_per_step = setup.train_flops_per_step()
-    peak = _peak_flops(config)
+    peak = _peak_flops(float(run["peak_flops_per_device"]))
     progress = Progress(config.total_steps, start_step, enabled=is_main)
-    log_every = int(config.get("log_every", 50))
+    log_every = int(run["log_every"])
     last_metrics: dict[str, float] = {}
     # The first step whose loss was non-finite (0: none), tracked on the device and read only at
     # log and checkpoint steps, so no step waits for the previous one's loss.

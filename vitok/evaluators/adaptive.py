@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitok.evaluators import evaluator_options
 from vitok.evaluators.reconstruction import _first_rows, psnr, save_grid, to_unit_range
 from vitok.models.karl import per_image_l1
 from vitok.registry import EVALUATORS
@@ -65,9 +66,12 @@ class AdaptiveLengthEvaluator:
     ``psnr@ε`` for each ε in ``qualities``; writes ``adaptive.md`` (the table) and
     ``adaptive.png`` (rows: images; columns: each ε, then the original)."""
 
+    OPTIONS = {"prefix": "adaptive", "qualities": (0.03, 0.05, 0.07, 0.09), "grid_rows": 8}
+
     def __init__(self, config: Any, context: Any):
         self.config, self.context = config, context
-        self.prefix = config.get("prefix", "adaptive")
+        options = evaluator_options(config, self.OPTIONS)
+        self.prefix = options["prefix"]
         model = context.model.module()
         if not callable(getattr(model, "reconstruct", None)) or "quality" not in dict(
             getattr(model, "tokenize_options", {})
@@ -76,11 +80,11 @@ class AdaptiveLengthEvaluator:
                 f"the adaptive_length evaluator needs a tokenizer that takes a requested "
                 f"quality (KARL), not {context.config.model.name!r}"
             )
-        self.qualities = [float(q) for q in config.get("qualities", (0.03, 0.05, 0.07, 0.09))]
+        self.qualities = [float(q) for q in options["qualities"]]
         bad = [q for q in self.qualities if not 0.0 <= q <= 1.0]
         if bad:
             raise ValueError(f"evaluator {self.prefix!r}: qualities must lie in [0, 1], got {bad}")
-        self.grid_rows = int(config.get("grid_rows", 8))
+        self.grid_rows = int(options["grid_rows"])
         self.max_tokens = int(model.token_shape[0])
 
         def run(params, extra, images, mask, quality):

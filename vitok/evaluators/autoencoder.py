@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitok.evaluators import evaluator_options
 from vitok.evaluators.reconstruction import _first_rows, psnr, save_grid, ssim, to_unit_range
 from vitok.registry import EVALUATORS
 
@@ -18,11 +19,14 @@ class AutoencoderEvaluator:
     """PSNR and SSIM of an autoencoder's reconstructions (``model(images)[0]``, no sampling);
     writes ``autoencoder.png`` (reconstruction beside original) into the workdir."""
 
+    OPTIONS = {"prefix": "eval", "grid_rows": 8}
+
     def __init__(self, config: Any, context: Any):
         self.config = config
         self.context = context
-        self.prefix = config.get("prefix", "eval")
-        self.grid_rows = int(config.get("grid_rows", 8))
+        options = evaluator_options(config, self.OPTIONS)
+        self.prefix = options["prefix"]
+        self.grid_rows = int(options["grid_rows"])
 
         def run(params, extra, images, mask):
             recon = to_unit_range(context.model.merge(params, extra)(images)[0])

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vitok.evaluators import evaluator_options
 from vitok.registry import EVALUATORS
 from vitok.tasks.classification import cross_entropy
 
@@ -18,11 +19,14 @@ class ClassificationEvaluator:
     ``patch_size`` (optional, 0 = native) runs a ViT at another patch size (FlexiViT).
     """
 
+    OPTIONS = {"prefix": "eval", "patch_size": 0}
+
     def __init__(self, config: Any, context: Any):
         self.config = config
         self.context = context
-        self.prefix = config.get("prefix", "eval")
-        patch_size = int(config.get("patch_size", 0)) or None
+        options = evaluator_options(config, self.OPTIONS)
+        self.prefix = options["prefix"]
+        patch_size = int(options["patch_size"]) or None
 
         def sums(params, extra, batch):
             model = context.model.merge(params, extra)

@@ -18,6 +18,7 @@ import scipy.linalg
 from flax import nnx
 
 from vitok import runs
+from vitok.config import section_options
 from vitok.models import build_model
 from vitok.models.vit import ViT
 
@@ -72,12 +73,14 @@ class FeatureNet:
     ``seed``.
     """
 
+    OPTIONS = {"workdir": "", "model": None, "seed": 0}
+
     def __init__(self, config: Any):
-        workdir = config.get("workdir", "")
-        if workdir:
-            model = runs.load_run(workdir).module()
-        elif config.get("model"):
-            model = build_model(config.model, nnx.Rngs(int(config.get("seed", 0))))
+        o = section_options(config, self.OPTIONS, "the fid section")
+        if o["workdir"]:
+            model = runs.load_run(o["workdir"]).module()
+        elif o["model"]:
+            model = build_model(o["model"], nnx.Rngs(int(o["seed"])))
         else:
             raise ValueError("a FID feature network needs 'workdir' (a trained run) or 'model'")
         if not isinstance(model, ViT):

@@ -30,6 +30,8 @@ import numpy as np
 from flax import nnx
 
 from vitok import runs
+from vitok.config import REQUIRED
+from vitok.evaluators import evaluator_options
 from vitok.evaluators.fid import FeatureStats, fid_from_stats
 from vitok.evaluators.reconstruction import save_grid
 from vitok.models.base import Tokenizer, pad_ids
@@ -71,47 +73,49 @@ class Classifier:
 
 @EVALUATORS.register("generation")
 class GenerationEvaluator:
+    OPTIONS = {
+        "prefix": "samples", "samples_per_class": 100, "batch_size": 100, "grid_columns": 10,
+        "tokenizer_workdir": REQUIRED, "classifier_workdir": "", "classifier_range": (0, 1),
+        "num_tokens": 0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0,
+        "decode_steps": 10,
+    }  # fmt: skip
+
     def __init__(self, config: Any, context: Any):
         self.config, self.context = config, context
-        self.prefix = config.get("prefix", "samples")
-        self.per_class = int(config.get("samples_per_class", 100))
-        self.batch_size = int(config.get("batch_size", 100))
-        self.grid_columns = int(config.get("grid_columns", 10))
+        o = evaluator_options(config, self.OPTIONS)
+        self.prefix = o["prefix"]
+        self.per_class = int(o["samples_per_class"])
+        self.batch_size = int(o["batch_size"])
+        self.grid_columns = int(o["grid_columns"])
         shards = context.mesh.shape["data"] * context.mesh.shape["fsdp"]
         if self.batch_size % shards:
             raise ValueError(
                 f"evaluator {self.prefix!r}: batch_size {self.batch_size} must be divisible by "
                 f"the {shards} devices the batch is split over"
             )
-        tokenizer = _load_run(
-            config.get("tokenizer_workdir", ""), "tokenizer_workdir", context.mesh
-        )
+        tokenizer = _load_run(o["tokenizer_workdir"], "tokenizer_workdir", context.mesh)
         if not isinstance(tokenizer, Tokenizer):
             raise ValueError(
-                f"tokenizer_workdir {config.tokenizer_workdir!r} holds a "
+                f"tokenizer_workdir {o['tokenizer_workdir']!r} holds a "
                 f"{type(tokenizer).__name__}, not a tokenizer"
             )
         self.tok_def, self.tok_state = nnx.split(tokenizer)
         self.classifier = (
-            Classifier(
-                config.classifier_workdir,
-                context.mesh,
-                tuple(config.get("classifier_range", (0, 1))),
-            )
-            if config.get("classifier_workdir", "")
+            Classifier(o["classifier_workdir"], context.mesh, tuple(o["classifier_range"]))
+            if o["classifier_workdir"]
             else None
         )
-        num_tokens = int(config.get("num_tokens", 0)) or None
+        num_tokens = int(o["num_tokens"]) or None
         options = dict(
-            temperature=float(config.get("temperature", 1.0)),
-            top_k=int(config.get("top_k", 0)),
-            top_p=float(config.get("top_p", 1.0)),
-            cfg_scale=float(config.get("cfg_scale", 1.0)),
+            temperature=float(o["temperature"]),
+            top_k=int(o["top_k"]),
+            top_p=float(o["top_p"]),
+            cfg_scale=float(o["cfg_scale"]),
             num_tokens=num_tokens,
         )
         decode_options = {}
         if "steps" in tokenizer.decode_options:
-            decode_options["steps"] = int(config.get("decode_steps", 10))
+            decode_options["steps"] = int(o["decode_steps"])
         ordered = tokenizer.ordered  # 1D tokens: decode the first k = num_tokens
         handle = context.model
 

@@ -17,6 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vitok.data import pipeline
+from vitok.evaluators import evaluator_options
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
 from vitok.evaluators.linear_code import LinearCode, fit_linear_code
 from vitok.models.base import Tokenizer, checked_options
@@ -192,27 +193,41 @@ class ReconstructionEvaluator:
     decode and the linear code) and ``reconstructions.md`` (the table) into the workdir.
     """
 
+    # steps, guidance None: the tokenizer's own decode options.
+    OPTIONS = {
+        "prefix": "eval",
+        "token_counts": "pow2",
+        "steps": None,
+        "guidance": None,
+        "seed": 0,
+        "grid_rows": 8,
+        "mean_decode": True,
+        "baseline_examples": 8192,
+        "fid": None,
+    }  # fmt: skip
+
     def __init__(self, config: Any, context: Any):
         self.config = config
         self.context = context
-        self.prefix = config.get("prefix", "eval")
+        o = evaluator_options(config, self.OPTIONS)
+        self.prefix = o["prefix"]
         tokenizer = context.model.module()
         if not isinstance(tokenizer, Tokenizer) or not tokenizer.ordered:
             raise ValueError(
                 f"the reconstruction evaluator takes a 1D tokenizer (FlexTok, KARL), not "
                 f"{context.config.model.name!r}; use the 'autoencoder' evaluator for grids"
             )
-        self.counts = token_counts(config.get("token_counts", "pow2"), tokenizer.token_shape[0])
-        options = {name: config[name] for name in ("steps", "guidance") if name in config}
+        self.counts = token_counts(o["token_counts"], tokenizer.token_shape[0])
+        options = {name: o[name] for name in ("steps", "guidance") if o[name] is not None}
         checked_options(
             options,
             tokenizer.decode_options,
             f"evaluator {self.prefix!r}: the decoder of {context.config.model.name!r}",
         )
-        self.seed = int(config.get("seed", 0))
-        self.grid_rows = int(config.get("grid_rows", 8))
+        self.seed = int(o["seed"])
+        self.grid_rows = int(o["grid_rows"])
         mean_options = tokenizer.mean_decode_options
-        self.mean_decode = bool(config.get("mean_decode", True)) and mean_options is not None
+        self.mean_decode = bool(o["mean_decode"]) and mean_options is not None
         self.pixel_patch = tokenizer.decoder_patch
         self.codebook_size = tokenizer.codebook_size
 
@@ -227,12 +242,13 @@ class ReconstructionEvaluator:
         self._mean = jax.jit(functools.partial(reconstruct, options=dict(mean_options or {})))
         self._scores = jax.jit(scores)
         self.linear_code = None
-        baseline_examples = int(config.get("baseline_examples", 8192))
+        baseline_examples = int(o["baseline_examples"])
         if baseline_examples:
             self.linear_code = self._fit_linear_code(baseline_examples)
         self.features = None
-        if config.get("fid") and (config.fid.get("workdir") or config.fid.get("model")):
-            net = FeatureNet(config.fid)
+        fid = o["fid"]
+        if fid and (fid.get("workdir") or fid.get("model")):
+            net = FeatureNet(fid)
             # Padding examples are dropped on the host, so features are gathered per batch.
             self.features = jax.jit(lambda unit_images: net(unit_images * 2 - 1))
 

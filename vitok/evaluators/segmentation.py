@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitok.evaluators import evaluator_options
 from vitok.registry import EVALUATORS
 
 
@@ -39,14 +40,17 @@ class SegmentationEvaluator:
     (one confusion matrix over all pixels, as in PASCAL/ADE20k). ``patch_size`` (0 = native)
     evaluates at another patch size."""
 
+    OPTIONS = {"prefix": "eval", "patch_size": 0}
+
     def __init__(self, config: Any, context: Any):
         self.config = config
         self.context = context
-        self.prefix = config.get("prefix", "eval")
+        options = evaluator_options(config, self.OPTIONS)
+        self.prefix = options["prefix"]
         self.num_classes = int(context.config.model.get("dense_classes", 0))
         if self.num_classes < 1:
             raise ValueError("the segmentation evaluator needs config.model.dense_classes > 0")
-        patch_size = int(config.get("patch_size", 0)) or None
+        patch_size = int(options["patch_size"]) or None
         num_classes = self.num_classes
 
         def counts(params, extra, batch):

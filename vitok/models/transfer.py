@@ -21,6 +21,7 @@ import jax
 from flax import nnx
 
 from vitok import runs
+from vitok.config import section_options
 from vitok.models import ModelHandle
 
 
@@ -104,19 +105,22 @@ class SourceRun(NamedTuple):
     skip: Any  # patterns of params that keep their fresh init
 
 
+INIT_FROM_KEYS = {"workdir": "", "skip": ()}  # config.init_from
+
+
 def source_run(config: Any) -> SourceRun | None:
     """The run named by ``config.init_from.workdir`` (None when unset), checked to hold a
     training run's config and a checkpoint, so a wrong path fails before anything is
     compiled."""
-    spec = config.get("init_from")
-    if spec is None or not spec.get("workdir"):
+    spec = section_options(config.get("init_from"), INIT_FROM_KEYS, "config.init_from")
+    if not spec["workdir"]:
         return None
-    workdir = spec.workdir
+    workdir = spec["workdir"]
     source_config = runs.load_config(workdir)  # a clear error when it is no training run
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
         raise FileNotFoundError(f"init_from: {workdir!r} has no checkpoint in {checkpoints}")
-    return SourceRun(workdir, source_config, spec.get("skip", ()))
+    return SourceRun(workdir, source_config, spec["skip"])
 
 
 def init_from_run(source: SourceRun | None, model: ModelHandle, params: dict, mesh) -> dict:

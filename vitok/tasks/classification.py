@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vitok.config import section_options
 from vitok.registry import TASKS
 
 
@@ -18,11 +19,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+FLEXIVIT_KEYS = {"patch_sizes": ()}  # config.flexivit
+
+
 def train_patch_sizes(config: Any) -> tuple[int, ...]:
     """``config.flexivit.patch_sizes``: the patch sizes a FlexiViT run samples from, one per step
     (empty: the model's native size only)."""
-    flexi = config.get("flexivit") or {}
-    sizes = tuple(int(p) for p in flexi.get("patch_sizes", ()))
+    flexi = section_options(config.get("flexivit"), FLEXIVIT_KEYS, "config.flexivit")
+    sizes = tuple(int(p) for p in flexi["patch_sizes"])
     if any(p < 1 for p in sizes):
         raise ValueError(f"config.flexivit.patch_sizes must be positive, got {sizes}")
     return sizes
@@ -49,8 +53,12 @@ class ClassificationTask:
     """Batches hold ``image: [B, H, W, C]`` and ``label: [B]``. With
     ``config.flexivit.patch_sizes`` each step runs the model at one size drawn from the list."""
 
+    CONFIG_KEYS = {"label_smoothing": 0.0, "flexivit": FLEXIVIT_KEYS}
+
     def __init__(self, config: Any):
-        self.label_smoothing = float(config.get("label_smoothing", 0.0))
+        self.label_smoothing = float(
+            config.get("label_smoothing", self.CONFIG_KEYS["label_smoothing"])
+        )
         self.patch_sizes = train_patch_sizes(config)
 
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:

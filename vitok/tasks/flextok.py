@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vitok.config import section_options
 from vitok.models.flextok import floored_sigma, keep_count_choices, keep_mask, shift_sigma
 from vitok.registry import TASKS
 
@@ -66,13 +67,20 @@ def cosine_alignment(hidden: jax.Array, target: jax.Array) -> jax.Array:
 class FlexTokTask:
     """Batches hold ``image: [B, H, W, C]`` in [-1, 1]."""
 
+    CONFIG_KEYS = {
+        "flextok": {
+            "nested_dropout": "pow2", "cfg_dropout": 0.1, "loss_space": "velocity",
+            "repa_weight": 0.0,
+        }
+    }  # fmt: skip
+
     def __init__(self, config: Any):
-        cfg = config.get("flextok", {})
+        cfg = section_options(config.get("flextok"), self.CONFIG_KEYS["flextok"], "config.flextok")
         self.num_registers = int(config.model.num_registers)
-        self.choices = keep_count_choices(self.num_registers, cfg.get("nested_dropout", "pow2"))
-        self.cfg_dropout = float(cfg.get("cfg_dropout", 0.1))
-        self.repa_weight = float(cfg.get("repa_weight", 0.0))
-        self.loss_space = cfg.get("loss_space", "velocity")
+        self.choices = keep_count_choices(self.num_registers, cfg["nested_dropout"])
+        self.cfg_dropout = float(cfg["cfg_dropout"])
+        self.repa_weight = float(cfg["repa_weight"])
+        self.loss_space = cfg["loss_space"]
         loss_weight(jnp.ones(()), self.loss_space)  # validates the name
         if self.repa_weight and not int(config.model.get("repa_dim", 0)):
             raise ValueError("flextok.repa_weight > 0 needs model.repa_dim > 0")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vitok.config import section_options
 from vitok.registry import TASKS
 
 
@@ -45,8 +46,13 @@ def check_codes(data_config: Any, model_config: Any) -> None:
 
 @TASKS.register("generation")
 class GenerationTask:
+    CONFIG_KEYS = {"generation": {"class_dropout": 0.1}}
+
     def __init__(self, config: Any):
-        self.class_dropout = float(config.get("generation", {}).get("class_dropout", 0.1))
+        cfg = section_options(
+            config.get("generation"), self.CONFIG_KEYS["generation"], "config.generation"
+        )
+        self.class_dropout = float(cfg["class_dropout"])
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(
                 f"generation.class_dropout must be in [0, 1), got {self.class_dropout}"

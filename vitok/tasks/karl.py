@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vitok.config import section_options
 from vitok.models.karl import QUALITY_BINS, per_image_l1, quality_bin
 from vitok.registry import TASKS
 
@@ -84,23 +85,34 @@ def space_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
 class KARLTask:
     """Batches hold ``image: [B, H, W, C]`` in [-1, 1]."""
 
+    CONFIG_KEYS = {
+        "karl": {
+            "budgets": None,
+            "phase1_bins": 5,
+            "bin_augment": 0.45,
+            "recon_loss": "l2",
+            "halt_weight": 1.0,
+        }
+    }  # fmt: skip  (budgets None: every count 1..T_max)
+
     def __init__(self, config: Any):
-        cfg = config.get("karl", {})
+        cfg = section_options(config.get("karl"), self.CONFIG_KEYS["karl"], "config.karl")
         self.t_max = int(config.model.max_tokens)
-        budgets = np.asarray(cfg.get("budgets", np.arange(1, self.t_max + 1)), np.int64)
+        budgets = cfg["budgets"]
+        budgets = np.asarray(np.arange(1, self.t_max + 1) if budgets is None else budgets, np.int64)
         if budgets.size == 0 or budgets.min() < 1:
             raise ValueError(f"karl.budgets must be positive token counts, got {list(budgets)}")
         self.budgets = np.minimum(budgets, self.t_max).astype(np.int32)
         self.t_min = int(self.budgets.min())
         self.bins = tuple(config.model.get("quality_bins", None) or QUALITY_BINS)
-        self.phase1_bins = int(cfg.get("phase1_bins", 5))
+        self.phase1_bins = int(cfg["phase1_bins"])
         if not 1 <= self.phase1_bins <= len(self.bins):
             raise ValueError(f"karl.phase1_bins must be in 1..{len(self.bins)}")
-        self.bin_augment = float(cfg.get("bin_augment", 0.45))
-        self.recon_loss = cfg.get("recon_loss", "l2")
+        self.bin_augment = float(cfg["bin_augment"])
+        self.recon_loss = cfg["recon_loss"]
         if self.recon_loss not in ("l1", "l2"):
             raise ValueError(f"karl.recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
-        self.halt_weight = float(cfg.get("halt_weight", 1.0))
+        self.halt_weight = float(cfg["halt_weight"])
 
     def sample_phase1(self, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
         """-> (budgets T [B] int32, phase-1 bin indices [B] int32)."""

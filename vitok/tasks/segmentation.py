@@ -8,7 +8,12 @@ import jax
 from flax import nnx
 
 from vitok.registry import TASKS
-from vitok.tasks.classification import call_at_sampled_patch_size, cross_entropy, train_patch_sizes
+from vitok.tasks.classification import (
+    FLEXIVIT_KEYS,
+    call_at_sampled_patch_size,
+    cross_entropy,
+    train_patch_sizes,
+)
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -23,6 +28,8 @@ class SegmentationTask:
     """Batches hold ``image: [B, H, W, C]`` and ``segmentation: [B, H, W]`` (class per pixel);
     the model's ``dense`` head gives per-pixel logits. ``config.flexivit.patch_sizes`` samples a
     patch size per step, as for classification."""
+
+    CONFIG_KEYS = {"flexivit": FLEXIVIT_KEYS}
 
     def __init__(self, config: Any):
         self.patch_sizes = train_patch_sizes(config)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vitok.config import section_options
 from vitok.registry import TASKS
 
 
@@ -21,16 +22,22 @@ def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     return kl.reshape(kl.shape[0], -1).sum(-1)
 
 
+def pixel_loss_kind(kind: str) -> str:
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"config.vae.loss must be 'l1' or 'l2', got {kind!r}")
+    return kind
+
+
 @TASKS.register("vae")
 class VAETask:
     """Batches hold ``image: [B, H, W, C]`` in [-1, 1]."""
 
+    CONFIG_KEYS = {"vae": {"loss": "l1", "kl_weight": 1e-6}}
+
     def __init__(self, config: Any):
-        cfg = config.get("vae", {})
-        self.loss_type = cfg.get("loss", "l1")
-        if self.loss_type not in ("l1", "l2"):
-            raise ValueError(f"vae.loss must be 'l1' or 'l2', got {self.loss_type!r}")
-        self.kl_weight = float(cfg.get("kl_weight", 1e-6))
+        cfg = section_options(config.get("vae"), self.CONFIG_KEYS["vae"], "config.vae")
+        self.loss_type = pixel_loss_kind(cfg["loss"])
+        self.kl_weight = float(cfg["kl_weight"])
 
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         images = batch["image"].astype(jnp.float32)
@@ -57,12 +64,12 @@ class FSQAutoencoderTask:
     codebook a batch uses. Batches hold ``image: [B, H, W, C]`` in [-1, 1].
     """
 
+    CONFIG_KEYS = {"vae": {"loss": "l2", "latent_penalty": 0.1}}
+
     def __init__(self, config: Any):
-        cfg = config.get("vae", {})
-        self.loss_type = cfg.get("loss", "l2")
-        if self.loss_type not in ("l1", "l2"):
-            raise ValueError(f"vae.loss must be 'l1' or 'l2', got {self.loss_type!r}")
-        self.latent_penalty = float(cfg.get("latent_penalty", 0.1))
+        cfg = section_options(config.get("vae"), self.CONFIG_KEYS["vae"], "config.vae")
+        self.loss_type = pixel_loss_kind(cfg["loss"])
+        self.latent_penalty = float(cfg["latent_penalty"])
 
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         images = batch["image"].astype(jnp.float32)
