@@ -37,6 +37,10 @@ def base() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.peak_flops_per_device = 0.0  # 0: measure a matmul at start-up
     c.label_smoothing = 0.0
+    # Batch Mixup / CutMix with mixed labels (vitok.tasks.mixing); alphas 0: off.
+    c.mixup = ml_collections.ConfigDict(
+        {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0, "switch_prob": 0.5}
+    )
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "vit"
@@ -52,6 +56,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.posemb = "sincos2d"
     c.model.pool = "cls"
     c.model.dropout = 0.0
+    c.model.drop_path_rate = 0.0  # stochastic depth, 0 at the first block to this at the last
     c.model.attention_backend = "dense"
     c.model.remat = False
     c.model.scan_layers = False
@@ -110,7 +115,7 @@ def tiny_flexi() -> ml_collections.ConfigDict:
 def tiny_seg() -> ml_collections.ConfigDict:
     c = base()
     c.task = "segmentation"
-    del c.label_smoothing  # a classification key; the per-pixel loss has none
+    del c.label_smoothing, c.mixup  # classification keys; the per-pixel loss has neither
     c.total_steps = 600
     c.model.num_classes = 0
     c.model.dense_classes = 11  # background + digits 0..9

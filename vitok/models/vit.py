@@ -118,6 +118,8 @@ class ViT(Model):
       num_classes: classifier outputs; 0 gives no head (``__call__`` returns features).
       dense_classes: if > 0, a linear per-token head (``dense``) that predicts the p*p pixels'
         classes of each patch token ("decoder-free" segmentation).
+      drop_path_rate: stochastic depth when training, 0 at the first block rising linearly to
+        this rate at the last (DeiT-B: 0.1).
 
     Every call takes an optional ``patch_size`` (default: the native ``patch_size``) that must
     divide H and W; the weights are resized to it (FlexiViT).
@@ -138,6 +140,7 @@ class ViT(Model):
         posemb: str = "sincos2d",
         pool: str = "cls",
         dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
         attention_backend: str = "dense",
         remat: bool = False,
         scan_layers: bool = False,
@@ -180,6 +183,7 @@ class ViT(Model):
             dropout=dropout,
             remat=remat,
             scan_layers=scan_layers,
+            drop_path_rate=drop_path_rate,
             dtype=dtype,
         )
         zeros = nnx.initializers.zeros_init()

@@ -12,6 +12,7 @@ from flax import nnx
 
 from vitok.config import section_options
 from vitok.registry import TASKS
+from vitok.tasks.mixing import MIXUP_KEYS, mix_batch, soft_cross_entropy, soft_targets
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -53,31 +54,43 @@ class ClassificationTask:
     """Batches hold ``image: [B, H, W, C]`` and ``label: [B]``. With
     ``config.flexivit.patch_sizes`` each step runs the model at one size drawn from the list."""
 
-    CONFIG_KEYS = {"label_smoothing": 0.0, "flexivit": FLEXIVIT_KEYS}
+    CONFIG_KEYS = {"label_smoothing": 0.0, "flexivit": FLEXIVIT_KEYS, "mixup": MIXUP_KEYS}
 
     def __init__(self, config: Any):
         self.label_smoothing = float(
             config.get("label_smoothing", self.CONFIG_KEYS["label_smoothing"])
         )
         self.patch_sizes = train_patch_sizes(config)
+        self.mixup = section_options(config.get("mixup"), MIXUP_KEYS, "config.mixup")
+        self.mixing = self.mixup["mixup_alpha"] > 0 or self.mixup["cutmix_alpha"] > 0
+        self.num_classes = int(config.model.get("num_classes", 0))
+        if self.mixing and self.num_classes < 1:
+            raise ValueError("config.mixup needs a classifier (config.model.num_classes > 0)")
 
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         dropout_rng, size_rng = jax.random.split(rng)
+        images, labels = batch["image"], batch["label"]
+        targets = None
+        if self.mixing:  # a key of its own: the other keys stay as without mixing
+            images, targets, lam = mix_batch(
+                jax.random.fold_in(rng, 3), images, labels, self.num_classes,
+                smoothing=self.label_smoothing, **self.mixup,
+            )  # fmt: skip
         logits, patch_size = call_at_sampled_patch_size(
-            lambda p: model(batch["image"], patch_size=p, dropout_rng=dropout_rng),
+            lambda p: model(images, patch_size=p, dropout_rng=dropout_rng),
             self.patch_sizes,
             size_rng,
         )
-        labels = batch["label"]
-        if self.label_smoothing:
-            targets = optax.smooth_labels(
-                jax.nn.one_hot(labels, logits.shape[-1]), self.label_smoothing
-            )
-            losses = optax.softmax_cross_entropy(logits, targets)
+        if targets is None and self.label_smoothing:
+            targets = soft_targets(labels, logits.shape[-1], self.label_smoothing)
+        if targets is not None:
+            losses = soft_cross_entropy(logits, targets)
         else:
             losses = cross_entropy(logits, labels)
         accuracy = (logits.argmax(-1) == labels).mean()
         aux = {"train/accuracy": accuracy}
+        if self.mixing:
+            aux["train/mix_lam"] = lam
         if self.patch_sizes:
             aux["train/patch_size"] = patch_size
         return losses.mean(), aux

@@ -93,7 +93,7 @@ class KARLTask:
             "recon_loss": "l2",
             "halt_weight": 1.0,
         }
-    }  # fmt: skip  (budgets None: every count 1..T_max)
+    }  # budgets None: every count 1..T_max
 
     def __init__(self, config: Any):
         cfg = section_options(config.get("karl"), self.CONFIG_KEYS["karl"], "config.karl")
