@@ -202,3 +202,88 @@ def test_the_classification_task_trains_on_mixed_batches_with_soft_targets():
     expected = soft_cross_entropy(model(mixed, dropout_rng=dropout_rng), targets).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     assert float(aux["train/mix_lam"]) == pytest.approx(float(lam))
+
+
+# --- preprocessing: Inception crop (fused with JPEG decoding), evaluation crop, erasing ----------
+
+
+def _photo_jpeg(height=375, width=500, quality=90) -> tuple[bytes, np.ndarray]:
+    """A photo from scikit-image at ImageNet's typical size, as JPEG bytes and decoded."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    photo = Image.fromarray(skimage.data.chelsea()).resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=quality)
+    data = buffer.getvalue()
+    return data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_inception_boxes_fit_and_follow_the_area_and_aspect_ranges():
+    from vitok.data.ops import inception_box
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([inception_box(rng, 375, 500) for _ in range(2000)])
+    top, left, h, w = boxes.T
+    assert np.all((top >= 0) & (left >= 0) & (top + h <= 375) & (left + w <= 500))
+    fraction = h * w / (375 * 500)
+    assert fraction.min() > 0.07 and fraction.max() <= 1.0
+    assert np.all((w / h > 3 / 4 - 0.02) & (w / h < 4 / 3 + 0.02))  # rounding to pixels
+    # Uniform on [0.08, 1] has mean 0.54; large boxes misfit a 4:3 image more often.
+    assert 0.35 < fraction.mean() < 0.54
+    # A range no box can meet falls back to the central crop with the aspect clipped.
+    assert inception_box(rng, 100, 400, area=(1.0, 1.0), aspect=(1.0, 1.0)) == (0, 150, 100, 100)
+
+
+def test_inception_crop_on_jpeg_bytes_decodes_only_the_crop_and_matches_the_array_path():
+    from vitok.data.ops import _decode_jpeg_region, parse
+
+    data, decoded = _photo_jpeg()
+    fused = parse("inception_crop(64)")
+    on_array = parse("inception_crop(64)")
+    for seed in range(6):
+        a = fused({"image": data}, np.random.default_rng(seed))["image"]
+        b = on_array({"image": decoded}, np.random.default_rng(seed))["image"]
+        assert a.shape == b.shape == (64, 64, 3) and a.dtype == np.uint8
+        err = np.mean((a.astype(float) - b.astype(float)) ** 2)
+        assert err < 255**2 / 10**2.8, seed  # PSNR > 28 dB: the same crop, decoded at 1/1..1/4
+    # A 300x400 box for a 64x64 output decodes at a quarter of the size (DCT scaling).
+    region = _decode_jpeg_region(data, (20, 40, 300, 400), (64, 64), "test")
+    assert region.shape == (75, 100, 3)
+    np.testing.assert_array_equal(
+        fused({"image": data}, np.random.default_rng(3))["image"],
+        fused({"image": data}, np.random.default_rng(3))["image"],
+    )
+
+
+def test_resize_center_crop_is_resize_then_central_crop_at_the_ratio():
+    from vitok.data.ops import parse
+
+    _, decoded = _photo_jpeg()
+    a = parse("resize_center_crop(224, crop_ratio=0.875)")({"image": decoded}, None)["image"]
+    b = parse("resize(256)|central_crop(224)")({"image": decoded}, None)["image"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_random_erasing_fills_one_box_with_noise_or_leaves_the_image():
+    from vitok.data.ops import parse
+
+    image = np.full((32, 40, 3), 0.5, np.float32)
+    erase = parse("random_erasing(1.0)")
+    fractions = []
+    for seed in range(50):
+        out = erase({"image": image}, np.random.default_rng(seed))["image"]
+        changed = np.any(out != image, axis=-1)
+        if changed.any():
+            rows, cols = np.nonzero(changed)
+            box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+            assert box.mean() > 0.95  # one rectangle (a noise value may equal 0.5 by chance)
+            fractions.append(box.size / changed.size)
+    assert len(fractions) > 40 and 0.015 < min(fractions) and max(fractions) < 0.36
+    np.testing.assert_array_equal(
+        parse("random_erasing(0.0)")({"image": image}, np.random.default_rng(0))["image"], image
+    )
+    with pytest.raises(ValueError, match="after value_range"):
+        erase({"image": np.zeros((8, 8, 3), np.uint8)}, np.random.default_rng(0))

@@ -215,6 +215,154 @@ def central_crop(size: int | tuple[int, int]) -> Op:
     return fn
 
 
+def inception_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    area: tuple[float, float] = (0.08, 1.0),
+    aspect: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random-resized crop (Szegedy et al. 2015; torchvision's
+    RandomResizedCrop): up to 10 draws of an area fraction uniform in ``area`` and a log-uniform
+    aspect w/h in ``aspect``; the first that fits is placed uniformly. Otherwise the central
+    crop with the aspect clipped to the range."""
+    total = height * width
+    log_low, log_high = np.log(aspect[0]), np.log(aspect[1])
+    for _ in range(10):
+        target = total * rng.uniform(*area)
+        ratio = np.exp(rng.uniform(log_low, log_high))
+        w = int(round(np.sqrt(target * ratio)))
+        h = int(round(np.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    ratio = width / height
+    if ratio < aspect[0]:
+        w, h = width, int(round(width / aspect[0]))
+    elif ratio > aspect[1]:
+        h, w = height, int(round(height * aspect[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of JPEG bytes from the header alone; None if not a JPEG."""
+    from PIL import Image
+
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size[1], img.size[0]
+
+
+def _decode_jpeg_region(
+    data: bytes, box: tuple[int, int, int, int], out: tuple[int, int], where: str
+) -> np.ndarray:
+    """The ``box`` (top, left, h, w, full-size pixels) of JPEG bytes, decoded at the smallest
+    DCT scale (1/1, 1/2, 1/4, 1/8) at which the box still has at least ``out`` pixels."""
+    from PIL import Image
+
+    top, left, h, w = box
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            full_w, full_h = img.size
+            scale = 1
+            while scale < 8 and h // (2 * scale) >= out[0] and w // (2 * scale) >= out[1]:
+                scale *= 2
+            img.draft("RGB", (full_w // scale, full_h // scale))
+            fy, fx = img.size[1] / full_h, img.size[0] / full_w  # the scale PIL chose
+            region = img.crop(
+                (round(left * fx), round(top * fy), round((left + w) * fx), round((top + h) * fy))
+            )
+            array = np.asarray(region.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{where}: cannot decode image (truncated or corrupt): {e}") from None
+    return array
+
+
+@op("inception_crop")
+def inception_crop(
+    size: int | tuple[int, int],
+    area: tuple[float, float] = (0.08, 1.0),
+    aspect: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Op:
+    """A random-resized crop (``inception_box``) resized to ``size`` (bicubic). On JPEG bytes
+    it decodes as well, fused: only the crop is used, decoded at a reduced DCT scale where the
+    crop has pixels to spare (as tf.image.decode_and_crop_jpeg does), so put it first in place
+    of ``decode``; on an array it crops a decoded image."""
+    size = _pair(size)
+    if not (0 < area[0] <= area[1] <= 1 and 0 < aspect[0] <= aspect[1]):
+        raise ValueError(f"inception_crop: bad area {area} or aspect {aspect} range")
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        image = example["image"]
+        where = _where(example)
+        if isinstance(image, (bytes, bytearray, np.bytes_)):
+            data = bytes(image)
+            shape = _jpeg_size(data)
+            if shape is not None:
+                box = inception_box(rng, *shape, area, aspect)
+                crop = _decode_jpeg_region(data, box, size, where)
+                return example | {"image": _resize(crop, *size)}
+            image = to_uint8_rgb(decode_bytes(data, where), 3, where)
+        top, left, h, w = inception_box(rng, image.shape[0], image.shape[1], area, aspect)
+        crop = image[top : top + h, left : left + w]
+        return example | {"image": _resize(np.ascontiguousarray(crop), *size)}
+
+    return fn
+
+
+@op("resize_center_crop")
+def resize_center_crop(size: int, crop_ratio: float = 0.875) -> Op:
+    """Evaluation's convention: the shorter side to round(size / crop_ratio), then the central
+    size x size crop (ImageNet: 224 from 256 at 0.875)."""
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"resize_center_crop: crop_ratio must be in (0, 1], got {crop_ratio}")
+    resize_fn, crop_fn = resize(int(round(size / crop_ratio))), central_crop(size)
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        return crop_fn(resize_fn(example, rng), rng)
+
+    return fn
+
+
+@op("random_erasing")
+def random_erasing(
+    probability: float = 0.25,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> Op:
+    """Random erasing (Zhong et al. 2020; timm's mode "pixel", one box, as DeiT uses it): with
+    ``probability``, a box of area fraction in ``area`` and log-uniform aspect in ``aspect``
+    is filled with per-pixel standard normal noise. Goes after ``value_range`` (float images
+    around 0). Up to 10 draws for a box that fits; none fits: the image is left as it is."""
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        image = example["image"]
+        if rng.random() >= probability:
+            return example
+        if image.dtype == np.uint8:
+            raise ValueError("random_erasing goes after value_range (it fills normal noise)")
+        height, width, channels = image.shape
+        for _ in range(10):
+            target = height * width * rng.uniform(*area)
+            ratio = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
+            h = int(round(np.sqrt(target * ratio)))
+            w = int(round(np.sqrt(target / ratio)))
+            if h < height and w < width:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                out = image.copy()
+                noise = rng.standard_normal((h, w, channels)).astype(image.dtype)
+                out[top : top + h, left : left + w] = noise
+                return example | {"image": out}
+        return example
+
+    return fn
+
+
 @op("flip_lr")
 def flip_lr(probability: float = 0.5) -> Op:
     def fn(example: Example, rng: np.random.Generator) -> Example:
