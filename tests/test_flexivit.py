@@ -174,6 +174,7 @@ def test_segmentation_trains_at_sampled_patch_sizes_and_reports_miou(tmp_path):
     seg = vit.get_config("tiny_seg")
     with config.unlocked():
         config.task = "segmentation"
+        del config.label_smoothing, config.mixup  # classification keys
         config.model.num_classes = 0
         config.model.dense_classes = 11
         config.model.pool = "gap"

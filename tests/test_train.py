@@ -210,6 +210,8 @@ def test_missing_required_key_is_reported():
 class _SleepyEvaluator:
     """An evaluator that takes 1 s: what a slow evaluation costs, with nothing to compute."""
 
+    OPTIONS = {}
+
     def __init__(self, config, context):
         del config, context
 

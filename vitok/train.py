@@ -67,6 +67,10 @@ def run_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         if "type" not in ev:
             raise config_lib.ConfigError(f"config.evals.{name} needs the key 'type'")
         evaluator = EVALUATORS.lookup(ev.type)
+        if not isinstance(getattr(evaluator, "OPTIONS", None), Mapping):
+            raise TypeError(
+                f"evaluator {ev.type!r} declares no OPTIONS (its config keys and defaults)"
+            )
         evaluator_options(ev, evaluator.OPTIONS, f"config.evals.{name}")
     return run
 
