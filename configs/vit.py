@@ -6,8 +6,13 @@ Presets:
             (one sampled per step), evaluated at each.
   tiny_seg  decoder-free segmentation of the digits (background + 10 digit classes per pixel)
             with a linear per-token head; mIoU on held-out digits.
-  i1k_b16   ViT-B/16 on ImageNet-1k (tfds imagenet2012), 300 epochs at batch 4096 (DeiT-style
-            recipe, Touvron et al. 2021); TPU/GPU pods, bf16 compute, FSDP.
+  i1k_b16   ViT-B/16 on ImageNet-1k (tfds imagenet2012), 300 epochs at batch 4096 with DeiT's
+            augmentation and regularisation (Touvron et al. 2021, Table 9: Inception crop,
+            flip, RandAugment m9-mstd0.5, random erasing 0.25, Mixup 0.8, CutMix 1.0, label
+            smoothing 0.1, drop path 0.1; not yet repeated augmentation); TPU/GPU pods, bf16,
+            FSDP.
+  tiny_rgb, tiny_recipe   the digits in three channels, without and with the same recipe
+            (no flip for digits, crop area 0.35-1): experiments/recipes/digits.py.
 
     python -m vitok.train --config=configs/vit.py:tiny --workdir=/tmp/vit_tiny
 """
@@ -21,6 +26,26 @@ from vitok.config import (
     sharding_section,
     unknown_preset,
 )
+
+# DeiT's training transform (timm's create_transform: RandomResizedCrop, flip,
+# rand-m9-mstd0.5-inc1, normalise, RandomErasing 0.25 "pixel"; here the erasing noise is on the
+# [-1, 1] scale) and evaluation's resize to size / 0.875 and centre crop.
+DEIT_TRAIN_PP = (
+    "inception_crop({size})|flip_lr|rand_augment(2, 9, magnitude_std=0.5)|value_range(-1, 1)"
+    "|random_erasing(0.25)"
+)
+DEIT_EVAL_PP = "decode(channels=3)|resize_center_crop({size}, crop_ratio=0.875)|value_range(-1, 1)"
+
+
+def deit_regularisation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DeiT-B's (Touvron et al. 2021, Table 9): stochastic depth 0.1, Mixup 0.8 and CutMix 1.0
+    on every batch (switch 0.5), label smoothing 0.1."""
+    c.model.drop_path_rate = 0.1
+    c.mixup = ml_collections.ConfigDict(
+        {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5}
+    )
+    c.label_smoothing = 0.1
+    return c
 
 
 def base() -> ml_collections.ConfigDict:
@@ -127,14 +152,13 @@ def tiny_seg() -> ml_collections.ConfigDict:
 
 
 def i1k_b16() -> ml_collections.ConfigDict:
-    c = base()
+    c = deit_regularisation(base())
     c.total_steps = 300 * 1_281_167 // 4096
     c.batch_size = 4096
     c.log_every = 100
     c.eval_every = 2500
     c.checkpoint_every = 2500
     c.peak_flops_per_device = 0.0
-    c.label_smoothing = 0.1
     c.model.image_size = (224, 224)
     c.model.channels = 3
     c.model.patch_size = 16
@@ -148,14 +172,14 @@ def i1k_b16() -> ml_collections.ConfigDict:
     c.data.name = "imagenet2012"
     c.data.split = "train"
     c.data.data_dir = ""
-    c.data.pp = "decode(channels=3)|resize(256)|random_crop(224)|flip_lr|value_range(-1, 1)"
+    c.data.pp = DEIT_TRAIN_PP.format(size=224)
     c.data.num_threads = 32
     c.data.prefetch = 256
     c.evals.test.data.source = "tfds"
     c.evals.test.data.name = "imagenet2012"
     c.evals.test.data.split = "validation"
     c.evals.test.data.data_dir = ""
-    c.evals.test.data.pp = "decode(channels=3)|resize(256)|central_crop(224)|value_range(-1, 1)"
+    c.evals.test.data.pp = DEIT_EVAL_PP.format(size=224)
     c.evals.test.batch_size = 1024
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10_000
@@ -166,7 +190,30 @@ def i1k_b16() -> ml_collections.ConfigDict:
     return c
 
 
-PRESETS = {"tiny": tiny, "tiny_flexi": tiny_flexi, "tiny_seg": tiny_seg, "i1k_b16": i1k_b16}
+def tiny_rgb() -> ml_collections.ConfigDict:
+    """``tiny`` with the digits in three channels: the baseline of ``tiny_recipe``."""
+    c = base()
+    c.model.channels = 3
+    c.data.pp = "decode(channels=3)|resize(32)|random_crop(28)|value_range(0, 1)"
+    c.evals.test.data.pp = "decode(channels=3)|resize(32)|central_crop(28)|value_range(0, 1)"
+    return c
+
+
+def tiny_recipe() -> ml_collections.ConfigDict:
+    """``tiny_rgb`` with DeiT's augmentation and regularisation, adapted to digits: no flip (it
+    changes a digit), an Inception crop of area 0.35-1 (0.08 leaves too little of a digit)."""
+    c = deit_regularisation(tiny_rgb())
+    c.data.pp = (
+        "decode(channels=3)|inception_crop(28, area=(0.35, 1.0))"
+        "|rand_augment(2, 9, magnitude_std=0.5)|value_range(0, 1)|random_erasing(0.25)"
+    )
+    return c
+
+
+PRESETS = {
+    "tiny": tiny, "tiny_flexi": tiny_flexi, "tiny_seg": tiny_seg, "i1k_b16": i1k_b16,
+    "tiny_rgb": tiny_rgb, "tiny_recipe": tiny_recipe,
+}  # fmt: skip
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:

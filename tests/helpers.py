@@ -29,6 +29,24 @@ def tiny_vit_cli_args(**steps: int) -> list[str]:
     ]
 
 
+def copy_scanned_into_unrolled(scanned, unrolled, depth: int) -> None:
+    """Sets an unrolled ViT's params to a scanned one's (layer i of the stack -> block i)."""
+    import jax
+    from flax import nnx
+
+    _, scanned_params = nnx.split(scanned, nnx.Param)
+    _, unrolled_params = nnx.split(unrolled, nnx.Param)
+    s, u = nnx.to_pure_dict(scanned_params), nnx.to_pure_dict(unrolled_params)
+    for i in range(depth):
+        u["encoder"]["blocks"][i] = jax.tree.map(lambda a, i=i: a[i], s["encoder"]["blocks"])
+    for key in s:
+        if key != "encoder":
+            u[key] = s[key]
+    u["encoder"]["norm"] = s["encoder"]["norm"]
+    nnx.replace_by_pure_dict(unrolled_params, u)
+    nnx.update(unrolled, unrolled_params)
+
+
 def load_preset(spec: str):
     """'flextok.py:tiny' -> configs/flextok.py's ``get_config("tiny")``."""
     module, preset = spec.split(":")

@@ -152,15 +152,29 @@ def _metrics(workdir):
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
+# The DeiT recipe's random parts, all on: a resumed run must redraw none of them differently.
+FULL_RECIPE = [
+    "--config.model.channels=3",
+    "--config.data.pp=decode(channels=3)|inception_crop(28, area=(0.5, 1.0))|flip_lr"
+    "|rand_augment(2, 9, magnitude_std=0.5)|value_range(0, 1)|random_erasing(0.25)",
+    "--config.evals.test.data.pp=decode(channels=3)|value_range(0, 1)",
+    "--config.model.drop_path_rate=0.1",
+    "--config.mixup.mixup_alpha=0.8",
+    "--config.mixup.cutmix_alpha=1.0",
+    "--config.label_smoothing=0.1",
+]
+
+
 @pytest.mark.slow
 def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
+    """With the full regularising recipe on (augmentation, drop path, Mixup/CutMix)."""
     reference = str(tmp_path / "reference")
-    proc = _run_cli(reference)
+    proc = _run_cli(reference, FULL_RECIPE)
     out = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, out
 
     workdir = str(tmp_path / "killed")
-    proc = _run_cli(workdir)
+    proc = _run_cli(workdir, FULL_RECIPE)
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(workdir, "checkpoints", "10")):
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
@@ -170,7 +184,7 @@ def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     steps_before = len(_metrics(workdir))
 
-    proc = _run_cli(workdir)
+    proc = _run_cli(workdir, FULL_RECIPE)
     out = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, out
     assert "resuming at step" in out

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import copy_scanned_into_unrolled
 
 from vitok import sharding
 from vitok.models import logical_axes
@@ -170,17 +171,7 @@ def test_logical_rules():
 def test_scanned_layers_equal_unrolled_layers(remat):
     scanned = small_vit(depth=3, scan_layers=True, remat=remat)
     unrolled = small_vit(depth=3)
-    _, scanned_params = nnx.split(scanned, nnx.Param)
-    _, unrolled_params = nnx.split(unrolled, nnx.Param)
-    s, u = nnx.to_pure_dict(scanned_params), nnx.to_pure_dict(unrolled_params)
-    for i in range(3):  # copy layer i of the stacked params into block i
-        u["encoder"]["blocks"][i] = jax.tree.map(lambda a, i=i: a[i], s["encoder"]["blocks"])
-    for key in s:
-        if key != "encoder":
-            u[key] = s[key]
-    u["encoder"]["norm"] = s["encoder"]["norm"]
-    nnx.replace_by_pure_dict(unrolled_params, u)
-    nnx.update(unrolled, unrolled_params)
+    copy_scanned_into_unrolled(scanned, unrolled, 3)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     np.testing.assert_allclose(scanned(x), unrolled(x), rtol=1e-5, atol=1e-5)
 

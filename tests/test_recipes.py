@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import copy_scanned_into_unrolled
 
 from vitok.models.vit import ViT
 from vitok.nn.transformer import Block, drop_path, drop_path_rates
@@ -85,17 +86,7 @@ def test_drop_path_is_the_same_scanned_and_unrolled(remat):
     depth = 4
     scanned = _vit(depth=depth, drop_path_rate=0.5, scan_layers=True, remat=remat)
     unrolled = _vit(depth=depth, drop_path_rate=0.5)
-    _, sp = nnx.split(scanned, nnx.Param)
-    _, up = nnx.split(unrolled, nnx.Param)
-    s, u = nnx.to_pure_dict(sp), nnx.to_pure_dict(up)
-    for i in range(depth):
-        u["encoder"]["blocks"][i] = jax.tree.map(lambda a, i=i: a[i], s["encoder"]["blocks"])
-    for key in s:
-        if key != "encoder":
-            u[key] = s[key]
-    u["encoder"]["norm"] = s["encoder"]["norm"]
-    nnx.replace_by_pure_dict(up, u)
-    nnx.update(unrolled, up)
+    copy_scanned_into_unrolled(scanned, unrolled, depth)
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
     key = jax.random.key(3)
     a, b = scanned(x, dropout_rng=key), unrolled(x, dropout_rng=key)
@@ -287,3 +278,58 @@ def test_random_erasing_fills_one_box_with_noise_or_leaves_the_image():
     )
     with pytest.raises(ValueError, match="after value_range"):
         erase({"image": np.zeros((8, 8, 3), np.uint8)}, np.random.default_rng(0))
+
+
+def test_rand_augment_ops_at_their_identity_levels_and_known_properties():
+    from PIL import Image
+
+    from vitok.data.ops import RAND_AUGMENT_OPS, rand_augment_op
+
+    _, decoded = _photo_jpeg(96, 120)
+    pil = Image.fromarray(decoded)
+    rng = np.random.default_rng(0)
+    fill = (124, 116, 104)
+    assert len(RAND_AUGMENT_OPS) == 15  # timm's increasing set, Cutout left to random erasing
+
+    def run(name, level):
+        return np.asarray(rand_augment_op(pil, name, level, rng, fill)).astype(int)
+
+    # Level 0 leaves the image as it is for every op with a strength.
+    for name in ("rotate", "solarize", "solarize_add", "color", "contrast", "brightness",
+                 "sharpness", "shear_x", "shear_y", "translate_x", "translate_y"):  # fmt: skip
+        np.testing.assert_array_equal(run(name, 0.0), decoded, err_msg=name)
+    np.testing.assert_array_equal(run("invert", 0.5), 255 - decoded.astype(int))
+    np.testing.assert_array_equal(run("solarize", 1.0), 255 - decoded.astype(int))  # all >= 0
+    np.testing.assert_array_equal(run("posterize", 1.0), 0)  # 4 - 4 = 0 bits kept
+    np.testing.assert_array_equal(run("posterize", 0.0), decoded & 0xF0)  # 4 bits kept
+    low = decoded.astype(int) < 128
+    added = np.where(low, np.minimum(decoded.astype(int) + 110, 255), decoded)
+    np.testing.assert_array_equal(run("solarize_add", 1.0), added)
+    # Translating by 0.45 of the width shifts the content and fills the gap with the fill.
+    moved = run("translate_x", 1.0)
+    shift = 54  # 0.45 x 120, a whole number of pixels
+    left = np.array_equal(moved[:, : 120 - shift], decoded[:, shift:])
+    right = np.array_equal(moved[:, shift:], decoded[:, : 120 - shift])
+    assert left or right
+    gap = moved[:, 120 - shift :] if left else moved[:, :shift]
+    assert np.all(gap == np.array(fill))
+    with pytest.raises(ValueError, match="unknown RandAugment op"):
+        rand_augment_op(pil, "cutout", 0.5, rng, fill)
+
+
+def test_rand_augment_is_deterministic_per_seed_and_off_at_probability_zero():
+    from vitok.data.ops import parse
+
+    _, decoded = _photo_jpeg(64, 64)
+    augment = parse("rand_augment(2, 9, magnitude_std=0.5)")
+    outs = [augment({"image": decoded}, np.random.default_rng(s))["image"] for s in range(12)]
+    again = augment({"image": decoded}, np.random.default_rng(3))["image"]
+    np.testing.assert_array_equal(outs[3], again)
+    assert all(o.dtype == np.uint8 and o.shape == decoded.shape for o in outs)
+    assert sum(not np.array_equal(o, decoded) for o in outs) >= 8  # 1 - 0.25 of them, roughly
+    off = parse("rand_augment(probability=0.0)")
+    np.testing.assert_array_equal(
+        off({"image": decoded}, np.random.default_rng(0))["image"], decoded
+    )
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        augment({"image": decoded.astype(np.float32)}, np.random.default_rng(0))

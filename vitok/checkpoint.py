@@ -173,6 +173,9 @@ class Checkpointer:
             self._pending = None
             _quiet_background_failures()
             self._remove_temporary()
+            # The failed step's own directory (a synchronous save can leave it half-written
+            # under its final name) is never a good checkpoint: those have other step numbers.
+            shutil.rmtree(os.path.join(self.directory, str(failed)), ignore_errors=True)
             committed = (
                 [s for s in self.all_steps() if s != failed]
                 if os.path.isdir(self.directory)

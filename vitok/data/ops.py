@@ -363,6 +363,97 @@ def random_erasing(
     return fn
 
 
+# RandAugment (Cubuk et al. 2020) as DeiT runs it: timm's "rand-m9-mstd0.5-inc1", the op set
+# whose strength increases with the magnitude. Each op maps a level in [0, 1] (magnitude / 10)
+# to its argument; a signed argument gets a random sign.
+RAND_AUGMENT_OPS = (
+    "auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add",
+    "color", "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x",
+    "translate_y",
+)  # fmt: skip
+
+
+def rand_augment_op(image, name: str, level: float, rng: np.random.Generator, fill) -> object:
+    """One RandAugment op on a PIL RGB image at ``level`` in [0, 1] -> a PIL image: rotate up
+    to 30 degrees, shear up to 0.3, translate up to 0.45 of the side, enhance factors
+    1 +- 0.9 level (at least 0.1), posterize to 4 - 4 level bits, solarize above 256 (1 - level),
+    solarize-add up to 110 below 128. Geometric ops fill with ``fill`` and resample bicubic."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    def signed(value: float) -> float:
+        return -value if rng.random() < 0.5 else value
+
+    affine = dict(resample=Image.BICUBIC, fillcolor=tuple(fill))
+    w, h = image.size
+    if name == "auto_contrast":
+        return ImageOps.autocontrast(image)
+    if name == "equalize":
+        return ImageOps.equalize(image)
+    if name == "invert":
+        return ImageOps.invert(image)
+    if name == "rotate":
+        return image.rotate(signed(30 * level), **affine)
+    if name == "posterize":  # keep the top 4 - 4 level bits; 0 bits (level 1) is black
+        mask = (0xFF << (8 - (4 - int(4 * level)))) & 0xFF
+        return image.point([i & mask for i in range(256)] * len(image.getbands()))
+    if name == "solarize":
+        return ImageOps.solarize(image, 256 - int(256 * level))
+    if name == "solarize_add":
+        add = int(110 * level)
+        lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+        return image.point(lut * len(image.getbands()))
+    if name in ("color", "contrast", "brightness", "sharpness"):
+        enhance = getattr(ImageEnhance, name.capitalize())
+        return enhance(image).enhance(max(0.1, 1.0 + signed(0.9 * level)))
+    if name == "shear_x":
+        return image.transform(
+            image.size, Image.AFFINE, (1, signed(0.3 * level), 0, 0, 1, 0), **affine
+        )
+    if name == "shear_y":
+        return image.transform(
+            image.size, Image.AFFINE, (1, 0, 0, signed(0.3 * level), 1, 0), **affine
+        )
+    if name == "translate_x":
+        return image.transform(
+            image.size, Image.AFFINE, (1, 0, signed(0.45 * level) * w, 0, 1, 0), **affine
+        )
+    if name == "translate_y":
+        return image.transform(
+            image.size, Image.AFFINE, (1, 0, 0, 0, 1, signed(0.45 * level) * h), **affine
+        )
+    raise ValueError(f"unknown RandAugment op {name!r}; known: {RAND_AUGMENT_OPS}")
+
+
+@op("rand_augment")
+def rand_augment(
+    num_ops: int = 2,
+    magnitude: float = 9.0,
+    magnitude_std: float = 0.5,
+    probability: float = 0.5,
+    fill: tuple[int, int, int] = (124, 116, 104),
+) -> Op:
+    """RandAugment on uint8 RGB images: ``num_ops`` ops drawn uniformly with replacement from
+    ``RAND_AUGMENT_OPS``, each applied with ``probability`` at a magnitude drawn from
+    N(magnitude, magnitude_std) clipped to [0, 10] (timm's "rand-m9-mstd0.5-inc1" is the
+    default; ``fill``: ImageNet's mean colour, as timm sets it)."""
+    from PIL import Image
+
+    def fn(example: Example, rng: np.random.Generator) -> Example:
+        image = example["image"]
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError("rand_augment takes uint8 RGB images (put it before value_range)")
+        pil = Image.fromarray(image)
+        for index in rng.integers(0, len(RAND_AUGMENT_OPS), num_ops):
+            if rng.random() > probability:
+                continue
+            m = rng.normal(magnitude, magnitude_std) if magnitude_std > 0 else magnitude
+            level = float(np.clip(m, 0.0, 10.0)) / 10.0
+            pil = rand_augment_op(pil, RAND_AUGMENT_OPS[index], level, rng, fill)
+        return example | {"image": np.asarray(pil)}
+
+    return fn
+
+
 @op("flip_lr")
 def flip_lr(probability: float = 0.5) -> Op:
     def fn(example: Example, rng: np.random.Generator) -> Example:

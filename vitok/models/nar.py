@@ -75,7 +75,7 @@ def head_sources(grid: Sequence[int]) -> np.ndarray:
     return sources
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Schedule:
     """The static decoding plan of a grid: one row per forward pass.
 
@@ -96,6 +96,21 @@ class Schedule:
     source: np.ndarray
     start: np.ndarray
     cache_diagonal: np.ndarray
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.feed, self.target, self.source, self.start, self.cache_diagonal)
+
+    # Value semantics over the arrays: a model holding a Schedule is static pytree metadata,
+    # which JAX and nnx compare and hash (the dataclass default would compare arrays with ==).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return tuple(self.grid) == tuple(other.grid) and all(
+            np.array_equal(a, b) for a, b in zip(self._arrays(), other._arrays(), strict=True)
+        )
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.grid), *(np.asarray(a).tobytes() for a in self._arrays())))
 
     @property
     def num_passes(self) -> int:
