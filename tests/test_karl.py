@@ -249,6 +249,7 @@ def test_two_phase_loss_equals_its_terms_computed_by_hand():
     assert float(within_loss) == pytest.approx(float(first_two), rel=1e-5)
 
 
+@pytest.mark.slow  # trains or compiles long
 def test_training_lowers_both_phases_losses_and_learns_to_halt():
     from helpers import small_karl_config
 
@@ -375,6 +376,7 @@ def test_karl_small_preset_is_the_papers_model_on_a_frozen_vae():
     assert karl.get_config("karl_small_continuous").model.quantizer == "continuous"
 
 
+@pytest.mark.slow  # trains or compiles long
 def test_a_frozen_vae_is_the_base_space_and_receives_no_gradient():
     """model.base = a KL autoencoder: the 2D tokens are patches of its latents, the decoder
     regresses latents and ``decode`` goes back to pixels through it; training's gradient

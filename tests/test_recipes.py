@@ -79,6 +79,7 @@ def test_a_vit_with_drop_path_rate_zero_or_in_evaluation_is_the_plain_vit():
         _vit(drop_path_rate=1.0)
 
 
+@pytest.mark.slow  # trains or compiles long
 @pytest.mark.parametrize("remat", [False, True])
 def test_drop_path_is_the_same_scanned_and_unrolled(remat):
     """The rates ride through nnx.scan as a per-layer input: a scanned (and rematerialised)
@@ -170,6 +171,7 @@ def test_mixing_off_or_with_probability_zero_leaves_the_batch_and_is_determinist
         np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.slow  # trains or compiles long
 def test_the_classification_task_trains_on_mixed_batches_with_soft_targets():
     from helpers import small_vit_config
 
