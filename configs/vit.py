@@ -137,17 +137,25 @@ def tiny_flexi() -> ml_collections.ConfigDict:
     return c
 
 
+def as_segmentation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A digits classification config turned into decoder-free digit segmentation: the task,
+    the per-token head (background + digits 0..9), GAP pooling, the labelling op, the
+    evaluator; the classification keys go (the per-pixel loss reads neither)."""
+    with c.unlocked():
+        c.task = "segmentation"
+        del c.label_smoothing, c.mixup
+        c.model.num_classes = 0
+        c.model.dense_classes = 11  # background + digits 0..9
+        c.model.pool = "gap"
+        c.data.pp = "decode(channels=1)|digit_segmentation(0.5)|value_range(0, 1)"
+        c.evals.test.type = "segmentation"
+        c.evals.test.data.pp = c.data.pp
+    return c
+
+
 def tiny_seg() -> ml_collections.ConfigDict:
-    c = base()
-    c.task = "segmentation"
-    del c.label_smoothing, c.mixup  # classification keys; the per-pixel loss has neither
+    c = as_segmentation(base())
     c.total_steps = 600
-    c.model.num_classes = 0
-    c.model.dense_classes = 11  # background + digits 0..9
-    c.model.pool = "gap"
-    c.data.pp = "decode(channels=1)|digit_segmentation(0.5)|value_range(0, 1)"
-    c.evals.test.type = "segmentation"
-    c.evals.test.data.pp = c.data.pp
     return c
 
 

@@ -168,21 +168,14 @@ def test_digit_segmentation_op_labels_the_stroke_with_the_digit():
 
 @pytest.mark.slow
 def test_segmentation_trains_at_sampled_patch_sizes_and_reports_miou(tmp_path):
-    config = small_vit_config(total_steps=24, eval_every=24, checkpoint_every=24, batch_size=32)
     from configs import vit
 
-    seg = vit.get_config("tiny_seg")
+    config = vit.as_segmentation(
+        small_vit_config(total_steps=24, eval_every=24, checkpoint_every=24, batch_size=32)
+    )
     with config.unlocked():
-        config.task = "segmentation"
-        del config.label_smoothing, config.mixup  # classification keys
-        config.model.num_classes = 0
-        config.model.dense_classes = 11
-        config.model.pool = "gap"
         config.model.patch_size = 4
         config.flexivit.patch_sizes = (4, 7)
-        config.data.pp = seg.data.pp
-        config.evals.test.type = "segmentation"
-        config.evals.test.data.pp = seg.data.pp
         config.evals.test.patch_size = 7
         config.optim.lr = 3e-3
     final = train.train_and_evaluate(config, str(tmp_path))
