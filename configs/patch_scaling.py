@@ -157,8 +157,10 @@ def deit_b_224px_p1() -> ml_collections.ConfigDict:
     c.model.scan_layers = True
     c.model.attention_backend = "sequence_parallel"
     c.data.name = "imagenet2012"
+    c.data.encoded = True
     c.data.pp = _vit_module().DEIT_TRAIN_PP.format(size=224)
     c.evals.test.data.name = "imagenet2012"
+    c.evals.test.data.encoded = True
     c.evals.test.data.pp = _vit_module().DEIT_EVAL_PP.format(size=224)
     c.evals.test.batch_size = 256
     c.mesh = mesh_section(data=1, fsdp=-1, sequence=8)

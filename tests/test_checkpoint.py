@@ -162,12 +162,14 @@ FULL_RECIPE = [
     "--config.mixup.mixup_alpha=0.8",
     "--config.mixup.cutmix_alpha=1.0",
     "--config.label_smoothing=0.1",
+    "--config.data.repeated_augmentation=2",
 ]
 
 
 @pytest.mark.slow
 def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
-    """With the full regularising recipe on (augmentation, drop path, Mixup/CutMix)."""
+    """With the full regularising recipe on (augmentation, repeated augmentation, drop path,
+    Mixup/CutMix)."""
     reference = str(tmp_path / "reference")
     proc = _run_cli(reference, FULL_RECIPE)
     out = proc.communicate(timeout=600)[0].decode()

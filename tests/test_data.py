@@ -208,6 +208,44 @@ def test_process_slices_reassemble_the_global_batch():
         np.testing.assert_array_equal(np.concatenate([x["label"] for x in local]), batch["label"])
 
 
+def test_repeated_augmentation_repeats_each_example_on_different_devices():
+    """r = 3 copies of B / r examples per batch, copy c of example u at c * B / r + u; the
+    examples follow the unrepeated pipeline's shuffled order; each copy is cropped differently;
+    and the processes' slices still reassemble the global batch."""
+    plain = {"source": "mnist5k", "pp": "decode(channels=1)"}
+    crops = {"source": "mnist5k", "pp": "decode(channels=1)|random_crop(20)"}
+    reference = iter(pipeline.train_dataset(plain, global_batch_size=4, seed=5))
+    repeated = iter(
+        pipeline.train_dataset(plain | {"repeated_augmentation": 3}, global_batch_size=12, seed=5)
+    )
+    augmented = iter(
+        pipeline.train_dataset(crops | {"repeated_augmentation": 3}, global_batch_size=12, seed=5)
+    )
+    parts = [
+        iter(
+            pipeline.train_dataset(
+                crops | {"repeated_augmentation": 3},
+                global_batch_size=12,
+                seed=5,
+                process_index=p,
+                process_count=3,
+            )
+        )
+        for p in range(3)
+    ]
+    for _ in range(3):
+        unique, batch, crop = next(reference), next(repeated), next(augmented)
+        for c in range(3):
+            np.testing.assert_array_equal(batch["image"][4 * c : 4 * c + 4], unique["image"])
+            np.testing.assert_array_equal(crop["label"][4 * c : 4 * c + 4], unique["label"])
+        copies = crop["image"].reshape(3, 4, -1)
+        assert all(not np.array_equal(copies[0, u], copies[1, u]) for u in range(4))
+        local = np.concatenate([next(p)["image"] for p in parts])
+        np.testing.assert_array_equal(local, crop["image"])
+    with pytest.raises(ValueError, match="repeated_augmentation=13 must be in"):
+        pipeline.train_dataset(plain | {"repeated_augmentation": 13}, global_batch_size=12, seed=0)
+
+
 def test_epoch_covers_every_training_example_once():
     config = {"source": "mnist5k", "pp": "decode(channels=1)"}
     it = iter(pipeline.train_dataset(config, global_batch_size=100, seed=0))

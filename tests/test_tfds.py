@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vitok.data import pipeline, sources
+from vitok.data import ops, pipeline, sources
 
 tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("tensorflow", reason="preparing a tfds dataset needs tensorflow-cpu")
@@ -50,6 +50,18 @@ def test_tfds_source_reads_prepared_dataset(data_dir):
     seen = sorted(src[i]["image"].tobytes() for i in range(len(src)))
     assert seen == sorted(IMAGES[i].tobytes() for i in range(8, 12))  # lossless PNG round trip
     assert set(got) == {0, 1, 2}
+
+
+def test_encoded_tfds_images_are_the_stored_bytes_that_decode_to_the_same_arrays(data_dir):
+    decoded = sources.TfdsSource(name="vitok_tiny_images", split="test", data_dir=data_dir)
+    encoded = sources.TfdsSource(
+        name="vitok_tiny_images", split="test", data_dir=data_dir, encoded=True
+    )
+    decode = ops.parse("decode(channels=3)")
+    for i in range(len(decoded)):
+        data = encoded[i]["image"]
+        assert isinstance(data, bytes) and data.startswith(b"\x89PNG")
+        np.testing.assert_array_equal(decode(encoded[i], None)["image"], decoded[i]["image"])
 
 
 def test_tfds_pipeline_batches(data_dir):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -73,10 +74,40 @@ class _ProcessSlice(grain.MapDataset):
         return f"ProcessSlice(local_batch={self._b}, process={self._p}/{self._n})"
 
 
+class _RepeatedAugmentation(grain.MapDataset):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's 3x): each global batch of B holds
+    u = ceil(B / r) examples, each r times (the last B mod r positions short when r does not
+    divide B). Copy c of the batch's i-th example sits at position c * u + i, so the copies
+    land on different devices and processes, as DeiT's sampler puts them on different GPUs;
+    each copy is augmented by its own position, so differently."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, repeats: int):
+        super().__init__(parent)
+        if not 1 <= repeats <= global_batch:
+            raise ValueError(
+                f"config.data.repeated_augmentation={repeats} must be in [1, batch size "
+                f"{global_batch}]"
+            )
+        self._batch, self._unique = global_batch, -(-global_batch // repeats)
+
+    def __len__(self) -> int:
+        return min(sys.maxsize, len(self._parent) // self._unique * self._batch)
+
+    def __getitem__(self, g):
+        if isinstance(g, slice):
+            return self.slice(g)
+        step, position = divmod(g, self._batch)
+        return self._parent[step * self._unique + position % self._unique]
+
+    def __str__(self) -> str:
+        return f"RepeatedAugmentation(batch={self._batch}, unique={self._unique})"
+
+
 # The keys of a data section that the pipeline itself reads, with their defaults; the rest
 # belong to its source (``vitok.data.sources.source_keys``).
 PIPELINE_KEYS = {
-    "source": None, "split": None, "pp": "", "skip_bad": False, "num_threads": 8, "prefetch": 64
+    "source": None, "split": None, "pp": "", "skip_bad": False, "num_threads": 8, "prefetch": 64,
+    "repeated_augmentation": 1,
 }  # fmt: skip
 
 
@@ -138,6 +169,9 @@ def train_dataset(
     source = build_source(config, config.get("split") or "train")
     transform = _transform(config, counter)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    repeats = int(option(config, "repeated_augmentation"))
+    if repeats != 1:
+        ds = _RepeatedAugmentation(ds, global_batch_size, repeats)
     ds = ds.random_map(transform)
     ds = _ProcessSlice(ds, local_batch, process_index, process_count)
     return ds.to_iter_dataset(_read_options(config)).batch(local_batch, drop_remainder=True)

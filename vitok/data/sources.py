@@ -69,12 +69,16 @@ class TfdsSource:
         data_dir: str | None = None,
         image_key: str = "image",
         label_key: str | None = "label",
+        encoded: bool = False,
     ):
+        """``encoded=True`` yields the image as its stored bytes (JPEG for ImageNet) for an op
+        that decodes fused with its crop (``inception_crop``) or for ``decode``."""
         import tensorflow_datasets as tfds
 
+        decoders = {image_key: tfds.decode.SkipDecoding()} if encoded else None
         try:  # never downloads: a run must not start a download of ImageNet by itself
             self._source = tfds.data_source(
-                name, split=split, data_dir=data_dir or None, download=False
+                name, split=split, data_dir=data_dir or None, download=False, decoders=decoders
             )
         except Exception as e:  # tfds raises several types for "not prepared"
             where = f" --data_dir={data_dir}" if data_dir else ""
