@@ -246,6 +246,24 @@ def test_repeated_augmentation_repeats_each_example_on_different_devices():
         pipeline.train_dataset(plain | {"repeated_augmentation": 13}, global_batch_size=12, seed=0)
 
 
+@pytest.mark.slow
+def test_worker_processes_make_the_same_batches_and_resume_exactly():
+    config = {"source": "mnist5k", "pp": "decode(channels=1)|random_crop(20)"}
+    threads = iter(pipeline.train_dataset(config, global_batch_size=8, seed=1))
+    workers = iter(
+        pipeline.train_dataset(config | {"worker_processes": 2}, global_batch_size=8, seed=1)
+    )
+    for _ in range(3):
+        np.testing.assert_array_equal(next(workers)["image"], next(threads)["image"])
+    state = workers.get_state()
+    expected = next(threads)["image"]
+    resumed = iter(
+        pipeline.train_dataset(config | {"worker_processes": 2}, global_batch_size=8, seed=1)
+    )
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image"], expected)
+
+
 def test_epoch_covers_every_training_example_once():
     config = {"source": "mnist5k", "pp": "decode(channels=1)"}
     it = iter(pipeline.train_dataset(config, global_batch_size=100, seed=0))

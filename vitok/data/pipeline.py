@@ -17,6 +17,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from vitok.data import ops
 from vitok.data.sources import REQUIRED, SOURCES, build_source, source_keys
@@ -24,10 +25,17 @@ from vitok.data.sources import REQUIRED, SOURCES, build_source, source_keys
 
 @dataclasses.dataclass
 class SkipCounter:
-    """Counts examples dropped because of ``BadImageError`` (only with ``skip_bad=True``)."""
+    """Counts examples dropped because of ``BadImageError`` (only with ``skip_bad=True``); with
+    worker processes each counts its own, and only the log shows theirs."""
 
     count: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def __getstate__(self) -> dict:  # a worker process gets its own count (and lock)
+        return {"count": self.count}
+
+    def __setstate__(self, state: dict) -> None:
+        self.count, self.lock = state["count"], threading.Lock()
 
     def add(self, where: str, error: Exception) -> None:
         with self.lock:
@@ -107,7 +115,7 @@ class _RepeatedAugmentation(grain.MapDataset):
 # belong to its source (``vitok.data.sources.source_keys``).
 PIPELINE_KEYS = {
     "source": None, "split": None, "pp": "", "skip_bad": False, "num_threads": 8, "prefetch": 64,
-    "repeated_augmentation": 1,
+    "repeated_augmentation": 1, "worker_processes": 0,
 }  # fmt: skip
 
 
@@ -174,7 +182,15 @@ def train_dataset(
         ds = _RepeatedAugmentation(ds, global_batch_size, repeats)
     ds = ds.random_map(transform)
     ds = _ProcessSlice(ds, local_batch, process_index, process_count)
-    return ds.to_iter_dataset(_read_options(config)).batch(local_batch, drop_remainder=True)
+    workers = int(option(config, "worker_processes"))
+    if not workers:
+        return ds.to_iter_dataset(_read_options(config)).batch(local_batch, drop_remainder=True)
+    # Worker processes take whole batches in turn, so every batch is the one a single process
+    # makes; the iterator's state then counts batches, so keep worker_processes across resumes.
+    ds = ds.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(config))
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (outside an absl app)
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 def eval_batches(
