@@ -247,27 +247,21 @@ def inception_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of JPEG bytes from the header alone; None if not a JPEG."""
-    from PIL import Image
-
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size[1], img.size[0]
-
-
 def _decode_jpeg_region(
-    data: bytes, box: tuple[int, int, int, int], out: tuple[int, int], where: str
+    data: bytes,
+    box: tuple[int, int, int, int] | Callable[[int, int], tuple[int, int, int, int]],
+    out: tuple[int, int],
+    where: str,
 ) -> np.ndarray:
-    """The ``box`` (top, left, h, w, full-size pixels) of JPEG bytes, decoded at the smallest
-    DCT scale (1/1, 1/2, 1/4, 1/8) at which the box still has at least ``out`` pixels."""
+    """The ``box`` (top, left, h, w, full-size pixels; or a function of the full (height,
+    width) that draws it, read from the header of the one open) of JPEG bytes, decoded at the
+    smallest DCT scale (1/1, 1/2, 1/4, 1/8) at which the box still has at least ``out`` pixels."""
     from PIL import Image
 
-    top, left, h, w = box
     try:
         with Image.open(io.BytesIO(data)) as img:
             full_w, full_h = img.size
+            top, left, h, w = box(full_h, full_w) if callable(box) else box
             scale = 1
             while scale < 8 and h // (2 * scale) >= out[0] and w // (2 * scale) >= out[1]:
                 scale *= 2
@@ -301,10 +295,12 @@ def inception_crop(
         where = _where(example)
         if isinstance(image, (bytes, bytearray, np.bytes_)):
             data = bytes(image)
-            shape = _jpeg_size(data)
-            if shape is not None:
-                box = inception_box(rng, *shape, area, aspect)
-                crop = _decode_jpeg_region(data, box, size, where)
+            if data.startswith(b"\xff\xd8"):  # JPEG: the box is drawn from its header's size
+
+                def draw(height: int, width: int) -> tuple[int, int, int, int]:
+                    return inception_box(rng, height, width, area, aspect)
+
+                crop = _decode_jpeg_region(data, draw, size, where)
                 return example | {"image": _resize(crop, *size)}
             image = to_uint8_rgb(decode_bytes(data, where), 3, where)
         top, left, h, w = inception_box(rng, image.shape[0], image.shape[1], area, aspect)
