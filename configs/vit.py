@@ -101,6 +101,7 @@ def base() -> ml_collections.ConfigDict:
     # whose PIL resizes release the GIL, and file-backed datasets do gain from threads.
     c.data.num_threads = 0
     c.data.prefetch = 32
+    c.data.repeated_augmentation = 1  # DeiT's 3x in deit_regularisation
 
     c.evals = ml_collections.ConfigDict()
     c.evals.test = ml_collections.ConfigDict()
