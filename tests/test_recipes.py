@@ -243,7 +243,7 @@ def test_inception_crop_on_jpeg_bytes_decodes_only_the_crop_and_matches_the_arra
         err = np.mean((a.astype(float) - b.astype(float)) ** 2)
         assert err < 255**2 / 10**2.8, seed  # PSNR > 28 dB: the same crop, decoded at 1/1..1/4
     # A 300x400 box for a 64x64 output decodes at a quarter of the size (DCT scaling).
-    region = _decode_jpeg_region(data, (20, 40, 300, 400), (64, 64), "test")
+    region = _decode_jpeg_region(data, lambda h, w: (20, 40, 300, 400), (64, 64), "test")
     assert region.shape == (75, 100, 3)
     np.testing.assert_array_equal(
         fused({"image": data}, np.random.default_rng(3))["image"],

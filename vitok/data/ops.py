@@ -249,19 +249,19 @@ def inception_box(
 
 def _decode_jpeg_region(
     data: bytes,
-    box: tuple[int, int, int, int] | Callable[[int, int], tuple[int, int, int, int]],
+    draw_box: Callable[[int, int], tuple[int, int, int, int]],
     out: tuple[int, int],
     where: str,
 ) -> np.ndarray:
-    """The ``box`` (top, left, h, w, full-size pixels; or a function of the full (height,
-    width) that draws it, read from the header of the one open) of JPEG bytes, decoded at the
-    smallest DCT scale (1/1, 1/2, 1/4, 1/8) at which the box still has at least ``out`` pixels."""
+    """The box ``draw_box(height, width)`` gives (top, left, h, w in full-size pixels; the size
+    read from the header, so the file is opened once) of JPEG bytes, decoded at the smallest DCT
+    scale (1/1, 1/2, 1/4, 1/8) at which the box still has at least ``out`` pixels."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             full_w, full_h = img.size
-            top, left, h, w = box(full_h, full_w) if callable(box) else box
+            top, left, h, w = draw_box(full_h, full_w)
             scale = 1
             while scale < 8 and h // (2 * scale) >= out[0] and w // (2 * scale) >= out[1]:
                 scale *= 2

@@ -84,8 +84,8 @@ class _ProcessSlice(grain.MapDataset):
 
 class _RepeatedAugmentation(grain.MapDataset):
     """Repeated augmentation (Hoffer et al. 2020; DeiT's 3x): each global batch of B holds
-    u = ceil(B / r) examples, each r times (the last B mod r positions short when r does not
-    divide B). Copy c of the batch's i-th example sits at position c * u + i, so the copies
+    u = ceil(B / r) examples, each r times (when r does not divide B, u * r - B of them r - 1
+    times). Copy c of the batch's i-th example sits at position c * u + i, so the copies
     land on different devices and processes, as DeiT's sampler puts them on different GPUs;
     each copy is augmented by its own position, so differently."""
 
