@@ -249,6 +249,10 @@ def test_inception_crop_on_jpeg_bytes_decodes_only_the_crop_and_matches_the_arra
         fused({"image": data}, np.random.default_rng(3))["image"],
         fused({"image": data}, np.random.default_rng(3))["image"],
     )
+    from vitok.data.ops import BadImageError
+
+    with pytest.raises(BadImageError, match="bad.jpg: cannot decode.*truncated or corrupt"):
+        fused({"image": data[: len(data) // 3], "path": "bad.jpg"}, np.random.default_rng(0))
 
 
 def test_resize_center_crop_is_resize_then_central_crop_at_the_ratio():
@@ -283,18 +287,15 @@ def test_random_erasing_fills_one_box_with_noise_or_leaves_the_image():
 
 
 def test_rand_augment_ops_at_their_identity_levels_and_known_properties():
-    from PIL import Image
-
     from vitok.data.ops import RAND_AUGMENT_OPS, rand_augment_op
 
     _, decoded = _photo_jpeg(96, 120)
-    pil = Image.fromarray(decoded)
     rng = np.random.default_rng(0)
     fill = (124, 116, 104)
     assert len(RAND_AUGMENT_OPS) == 15  # timm's increasing set, Cutout left to random erasing
 
     def run(name, level):
-        return np.asarray(rand_augment_op(pil, name, level, rng, fill)).astype(int)
+        return rand_augment_op(decoded, name, level, rng, fill).astype(int)
 
     # Level 0 leaves the image as it is for every op with a strength.
     for name in ("rotate", "solarize", "solarize_add", "color", "contrast", "brightness",
@@ -316,7 +317,35 @@ def test_rand_augment_ops_at_their_identity_levels_and_known_properties():
     gap = moved[:, 120 - shift :] if left else moved[:, :shift]
     assert np.all(gap == np.array(fill))
     with pytest.raises(ValueError, match="unknown RandAugment op"):
-        rand_augment_op(pil, "cutout", 0.5, rng, fill)
+        rand_augment_op(decoded, "cutout", 0.5, rng, fill)
+
+
+@pytest.mark.parametrize(
+    "name, amount",
+    [("rotate", 25.0), ("rotate", -13.0), ("shear_x", 0.27), ("shear_y", -0.2),
+     ("translate_x", 17.3), ("translate_y", -30.6)],
+)  # fmt: skip
+def test_rand_augment_geometry_matches_pils_transforms(name, amount):
+    """The geometric ops warp with OpenCV; PIL's rotate and AFFINE transform (what timm
+    calls) are the reference for the geometry. The bicubic kernels differ (a = -0.75 vs
+    -0.5), so pixels agree to about a level, where half a pixel of misplacement or a wrong
+    sign would cost tens."""
+    from PIL import Image
+
+    from vitok.data.ops import _affine, _rand_augment_geometry
+
+    _, decoded = _photo_jpeg(96, 120)
+    fill = (124, 116, 104)
+    linear, offset = _rand_augment_geometry(name, amount, 96, 120)
+    ours = _affine(decoded, linear, offset, fill).astype(int)
+    pil = Image.fromarray(decoded)
+    if name == "rotate":
+        reference = pil.rotate(amount, resample=Image.BICUBIC, fillcolor=fill)
+    else:
+        data = tuple(np.concatenate([linear, offset[:, None]], axis=1).ravel())
+        reference = pil.transform(pil.size, Image.AFFINE, data, Image.BICUBIC, fillcolor=fill)
+    difference = np.abs(ours - np.asarray(reference).astype(int))
+    assert difference.mean() < 1.5 and np.mean(difference > 8) < 0.02, difference.mean()
 
 
 def test_rand_augment_is_deterministic_per_seed_and_off_at_probability_zero():
