@@ -4,5 +4,5 @@
 set -euo pipefail
 tpu=${1:?tpu name}; zone=${2:?zone}; workdir=${3:?workdir}; shift 3
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
-  cd ~/vitok && pip install -q -e . 'jax[tpu]' &&
+  cd ~/vitok && pip install -q -e . 'jax[tpu]>=0.10.2,<0.11' &&
   python -m vitok.train --distributed --workdir=$workdir $*"
