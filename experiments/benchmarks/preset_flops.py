@@ -25,7 +25,9 @@ from vitok.models import ModelHandle  # noqa: E402
 PRESETS = {
     "vit:i1k_b16": lambda: vit.get_config("i1k_b16"),
     **{
-        f"patch_scaling:deit_b_64px_p{p}": (lambda p=p: patch_scaling.get_config(f"deit_b_64px_p{p}"))
+        f"patch_scaling:deit_b_64px_p{p}": (
+            lambda p=p: patch_scaling.get_config(f"deit_b_64px_p{p}")
+        )
         for p in (16, 8, 4, 2, 1)
     },
     "patch_scaling:deit_b_224px_p1": lambda: patch_scaling.get_config("deit_b_224px_p1"),
