@@ -131,10 +131,10 @@ def test_nested_dropout_keeps_exactly_k_registers(register_mixing):
     # The decoder sees nothing of the dropped codes: changing them changes no velocity.
     x_t, sigma = jnp.ones((3, model.num_patches, model.patch_dim)), jnp.full((3,), 0.5)
     other = codes.at[:, 1:].set(-codes[:, 1:])
-    v1 = model.predict_velocity(x_t, sigma, model.condition(codes, keep_mask(counts * 0 + 1, 4)))
-    v2 = model.predict_velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 1, 4)))
+    v1 = model.velocity(x_t, sigma, model.condition(codes, keep_mask(counts * 0 + 1, 4)))
+    v2 = model.velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 1, 4)))
     np.testing.assert_allclose(v1, v2, atol=1e-6)
-    v3 = model.predict_velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 2, 4)))
+    v3 = model.velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 2, 4)))
     assert float(jnp.abs(v3 - v1).max()) > 1e-4
 
 
@@ -174,6 +174,35 @@ def test_dct_basis_is_orthonormal_and_ordered_coarse_to_fine():
     assert projections[2] == pytest.approx(coefficients[1, 0], abs=1e-5)
 
 
+def test_repa_alignment_reads_the_decoder_at_its_layer_in_the_same_pass():
+    """REPA's projected hidden tokens come from block ``repa_layer``: changing a later block
+    changes the velocity but not them; the velocity equals the plain ``velocity``."""
+    config = small_flextok_config(**{"model.decoder.depth": 2})
+    kwargs = {k: v for k, v in dict(config.model).items() if k not in ("name", "vae")}
+    kwargs |= {"repa_layer": 1, "repa_dim": 8, "scan_layers": False}
+    model = FlexTok(**kwargs, rngs=nnx.Rngs(0))
+    out = model.dec_out.kernel  # zero at initialisation: the velocity would ignore the decoder
+    out[...] = 0.1 * jax.random.normal(jax.random.key(3), out.shape)
+    images = _photos(2)
+    codes, _ = model.encode(images)
+    registers = model.condition(codes, keep_mask(jnp.asarray([2, 4]), 4))
+    x0 = model.to_space(images)
+    x_t = noise_images(x0, jax.random.normal(jax.random.key(1), x0.shape), jnp.asarray([0.4, 0.7]))
+    sigma = jnp.asarray([0.4, 0.7])
+    v, aligned = model.velocity_and_alignment(x_t, sigma, registers)
+    assert aligned.shape == (2, model.num_patches, 8)
+    np.testing.assert_allclose(v, model.velocity(x_t, sigma, registers), rtol=1e-6, atol=1e-6)
+    last = model.decoder.blocks[1]  # every weight, its adaLN-zero gates included
+    nnx.update(last, jax.tree.map(lambda p: p + 0.1, nnx.state(last, nnx.Param)))
+    v2, aligned2 = model.velocity_and_alignment(x_t, sigma, registers)
+    np.testing.assert_array_equal(aligned2, aligned)
+    assert float(jnp.abs(v2 - v).max()) > 1e-3
+    with pytest.raises(ValueError, match="repa_dim > 0"):
+        FlexTok(**(kwargs | {"repa_dim": 0}), rngs=nnx.Rngs(0)).velocity_and_alignment(
+            x_t, sigma, registers
+        )
+
+
 def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
     """With identical weights, the x0-model's velocity is (x_t - raw) / sigma where raw is what
     the velocity-model outputs; its training target is noise - x0 above the sigma floor."""
@@ -192,8 +221,8 @@ def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
     noise = jax.random.normal(jax.random.key(2), x0.shape)
     sigma = jnp.asarray([0.3, 0.8])
     x_t = noise_images(x0, noise, sigma)
-    raw = as_velocity.predict_velocity(x_t, sigma, registers)
-    v = as_x0.predict_velocity(x_t, sigma, registers)
+    raw = as_velocity.velocity(x_t, sigma, registers)
+    v = as_x0.velocity(x_t, sigma, registers)
     np.testing.assert_allclose(v, (x_t - raw) / sigma[:, None, None], rtol=1e-4, atol=1e-5)
     target = as_x0.velocity_target(x_t, x0, noise, sigma)
     np.testing.assert_allclose(target, noise - x0, rtol=1e-4, atol=1e-5)
@@ -213,7 +242,7 @@ class _PointMassFlow(FlexTok):
 
     target = None
 
-    def predict_velocity(self, x_t, sigma, registers):
+    def velocity(self, x_t, sigma, registers):
         target = jnp.tile(self.target, (x_t.shape[0] // self.target.shape[0], 1, 1))
         return (x_t - target) / sigma[:, None, None]
 

@@ -50,8 +50,8 @@ class FlexTok(Tokenizer):
       encoder / decoder: dicts with width, depth, num_heads, mlp_dim.
       vae: an optional frozen autoencoder (``vitok.models.vae.FrozenVAE``) whose latents the flow
         models instead of pixels.
-      repa_layer / repa_dim: if repa_dim > 0, ``velocity`` also returns the decoder's hidden
-        patch tokens after block ``repa_layer`` projected to repa_dim (REPA alignment).
+      repa_layer / repa_dim: if repa_dim > 0, ``velocity_and_alignment`` also gives the
+        decoder's hidden patch tokens after block ``repa_layer`` projected to repa_dim (REPA).
       repa_encoder: the frozen ViT whose patch features REPA aligns to (``repa_target``).
       pretrained: {attribute: workdir} of the frozen sub-models, loaded when training starts.
       adaln_registers: also add the mean of the register tokens to the AdaLN conditioning
@@ -321,12 +321,28 @@ class FlexTok(Tokenizer):
         tokens = jnp.where(keep[..., None], tokens, mask_token[None])
         return tokens + self.dec_register_posemb[...].astype(tokens.dtype)[None]
 
-    def velocity(
-        self, x_t: jax.Array, sigma: jax.Array, registers: jax.Array
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    def velocity(self, x_t: jax.Array, sigma: jax.Array, registers: jax.Array) -> jax.Array:
         """x_t [B, P, patch_dim], sigma [B] in [0, 1], registers [B, N, Dd] (from ``condition``)
-        -> predicted velocity (noise - x0) [B, P, patch_dim] float32; with REPA also the
-        projected hidden patch tokens [B, P, repa_dim]."""
+        -> predicted velocity (noise - x0) [B, P, patch_dim] float32."""
+        h, _ = self._decode(x_t, sigma, registers, repa=False)
+        return self._to_velocity(h, x_t, sigma)
+
+    def velocity_and_alignment(
+        self, x_t: jax.Array, sigma: jax.Array, registers: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """``velocity`` and, in the same pass, REPA's projection of the decoder's hidden patch
+        tokens at ``repa_layer`` [B, P, repa_dim] float32 (needs ``repa_dim`` > 0)."""
+        if self.repa_proj is None:
+            raise ValueError("velocity_and_alignment needs a model built with repa_dim > 0")
+        h, hidden = self._decode(x_t, sigma, registers, repa=True)
+        aligned = self.repa_proj(hidden[:, self.num_registers :]).astype(jnp.float32)
+        return self._to_velocity(h, x_t, sigma), aligned
+
+    def _decode(
+        self, x_t: jax.Array, sigma: jax.Array, registers: jax.Array, *, repa: bool
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The decoder over [registers; patch tokens of x_t] -> its output tokens [B, N + P, Dd]
+        and, when ``repa``, its hidden tokens at ``repa_layer`` (else None)."""
         if self.decoder_patches == "overlap":
             image = unpatchify(x_t.astype(jnp.float32), self.grid, self.patch_size)
             x = self.dec_patch_embed(overlap_patchify(image, self.patch_size).astype(x_t.dtype))
@@ -341,12 +357,9 @@ class FlexTok(Tokenizer):
         cond = self.time_embed(sigma)
         if self.adaln_registers is not None:
             cond = cond + self.adaln_registers(registers.mean(axis=1)).astype(cond.dtype)
-        if self.repa_proj is None:
-            h = self.decoder(x, cond)
-            return self._to_velocity(h, x_t, sigma)
-        h, hidden = self.decoder(x, cond, return_hidden=self.repa_layer)
-        aligned = self.repa_proj(hidden[:, self.num_registers :]).astype(jnp.float32)
-        return self._to_velocity(h, x_t, sigma), aligned
+        if not repa:
+            return self.decoder(x, cond), None
+        return self.decoder(x, cond, return_hidden=self.repa_layer)
 
     def velocity_target(self, x_t, x0, noise, sigma) -> jax.Array:
         """The velocity ``velocity`` is trained to output, [B, P, patch_dim] float32: noise - x0,
@@ -371,10 +384,6 @@ class FlexTok(Tokenizer):
         # x0-prediction: v = (x_t - x0) / sigma, with sigma floored as the division blows up
         # the error near the data end (the floor's value as in Li & He 2025).
         return (x_t - x0) / floored_sigma(sigma)[:, None, None]
-
-    def predict_velocity(self, x_t, sigma, registers) -> jax.Array:
-        out = self.velocity(x_t, sigma, registers)
-        return out[0] if isinstance(out, tuple) else out
 
     def sample(
         self,
@@ -413,7 +422,7 @@ class FlexTok(Tokenizer):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             x_in = jnp.concatenate([x, x], axis=0) if guided else x
             model = nnx.merge(graphdef, state)
-            v = model.predict_velocity(x_in, jnp.full((x_in.shape[0],), sigma), registers)
+            v = model.velocity(x_in, jnp.full((x_in.shape[0],), sigma), registers)
             if guided:
                 v_cond, v_null = v[:b], v[b:]
                 if apg:

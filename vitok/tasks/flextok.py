@@ -98,11 +98,14 @@ class FlexTokTask:
         sigma = jax.nn.sigmoid(jax.random.normal(sigma_rng, (b,), jnp.float32))
         sigma = shift_sigma(sigma, model.time_shift)
         x_t = noise_images(x0, noise, sigma)
-        out = model.velocity(x_t, sigma, registers)
-        v_pred, aligned = out if isinstance(out, tuple) else (out, None)
+        aligned = None
+        if self.repa_weight and model.repa_proj is not None:
+            v_pred, aligned = model.velocity_and_alignment(x_t, sigma, registers)
+        else:
+            v_pred = model.velocity(x_t, sigma, registers)
         target = model.velocity_target(x_t, x0, noise, sigma)
         loss = flow_loss(v_pred, target, loss_weight(sigma, self.loss_space))
-        if not self.repa_weight or aligned is None:
+        if aligned is None:
             return loss, {}
         repa = cosine_alignment(aligned, model.repa_target(images))
         metrics = {"train/flow_loss": loss, "train/repa_loss": repa}
