@@ -276,6 +276,30 @@ def _sequence_parallel(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> 
     )(q, k, v)
 
 
+@dataclasses.dataclass
+class KVCache:
+    """The keys and values of a stack's layers, k, v: [layers, B, C, H, Dh], for decoding in
+    passes over fed tokens.
+
+    In a pass the Q fed tokens of every layer write their keys/values at slots start ..
+    start + Q - 1 of that layer, then their queries attend over the layer's C slots where
+    ``allowed`` [Q, C]. ``attend`` replaces ``k`` and ``v`` with the written arrays (a pure
+    update; the object is the pass's handle on them), so read them after the pass.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array
+    allowed: jax.Array
+
+    def attend(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """q, k, v of the fed tokens [B, Q, H, Dh] -> attention output [B, Q, H, Dh]."""
+        at = (layer, 0, self.start, 0, 0)
+        self.k = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype)[None], at)
+        self.v = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype)[None], at)
+        return masked_attention(q, self.k[layer], self.v[layer], self.allowed)
+
+
 class MultiHeadAttention(nnx.Module):
     """Self-attention with head-sharded projections: W_qkv [D, 3, H, Dh], W_out [H, Dh, D]."""
 
@@ -307,11 +331,22 @@ class MultiHeadAttention(nnx.Module):
         self.dtype = dtype
 
     def __call__(
-        self, x: jax.Array, mask: Mask | None = None, *, dropout_rng: jax.Array | None = None
+        self,
+        x: jax.Array,
+        mask: Mask | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_layer: int = 0,
     ) -> jax.Array:
-        """x: [B, L, D] -> [B, L, D]"""
+        """x: [B, L, D] -> [B, L, D]. With ``cache``, x are the fed tokens of a decoding pass:
+        their keys/values go into layer ``cache_layer`` of the cache and they attend over it
+        (``mask`` unused: the cache's ``allowed`` masks)."""
         q, k, v = self.project(x)
-        y = attention(q, k, v, mask, backend=self.backend)
+        if cache is None:
+            y = attention(q, k, v, mask, backend=self.backend)
+        else:
+            y = cache.attend(cache_layer, q, k, v)
         return dropout(self.combine(y), self.dropout, dropout_rng, 2)
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vitok import sharding
-from vitok.nn.attention import Mask, MultiHeadAttention
+from vitok.nn.attention import KVCache, Mask, MultiHeadAttention
 from vitok.nn.layers import MLP, LayerNorm
 
 
@@ -54,9 +54,13 @@ class Block(nnx.Module):
         *,
         dropout_rng: jax.Array | None = None,
         drop_path_rate: jax.Array | float | None = None,
+        cache: KVCache | None = None,
+        cache_layer: int = 0,
     ) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]. ``drop_path_rate`` (a scalar, traced under scan) drops
-        each branch per example when training, i.e. when ``dropout_rng`` is given."""
+        each branch per example when training, i.e. when ``dropout_rng`` is given. With
+        ``cache`` (KV-cached decoding), x are a pass's fed tokens and attention reads and
+        writes layer ``cache_layer`` of the cache."""
         rng_attn, rng_mlp = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         dropping = dropout_rng is not None and drop_path_rate is not None
 
@@ -65,7 +69,10 @@ class Block(nnx.Module):
                 branch = drop_path(branch, drop_path_rate, jax.random.fold_in(dropout_rng, which))
             return branch
 
-        x = x + residual(self.attn(self.norm1(x), mask, dropout_rng=rng_attn), 1)
+        attended = self.attn(
+            self.norm1(x), mask, dropout_rng=rng_attn, cache=cache, cache_layer=cache_layer
+        )
+        x = x + residual(attended, 1)
         x = sharding.constrain(x, ("batch", "length", "embed"))
         x = x + residual(self.mlp(self.norm2(x), dropout_rng=rng_mlp), 2)
         return sharding.constrain(x, ("batch", "length", "embed"))
