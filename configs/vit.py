@@ -9,8 +9,8 @@ Presets:
   i1k_b16   ViT-B/16 on ImageNet-1k (tfds imagenet2012), 300 epochs at batch 4096 with DeiT's
             augmentation and regularisation (Touvron et al. 2021, Table 9: Inception crop,
             flip, RandAugment m9-mstd0.5, random erasing 0.25, Mixup 0.8, CutMix 1.0, label
-            smoothing 0.1, drop path 0.1; not yet repeated augmentation); TPU/GPU pods, bf16,
-            FSDP.
+            smoothing 0.1, drop path 0.1, repeated augmentation 3x); TPU/GPU pods, bf16,
+            FSDP. Should reach DeiT-B's 81.8 top-1 (its batch is 1024).
   tiny_rgb, tiny_recipe   the digits in three channels, without and with the same recipe
             (no flip for digits, crop area 0.35-1): experiments/recipes/digits.py.
 
