@@ -43,7 +43,7 @@ TARGETS = {
     "vit:i1k_b16": "81.8 (DeiT-B, Touvron et al. 2021; at DeiT's batch 1024)",
     **{
         f"patch_scaling:deit_b_64px_p{p}": f"{acc} (Wang et al. 2025, 64px)"
-        for p, acc in zip((16, 8, 4, 2, 1), (68.2, 76.9, 80.1, 80.8, 81.3))
+        for p, acc in zip((16, 8, 4, 2, 1), (68.2, 76.9, 80.1, 80.8, 81.3), strict=True)
     },
     "patch_scaling:deit_b_224px_p1": "- (one stage; the paper's 84.6 is the three)",
     "patch_scaling:deit_b_224px_p1_s1": "- (stage 1 of 3)",
