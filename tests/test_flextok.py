@@ -180,7 +180,7 @@ def test_repa_alignment_reads_the_decoder_at_its_layer_in_the_same_pass():
     config = small_flextok_config(**{"model.decoder.depth": 2})
     kwargs = {k: v for k, v in dict(config.model).items() if k not in ("name", "vae")}
     kwargs |= {"repa_layer": 1, "repa_dim": 8, "scan_layers": False}
-    model = FlexTok(**kwargs, rngs=nnx.Rngs(0))
+    model = FlexTok.from_config(kwargs, rngs=nnx.Rngs(0))
     out = model.dec_out.kernel  # zero at initialisation: the velocity would ignore the decoder
     out[...] = 0.1 * jax.random.normal(jax.random.key(3), out.shape)
     images = _photos(2)
@@ -198,7 +198,7 @@ def test_repa_alignment_reads_the_decoder_at_its_layer_in_the_same_pass():
     np.testing.assert_array_equal(aligned2, aligned)
     assert float(jnp.abs(v2 - v).max()) > 1e-3
     with pytest.raises(ValueError, match="repa_dim > 0"):
-        FlexTok(**(kwargs | {"repa_dim": 0}), rngs=nnx.Rngs(0)).velocity_and_alignment(
+        FlexTok.from_config(kwargs | {"repa_dim": 0}, rngs=nnx.Rngs(0)).velocity_and_alignment(
             x_t, sigma, registers
         )
 
@@ -209,8 +209,8 @@ def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
     config = small_flextok_config()
     kwargs = {k: v for k, v in dict(config.model).items() if k not in ("name", "vae")}
     kwargs.pop("prediction", None)
-    as_velocity = FlexTok(**kwargs, prediction="velocity", rngs=nnx.Rngs(0))
-    as_x0 = FlexTok(**kwargs, prediction="x0", rngs=nnx.Rngs(0))
+    as_velocity = FlexTok.from_config(kwargs | {"prediction": "velocity"}, rngs=nnx.Rngs(0))
+    as_x0 = FlexTok.from_config(kwargs | {"prediction": "x0"}, rngs=nnx.Rngs(0))
     out = as_velocity.dec_out
     out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(1), out.kernel.shape)
     as_x0.dec_out.kernel[...] = out.kernel[...]
@@ -232,9 +232,9 @@ def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
     with pytest.raises(ValueError, match="loss_space"):
         loss_weight(sigma, "eps")
     with pytest.raises(ValueError, match="prediction"):
-        FlexTok(**kwargs, prediction="eps", rngs=nnx.Rngs(0))
+        FlexTok.from_config(kwargs | {"prediction": "eps"}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="mixing_init must be 'normal' or 'dct'"):
-        FlexTok(**(kwargs | {"mixing_init": "pca"}), rngs=nnx.Rngs(0))
+        FlexTok.from_config(kwargs | {"mixing_init": "pca"}, rngs=nnx.Rngs(0))
 
 
 class _PointMassFlow(FlexTok):
@@ -250,10 +250,7 @@ class _PointMassFlow(FlexTok):
 @pytest.mark.parametrize("time_shift", [1.0, 3.0])
 def test_euler_sampler_with_the_exact_velocity_reaches_the_data(time_shift):
     config = small_flextok_config(**{"model.time_shift": time_shift})
-    model = _PointMassFlow(
-        **{k: v for k, v in dict(config.model).items() if k not in ("name", "vae")},
-        rngs=nnx.Rngs(0),
-    )
+    model = _PointMassFlow.from_config(config.model, rngs=nnx.Rngs(0))
     images = _photos(2)
     model.target = model.to_space(images)
     codes, _ = model.encode(images)

@@ -18,6 +18,8 @@ autoencoder (``vae``, full-scale presets).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -38,6 +40,65 @@ from vitok.perf import transformer_flops
 from vitok.registry import MODELS
 
 
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+    """The size of a transformer stack (FlexTok's encoder or decoder)."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any] | StackSpec) -> StackSpec:
+        if isinstance(spec, StackSpec):
+            return spec
+        return cls(*(int(spec[k]) for k in ("width", "depth", "num_heads", "mlp_dim")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How the stacks run: attention backend, rematerialisation, scanned layers, dtype."""
+
+    attention_backend: str = "dense"
+    remat: bool = False
+    scan_layers: bool = False
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowOptions:
+    """The decoder's research switches, each at the published model's setting by default (what
+    each does: ``FlexTok``'s docstring)."""
+
+    prediction: str = "velocity"
+    time_shift: float = 1.0
+    decoder_patches: str = "disjoint"
+    adaln_registers: bool = False
+    register_mixing: bool = False
+    mixing_init: str = "normal"
+    repa_layer: int = 0
+    repa_dim: int = 0
+
+    def __post_init__(self):
+        choices = {
+            "prediction": ("velocity", "x0", "x0_skip"),
+            "decoder_patches": ("disjoint", "overlap_out", "overlap"),
+            "mixing_init": ("normal", "dct"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                known = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}"
+                raise ValueError(f"{key} must be {known}, got {getattr(self, key)!r}")
+        if self.time_shift < 1.0:
+            raise ValueError(f"time_shift must be >= 1, got {self.time_shift}")
+
+
+# config.model's keys that are not FlexTok's own arguments but fill its parts.
+_COMPUTE_KEYS = tuple(f.name for f in dataclasses.fields(Compute))
+_OPTION_KEYS = tuple(f.name for f in dataclasses.fields(FlowOptions))
+
+
 class FlexTok(Tokenizer):
     """Adaptive-length 1D tokenizer with a rectified-flow decoder.
 
@@ -47,13 +108,17 @@ class FlexTok(Tokenizer):
       patch_size: p over the flow space (pixels, or latents when ``vae`` is given).
       num_registers: N, the most tokens an image becomes.
       fsq_levels: FSQ levels per channel; the codebook has prod(levels) entries.
-      encoder / decoder: dicts with width, depth, num_heads, mlp_dim.
+      encoder / decoder: ``StackSpec`` (or a dict with width, depth, num_heads, mlp_dim).
+      compute: ``Compute``, how the stacks run.
       vae: an optional frozen autoencoder (``vitok.models.vae.FrozenVAE``) whose latents the flow
         models instead of pixels.
-      repa_layer / repa_dim: if repa_dim > 0, ``velocity_and_alignment`` also gives the
-        decoder's hidden patch tokens after block ``repa_layer`` projected to repa_dim (REPA).
       repa_encoder: the frozen ViT whose patch features REPA aligns to (``repa_target``).
       pretrained: {attribute: workdir} of the frozen sub-models, loaded when training starts.
+      options: ``FlowOptions``, the decoder's research switches:
+
+    FlowOptions:
+      repa_layer / repa_dim: if repa_dim > 0, ``velocity_and_alignment`` also gives the
+        decoder's hidden patch tokens after block ``repa_layer`` projected to repa_dim (REPA).
       adaln_registers: also add the mean of the register tokens to the AdaLN conditioning
         vector (besides attending to them), a direct global path that small decoders pick up
         faster; it depends on the first k tokens only, like the attention path.
@@ -96,26 +161,19 @@ class FlexTok(Tokenizer):
         patch_size: int = 4,
         num_registers: int = 32,
         fsq_levels: tuple[int, ...] = (8, 5, 5, 5),
-        encoder: dict,
-        decoder: dict,
-        attention_backend: str = "dense",
-        remat: bool = False,
-        scan_layers: bool = False,
-        dtype: str | jnp.dtype = "float32",
+        encoder: StackSpec | Mapping[str, Any],
+        decoder: StackSpec | Mapping[str, Any],
+        compute: Compute = Compute(),
+        options: FlowOptions = FlowOptions(),
         vae: Any = None,
-        repa_layer: int = 0,
-        repa_dim: int = 0,
         repa_encoder: Any = None,
         pretrained: dict | None = None,
-        adaln_registers: bool = False,
-        time_shift: float = 1.0,
-        prediction: str = "velocity",
-        register_mixing: bool = False,
-        mixing_init: str = "normal",
-        decoder_patches: str = "disjoint",
         rngs: nnx.Rngs,
     ):
-        dtype = jnp.dtype(dtype)
+        encoder, decoder = StackSpec.of(encoder), StackSpec.of(decoder)
+        if options.repa_dim and not 1 <= options.repa_layer <= decoder.depth:
+            raise ValueError(f"repa_layer must be in 1..{decoder.depth}, got {options.repa_layer}")
+        dtype = jnp.dtype(compute.dtype)
         self.image_size = tuple(image_size)
         self.channels = channels
         self.vae = vae
@@ -132,40 +190,48 @@ class FlexTok(Tokenizer):
         self.num_registers = num_registers
         self.fsq = FSQ(fsq_levels)
         self.dtype = dtype
-        patch_dim = patch_size * patch_size * c
-        self.patch_dim = patch_dim
-        stack = dict(attention_backend=attention_backend, remat=remat, scan_layers=scan_layers)
-        normal = nnx.initializers.normal(stddev=0.02)
+        self.patch_dim = patch_size * patch_size * c
+        self.time_shift = float(options.time_shift)
+        self.prediction = options.prediction
+        self.decoder_patches = options.decoder_patches
+        self.repa_layer = int(options.repa_layer)
+        self.repa_encoder = repa_encoder
+        self.pretrained = dict(pretrained or {})
+        # Parameters are created in this order (encoder side, the mixing maps, decoder side):
+        # the order fixes what each draws from ``rngs``.
+        self._init_encoder(encoder, compute, options, rngs)
+        self._init_decoder(decoder, compute, options, rngs)
 
-        we = int(encoder["width"])
-        self.enc_width = we
-        self.enc_patch_embed = Dense(patch_dim, we, ("patch", "embed"), rngs=rngs, dtype=dtype)
+    def _init_encoder(
+        self, spec: StackSpec, compute: Compute, options: FlowOptions, rngs: nnx.Rngs
+    ) -> None:
+        """Patch embedding, registers, both register-mixing maps, the encoder, the FSQ input."""
+        dtype = self.dtype
+        we = self.enc_width = spec.width
+        self.enc_patch_embed = Dense(self.patch_dim, we, ("patch", "embed"), rngs=rngs, dtype=dtype)
         # Unit-scale registers: with small ones, every register reads the same patch average in
         # the first block and they all quantize to the same few codes (measured at init).
         unit = nnx.initializers.normal(stddev=1.0)
-        self.enc_registers = param(rngs, unit, (num_registers, we), (None, "embed"))
-        p, n = self.num_patches, num_registers
-        if mixing_init == "normal":
+        self.enc_registers = param(rngs, unit, (self.num_registers, we), (None, "embed"))
+        p, n = self.num_patches, self.num_registers
+        if options.mixing_init == "normal":
             enc_mix_init, dec_mix_init = normal_fan_in(p), normal_fan_in(n)
-        elif mixing_init == "dct":
+        else:  # "dct"
             basis = dct_basis(self.grid, n)  # [N, P], orthonormal rows, low frequencies first
             enc_mix_init, dec_mix_init = constant_init(basis), constant_init(basis.T)
-        else:
-            raise ValueError(f"mixing_init must be 'normal' or 'dct', got {mixing_init!r}")
-        self.enc_register_mix = (
-            param(rngs, enc_mix_init, (n, p), (None, None)) if register_mixing else None
-        )
-        self.dec_patch_mix = (
-            param(rngs, dec_mix_init, (p, n), (None, None)) if register_mixing else None
-        )
+        mixing = options.register_mixing
+        self.enc_register_mix = param(rngs, enc_mix_init, (n, p), (None, None)) if mixing else None
+        self.dec_patch_mix = param(rngs, dec_mix_init, (p, n), (None, None)) if mixing else None
         self.encoder = Encoder(
             we,
-            int(encoder["depth"]),
-            int(encoder["num_heads"]),
-            int(encoder["mlp_dim"]),
+            spec.depth,
+            spec.num_heads,
+            spec.mlp_dim,
             rngs=rngs,
             dtype=dtype,
-            **stack,
+            attention_backend=compute.attention_backend,
+            remat=compute.remat,
+            scan_layers=compute.scan_layers,
         )
         # Small projections keep tanh inside FSQ unsaturated at the start.
         small = nnx.initializers.variance_scaling(0.1, "fan_in", "normal")
@@ -173,51 +239,71 @@ class FlexTok(Tokenizer):
             we, self.fsq.dim, ("embed", None), rngs=rngs, kernel_init=small, dtype=dtype
         )
 
-        wd = int(decoder["width"])
-        self.dec_width = wd
+    def _init_decoder(
+        self, spec: StackSpec, compute: Compute, options: FlowOptions, rngs: nnx.Rngs
+    ) -> None:
+        """Token inputs, patch embedding, time embedding, the AdaLN decoder, its output layer
+        and REPA's projection."""
+        dtype = self.dtype
+        wd = self.dec_width = spec.width
+        normal = nnx.initializers.normal(stddev=0.02)
         self.from_fsq = Dense(self.fsq.dim, wd, (None, "embed"), rngs=rngs, dtype=dtype)
         self.mask_token = param(rngs, normal, (1, wd), (None, "embed"))
-        self.dec_register_posemb = param(rngs, normal, (num_registers, wd), (None, "embed"))
-        if decoder_patches not in ("disjoint", "overlap_out", "overlap"):
-            raise ValueError(
-                "decoder_patches must be 'disjoint', 'overlap_out' or 'overlap', "
-                f"got {decoder_patches!r}"
-            )
-        self.decoder_patches = decoder_patches
-        read_dim = patch_dim * (4 if decoder_patches == "overlap" else 1)
-        tile_dim = patch_dim * (1 if decoder_patches == "disjoint" else 4)
+        self.dec_register_posemb = param(rngs, normal, (self.num_registers, wd), (None, "embed"))
+        read_dim = self.patch_dim * (4 if self.decoder_patches == "overlap" else 1)
+        tile_dim = self.patch_dim * (1 if self.decoder_patches == "disjoint" else 4)
         self.dec_patch_embed = Dense(read_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
         self.time_embed = TimeEmbedder(wd, rngs=rngs)
-        if time_shift < 1.0:
-            raise ValueError(f"time_shift must be >= 1, got {time_shift}")
-        self.time_shift = float(time_shift)
-        if prediction not in ("velocity", "x0", "x0_skip"):
-            raise ValueError(
-                f"prediction must be 'velocity', 'x0' or 'x0_skip', got {prediction!r}"
-            )
-        self.prediction = prediction
         self.adaln_registers = (
-            Dense(wd, wd, ("embed", None), rngs=rngs, dtype=dtype) if adaln_registers else None
+            Dense(wd, wd, ("embed", None), rngs=rngs, dtype=dtype)
+            if options.adaln_registers
+            else None
         )
         self.decoder = AdaLNTransformer(
             wd,
-            int(decoder["depth"]),
-            int(decoder["num_heads"]),
-            int(decoder["mlp_dim"]),
+            spec.depth,
+            spec.num_heads,
+            spec.mlp_dim,
             rngs=rngs,
             dtype=dtype,
-            **stack,
+            attention_backend=compute.attention_backend,
+            remat=compute.remat,
+            scan_layers=compute.scan_layers,
         )
         zeros = nnx.initializers.zeros_init()
         self.dec_out = Dense(wd, tile_dim, ("embed", "patch"), rngs=rngs, kernel_init=zeros)
-        self.repa_layer = int(repa_layer)
         self.repa_proj = (
-            Dense(wd, int(repa_dim), ("embed", None), rngs=rngs, dtype=dtype) if repa_dim else None
+            Dense(wd, int(options.repa_dim), ("embed", None), rngs=rngs, dtype=dtype)
+            if options.repa_dim
+            else None
         )
-        if self.repa_proj is not None and not 1 <= self.repa_layer <= int(decoder["depth"]):
-            raise ValueError(f"repa_layer must be in 1..{decoder['depth']}, got {repa_layer}")
-        self.repa_encoder = repa_encoder
-        self.pretrained = dict(pretrained or {})
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        vae: Any = None,
+        repa_encoder: Any = None,
+        pretrained: dict | None = None,
+        rngs: nnx.Rngs,
+    ) -> FlexTok:
+        """From ``config.model``'s flat keys (``name``, ``vae`` and ``repa_encoder`` aside): the
+        compute and option keys fill ``Compute`` and ``FlowOptions``."""
+        kwargs = {k: v for k, v in dict(config).items() if k not in ("name", "vae", "repa_encoder")}
+        compute = Compute(**{k: kwargs.pop(k) for k in _COMPUTE_KEYS if k in kwargs})
+        options = FlowOptions(**{k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs})
+        kwargs["image_size"] = tuple(kwargs["image_size"])
+        kwargs["fsq_levels"] = tuple(kwargs.get("fsq_levels", (8, 5, 5, 5)))
+        return cls(
+            **kwargs,
+            compute=compute,
+            options=options,
+            vae=vae,
+            repa_encoder=repa_encoder,
+            pretrained=pretrained,
+            rngs=rngs,
+        )
 
     def pretrained_workdirs(self) -> dict[str, str]:
         return self.pretrained
@@ -569,14 +655,7 @@ def keep_count_choices(num_registers: int, mode: str) -> np.ndarray:
 
 @MODELS.register("flextok")
 def build_flextok(config, rngs: nnx.Rngs) -> FlexTok:
-    kwargs = dict(config)
-    kwargs.pop("name", None)
-    vae_config = kwargs.pop("vae", None)
-    repa_config = kwargs.pop("repa_encoder", None)
-    kwargs["image_size"] = tuple(kwargs["image_size"])
-    kwargs["fsq_levels"] = tuple(kwargs["fsq_levels"])
-    kwargs["encoder"] = dict(kwargs["encoder"])
-    kwargs["decoder"] = dict(kwargs["decoder"])
+    vae_config, repa_config = config.get("vae"), config.get("repa_encoder")
     pretrained, vae, repa_encoder = {}, None, None
     if vae_config is not None and vae_config.get("name"):
         from vitok.models.vae import build_frozen_vae
@@ -586,7 +665,9 @@ def build_flextok(config, rngs: nnx.Rngs) -> FlexTok:
     if repa_config is not None and repa_config.get("name"):
         repa_encoder = build_frozen_encoder(repa_config, rngs)
         pretrained["repa_encoder"] = repa_config.get("checkpoint", "")
-    return FlexTok(**kwargs, vae=vae, repa_encoder=repa_encoder, pretrained=pretrained, rngs=rngs)
+    return FlexTok.from_config(
+        config, vae=vae, repa_encoder=repa_encoder, pretrained=pretrained, rngs=rngs
+    )
 
 
 def build_frozen_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
