@@ -113,4 +113,30 @@ def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(trained, tmp_
     s.samples_per_class, s.batch_size, s.grid_columns = 1, 8, 1
     final = train.train_and_evaluate(c, str(tmp_path / "gpt"), jax.devices()[:1])
     assert final["samples/passes"] == 2  # k tokens, k passes
-    assert os.path.exists(tmp_path / "gpt" / "samples_samples.png")
+
+    # A second path to the same picture: the trained GPT's own sampler draws the first batch's
+    # 2 tokens per class with the evaluator's key, FlexTok's decoder renders them, and the
+    # result must be the grid's tiles (one class per row) up to the PNG's rounding.
+    import jax.numpy as jnp
+
+    from vitok import runs
+    from vitok.evaluators import evaluator_options
+    from vitok.evaluators.generation import GenerationEvaluator
+    from vitok.models.base import pad_ids
+    from vitok.models.nar import sample
+
+    o = evaluator_options(c.evals.samples, GenerationEvaluator.OPTIONS)
+    options = {k: o[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
+    gpt = runs.load_run(str(tmp_path / "gpt")).module()
+    decoder = Tokenizer.from_workdir(flextok).model
+    sample_rng, decode_rng = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))
+    labels = jnp.arange(8, dtype=jnp.int32)
+    drawn = jax.jit(lambda: sample(gpt, labels, sample_rng, num_tokens=2, **options))()
+    ids = drawn["tokens"][:, :2]
+    assert ids.shape == (8, 2) and int(ids.min()) >= 0 and int(ids.max()) < 15
+    images = jax.jit(lambda: decoder.detokenize(pad_ids(ids, 4), decode_rng, steps=2))()
+    expected = np.round((np.clip(np.asarray(images), -1, 1) + 1) / 2 * 255)
+    grid = np.asarray(Image.open(tmp_path / "gpt" / "samples_samples.png").convert("RGB"))
+    tiles = np.stack([grid[2 + i * 18 : 2 + i * 18 + 16, 2:18] for i in range(8)])
+    assert np.abs(tiles.astype(int) - expected).max() <= 1
+    assert len({tuple(row) for row in np.asarray(ids)}) > 1  # the classes drew different tokens
