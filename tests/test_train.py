@@ -3,9 +3,9 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from helpers import losses, read_metrics, small_vit_config
 
 from vitok import checkpoint, train
@@ -117,24 +117,47 @@ def test_training_reduces_the_loss(tmp_path):
 
 
 def test_params_are_actually_sharded(tmp_path):
-    from vitok import sharding
-    from vitok.models import ModelHandle
+    """The trainer's own state (initialised and after a step, as ``train_and_evaluate`` makes
+    them) holds each weight as shards of the annotated mesh axes: every device stores its
+    block and no more, the optimizer moments alike."""
+    from jax.sharding import PartitionSpec as P
+
+    from vitok import runs, sharding
 
     config = small_vit_config()
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    handle = ModelHandle.abstract(config.model)
-    shardings = sharding.tree_shardings(
-        nnx.to_pure_dict(handle.param_template),
-        handle.logical_axes,
+    rules = runs.sharding_rules(config)
+    setup = train.Setup.create(config, mesh, rules)
+    rng = jax.random.key(0)
+    shardings = setup.state_shardings(jax.eval_shape(setup.init_state, rng))
+    state = jax.jit(setup.init_state, out_shardings=shardings)(rng)
+    images = np.random.default_rng(0).random((16, 28, 28, 1), np.float32)
+    batch = sharding.global_batch(
+        {"image": images, "label": np.arange(16) % 10, "mask": np.ones(16, np.float32)},
         mesh,
-        config.sharding.rules,
+        rules,
     )
-    fc1 = shardings["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-    assert fc1.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    qkv = shardings["encoder"]["blocks"][0]["attn"]["qkv"]
-    assert qkv.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
-    head = shardings["head"]["kernel"]  # 10 classes: not divisible, replicated
-    assert head.spec == jax.sharding.PartitionSpec("fsdp", None)
+    stepped, _ = setup.jit_train_step(shardings, batch)(jax.tree.map(jnp.copy, state), batch)
+
+    def check(array, spec, block):
+        assert array.sharding.spec == spec
+        assert {shard.data.shape for shard in array.addressable_shards} == {block}
+        assert len(array.addressable_shards) == 8
+
+    for tree in (state, stepped):
+        block = tree["params"]["encoder"]["blocks"][0]
+        check(block["mlp"]["fc1"]["kernel"], P("fsdp", "tensor"), (16, 32))  # [32, 64] / (2, 2)
+        check(block["attn"]["qkv"], P("fsdp", None, "tensor", None), (16, 3, 1, 16))
+        check(tree["params"]["head"]["kernel"], P("fsdp", None), (16, 10))  # 10 classes: whole
+        is_moment = lambda x: isinstance(x, dict) and "encoder" in x  # noqa: E731
+        moments = [m for m in jax.tree.leaves(tree["opt_state"], is_leaf=is_moment) if is_moment(m)]
+        assert len(moments) == 2  # Adam's mu and nu, each a params-shaped tree
+        for moment in moments:
+            fc1 = moment["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+            check(fc1, P("fsdp", "tensor"), (16, 32))
+    # The step ran on the shards: Adam's first moment of the head (zero at initialisation, and
+    # the only weight with a gradient while the head's kernel is zero) is not.
+    assert float(jnp.abs(moments[0]["head"]["kernel"]).max()) > 0
 
 
 @pytest.mark.slow
