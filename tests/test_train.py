@@ -16,8 +16,7 @@ from vitok import config as config_lib
 def one_device_losses(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("one_device"))
     config = small_vit_config(**{"mesh.data": 1})
-    final = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-    assert 0.0 <= final["eval/accuracy"] <= 1.0
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     return losses(workdir)
 
 
