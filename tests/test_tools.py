@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # trains and tokenizes end to end
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("flextok_run"))
     config = small_flextok_config(**{"total_steps": 2, "checkpoint_every": 2, "eval_every": 2})
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, jax.devices()[:1])  # sharding: tested elsewhere
     return workdir
 
 
