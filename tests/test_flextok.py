@@ -174,6 +174,7 @@ def test_dct_basis_is_orthonormal_and_ordered_coarse_to_fine():
     assert projections[2] == pytest.approx(coefficients[1, 0], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_repa_alignment_reads_the_decoder_at_its_layer_in_the_same_pass():
     """REPA's projected hidden tokens come from block ``repa_layer``: changing a later block
     changes the velocity but not them; the velocity equals the plain ``velocity``."""
