@@ -198,6 +198,10 @@ def test_repa_alignment_reads_the_decoder_at_its_layer_in_the_same_pass():
     v2, aligned2 = model.velocity_and_alignment(x_t, sigma, registers)
     np.testing.assert_array_equal(aligned2, aligned)
     assert float(jnp.abs(v2 - v).max()) > 1e-3
+    first = model.decoder.blocks[0]  # and block 1 is what it reads
+    nnx.update(first, jax.tree.map(lambda p: p + 0.1, nnx.state(first, nnx.Param)))
+    _, aligned3 = model.velocity_and_alignment(x_t, sigma, registers)
+    assert float(jnp.abs(aligned3 - aligned).max()) > 1e-3
     with pytest.raises(ValueError, match="repa_dim > 0"):
         FlexTok.from_config(kwargs | {"repa_dim": 0}, rngs=nnx.Rngs(0)).velocity_and_alignment(
             x_t, sigma, registers

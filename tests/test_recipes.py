@@ -253,6 +253,11 @@ def test_inception_crop_on_jpeg_bytes_decodes_only_the_crop_and_matches_the_arra
 
     with pytest.raises(BadImageError, match="bad.jpg: cannot decode.*truncated or corrupt"):
         fused({"image": data[: len(data) // 3], "path": "bad.jpg"}, np.random.default_rng(0))
+    # Arrays keep their layout: [H, W] stays two-dimensional, [H, W, 1] keeps its channel.
+    gray = decoded[..., 0]
+    assert on_array({"image": gray}, np.random.default_rng(0))["image"].shape == (64, 64)
+    one = on_array({"image": gray[..., None]}, np.random.default_rng(0))["image"]
+    assert one.shape == (64, 64, 1)
 
 
 def test_resize_center_crop_is_resize_then_central_crop_at_the_ratio():
@@ -341,8 +346,13 @@ def test_rand_augment_geometry_matches_pils_transforms(name, amount):
     pil = Image.fromarray(decoded)
     if name == "rotate":
         reference = pil.rotate(amount, resample=Image.BICUBIC, fillcolor=fill)
-    else:
-        data = tuple(np.concatenate([linear, offset[:, None]], axis=1).ravel())
+    else:  # the AFFINE data timm passes for each op
+        data = {
+            "shear_x": (1, amount, 0, 0, 1, 0),
+            "shear_y": (1, 0, 0, amount, 1, 0),
+            "translate_x": (1, 0, amount, 0, 1, 0),
+            "translate_y": (1, 0, 0, 0, 1, amount),
+        }[name]
         reference = pil.transform(pil.size, Image.AFFINE, data, Image.BICUBIC, fillcolor=fill)
     difference = np.abs(ours - np.asarray(reference).astype(int))
     assert difference.mean() < 1.5 and np.mean(difference > 8) < 0.02, difference.mean()

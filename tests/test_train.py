@@ -154,8 +154,8 @@ def test_params_are_actually_sharded(tmp_path):
         for moment in moments:
             fc1 = moment["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
             check(fc1, P("fsdp", "tensor"), (16, 32))
-    # The step ran on the shards: Adam's first moment of the head (zero at initialisation, and
-    # the only weight with a gradient while the head's kernel is zero) is not.
+    # The step ran on the shards: Adam's first moment of the head's kernel (zero at
+    # initialisation; while the kernel is zero only the head has a gradient) is not.
     assert float(jnp.abs(moments[0]["head"]["kernel"]).max()) > 0
 
 

@@ -122,6 +122,8 @@ def decode_bytes(data: bytes, where: str) -> np.ndarray:
             array = np.asarray(img)
     except UnidentifiedImageError:
         raise BadImageError(f"{where}: not a readable image (corrupt or unknown format)") from None
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{where}: image too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{where}: cannot decode image (truncated or corrupt): {e}") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L") and array.dtype != np.uint16:
@@ -257,15 +259,15 @@ def _cv2():
 
 
 def _resize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [h, w, c] -> [height, width, c], bicubic. OpenCV's kernel (Keys, a = -0.75;
-    about 4x faster than PIL) where neither side shrinks 2x or more, which DCT-scaled decoding
-    guarantees for a JPEG crop; PIL's antialiased bicubic for stronger reductions, where an
-    unfiltered kernel would alias."""
+    """uint8 [h, w] or [h, w, c] -> [height, width] or [height, width, c], bicubic. OpenCV's
+    kernel (Keys, a = -0.75; about 4x faster than PIL) where neither side shrinks 2x or more,
+    as after DCT-scaled decoding of a JPEG crop (unless the 1/8 scale caps it); PIL's
+    antialiased bicubic for stronger reductions, where an unfiltered kernel would alias."""
     if image.shape[:2] == (height, width):
         return image
     if image.shape[0] < 2 * height and image.shape[1] < 2 * width:
         out = _cv2().resize(image, (width, height), interpolation=_cv2().INTER_CUBIC)
-        return out.reshape(height, width, image.shape[-1])  # OpenCV drops a single channel
+        return out.reshape(height, width, *image.shape[2:])  # OpenCV drops a single channel
     return _resize(np.ascontiguousarray(image), height, width)
 
 
@@ -285,6 +287,8 @@ def _decode_jpeg_region(
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             full_w, full_h = img.size
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{where}: image too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{where}: cannot decode image (truncated or corrupt): {e}") from None
     top, left, h, w = draw_box(full_h, full_w)

@@ -16,8 +16,8 @@ On a 1D grid with one head the same model is a GPT with the causal mask: the ras
 (``order="raster"`` flattens the 2D grid) and the GPT over FlexTok's 1D tokens. A 3D (t, n, n)
 grid gets a time head and decodes in 2n + t - 2 passes.
 
-Decoding (``sample``) runs the static ``Schedule`` in one compiled ``lax.fori_loop`` with a KV
-cache: step 0 feeds the class token and emits the first token; step s feeds the tokens of
+Decoding (``sample``) runs the static ``Schedule`` in compiled ``lax.fori_loop``s (one per
+bucket of pass widths) with a KV cache: step 0 feeds the class token and emits the first token; step s feeds the tokens of
 diagonal s - 1 (padded to a fixed width) and emits diagonal s.
 
 The package: ``schedule`` (the geometry and the decoding schedule), ``model`` (the backbone,
