@@ -11,6 +11,7 @@ grayscale -> RGB, RGBA / LA -> RGB composited over white, 16-bit -> 8-bit, palet
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 from collections.abc import Callable
 
@@ -104,13 +105,28 @@ def to_uint8_rgb(image: np.ndarray, channels: int | None, where: str) -> np.ndar
     return image
 
 
+@contextlib.contextmanager
+def _bad_image_errors(where: str):
+    """PIL's failures to open or decode an image, as one-line ``BadImageError``s naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        yield
+    except UnidentifiedImageError:
+        raise BadImageError(f"{where}: not a readable image (corrupt or unknown format)") from None
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{where}: image too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{where}: cannot decode image (truncated or corrupt): {e}") from None
+
+
 def decode_bytes(data: bytes, where: str) -> np.ndarray:
     """Encoded jpg/png/webp/... bytes -> an array in the file's own depth and channels."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not data:
         raise BadImageError(f"{where}: file is empty")
-    try:
+    with _bad_image_errors(where):
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.mode == "P":
@@ -120,12 +136,6 @@ def decode_bytes(data: bytes, where: str) -> np.ndarray:
             elif img.mode == "1":
                 img = img.convert("L")
             array = np.asarray(img)
-    except UnidentifiedImageError:
-        raise BadImageError(f"{where}: not a readable image (corrupt or unknown format)") from None
-    except Image.DecompressionBombError as e:
-        raise BadImageError(f"{where}: image too large to decode safely: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"{where}: cannot decode image (truncated or corrupt): {e}") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L") and array.dtype != np.uint16:
         array = np.clip(array, 0, 65535).astype(np.uint16)
     return array
@@ -266,7 +276,8 @@ def _resize_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     if image.shape[0] < 2 * height and image.shape[1] < 2 * width:
-        out = _cv2().resize(image, (width, height), interpolation=_cv2().INTER_CUBIC)
+        cv2 = _cv2()
+        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)
         return out.reshape(height, width, *image.shape[2:])  # OpenCV drops a single channel
     return _resize(np.ascontiguousarray(image), height, width)
 
@@ -284,13 +295,8 @@ def _decode_jpeg_region(
     from PIL import Image
 
     cv2 = _cv2()
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            full_w, full_h = img.size
-    except Image.DecompressionBombError as e:
-        raise BadImageError(f"{where}: image too large to decode safely: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"{where}: cannot decode image (truncated or corrupt): {e}") from None
+    with _bad_image_errors(where), Image.open(io.BytesIO(data)) as img:  # the header only
+        full_w, full_h = img.size
     top, left, h, w = draw_box(full_h, full_w)
     scale = 1
     while scale < 8 and h // (2 * scale) >= out[0] and w // (2 * scale) >= out[1]:
@@ -443,7 +449,10 @@ def _rand_augment_geometry(
     return linear, offset
 
 
-_GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+# A geometric op's amount at level 1: degrees, shear, or translation as a fraction of the side.
+_GEOMETRIC_STRENGTH = {
+    "rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3, "translate_x": 0.45, "translate_y": 0.45
+}  # fmt: skip
 
 
 def rand_augment_op(
@@ -459,11 +468,11 @@ def rand_augment_op(
     def signed(value: float) -> float:
         return -value if rng.random() < 0.5 else value
 
-    if name in _GEOMETRIC_OPS:
+    if name in _GEOMETRIC_STRENGTH:
         height, width = image.shape[:2]
-        full = {"rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3}
-        full |= {"translate_x": 0.45 * width, "translate_y": 0.45 * height}
-        linear, offset = _rand_augment_geometry(name, signed(full[name] * level), height, width)
+        side = {"translate_x": width, "translate_y": height}.get(name, 1)
+        amount = signed(_GEOMETRIC_STRENGTH[name] * side * level)
+        linear, offset = _rand_augment_geometry(name, amount, height, width)
         return _affine(image, linear, offset, fill)
     pil = Image.fromarray(image)
     if name == "auto_contrast":

@@ -294,7 +294,8 @@ class FlexTok(Tokenizer):
         compute = Compute(**{k: kwargs.pop(k) for k in _COMPUTE_KEYS if k in kwargs})
         options = FlowOptions(**{k: kwargs.pop(k) for k in _OPTION_KEYS if k in kwargs})
         kwargs["image_size"] = tuple(kwargs["image_size"])
-        kwargs["fsq_levels"] = tuple(kwargs.get("fsq_levels", (8, 5, 5, 5)))
+        if "fsq_levels" in kwargs:
+            kwargs["fsq_levels"] = tuple(kwargs["fsq_levels"])
         return cls(
             **kwargs,
             compute=compute,

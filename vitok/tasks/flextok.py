@@ -99,7 +99,7 @@ class FlexTokTask:
         sigma = shift_sigma(sigma, model.time_shift)
         x_t = noise_images(x0, noise, sigma)
         aligned = None
-        if self.repa_weight and model.repa_proj is not None:
+        if self.repa_weight:  # __init__ checked that the model has REPA's projection
             v_pred, aligned = model.velocity_and_alignment(x_t, sigma, registers)
         else:
             v_pred = model.velocity(x_t, sigma, registers)
