@@ -11,6 +11,8 @@ Presets:
             flip, RandAugment m9-mstd0.5, random erasing 0.25, Mixup 0.8, CutMix 1.0, label
             smoothing 0.1, drop path 0.1, repeated augmentation 3x); TPU/GPU pods, bf16,
             FSDP. Should reach DeiT-B's 81.8 top-1 (its batch is 1024).
+  flexivit_i1k   FlexiViT-B as released by big_vision (240 px, any patch size 8-48), for
+            converted checkpoints: python -m vitok.tools.convert --from=flexivit ...
   tiny_rgb, tiny_recipe   the digits in three channels, without and with the same recipe
             (no flip for digits, crop area 0.35-1): experiments/recipes/digits.py.
 
@@ -81,6 +83,10 @@ def base() -> ml_collections.ConfigDict:
     c.model.dense_classes = 0  # > 0: a per-token segmentation head (ViT.dense)
     c.model.posemb = "sincos2d"
     c.model.pool = "cls"
+    # Where the weights are stored, apart from the native patch size (FlexiViT's layout):
+    c.model.kernel_size = 0  # stored patch-kernel size; 0: the native patch size
+    c.model.posemb_grid = ()  # stored learned posemb grid; (): the native token grid
+    c.model.kernel_resize = "antialias"  # or "bilinear": big_vision's PI-resize
     c.model.dropout = 0.0
     c.model.drop_path_rate = 0.0  # stochastic depth, 0 at the first block to this at the last
     c.model.attention_backend = "dense"
@@ -202,6 +208,31 @@ def i1k_b16() -> ml_collections.ConfigDict:
     return c
 
 
+def flexivit_i1k() -> ml_collections.ConfigDict:
+    """FlexiViT-B as big_vision released it (Beyer et al. 2023): 240 px, a 32x32 stored kernel
+    and a 7x7 stored position embedding resized to every patch size (big_vision's bilinear
+    PI-resize), class token; evaluated on ImageNet-1k validation at patch sizes 8, 16 and 30
+    (30x30, 15x15 and 8x8 tokens) with big_vision's resize(274) | central_crop(240) |
+    value_range(-1, 1) (a bicubic PIL resize here, bilinear TF there). ``vitok.tools.convert
+    --from=flexivit`` fills the model's sizes in from the checkpoint it converts."""
+    c = i1k_b16()
+    c.model.image_size = (240, 240)
+    c.model.patch_size = 16
+    c.model.kernel_size = 32
+    c.model.posemb_grid = (7, 7)
+    c.model.kernel_resize = "bilinear"
+    c.model.drop_path_rate = 0.0
+    c.model.scan_layers = False
+    c.evals.test.data.pp = (
+        "decode(channels=3)|resize((274, 274))|central_crop(240)|value_range(-1, 1)"
+    )
+    for patch in (8, 30):
+        c.evals[f"test_p{patch}"] = ml_collections.ConfigDict(c.evals.test.to_dict())
+        c.evals[f"test_p{patch}"].prefix = f"eval_p{patch}"
+        c.evals[f"test_p{patch}"].patch_size = patch
+    return c
+
+
 def tiny_rgb() -> ml_collections.ConfigDict:
     """``tiny`` with the digits in three channels: the baseline of ``tiny_recipe``."""
     c = base()
@@ -227,7 +258,7 @@ def tiny_recipe() -> ml_collections.ConfigDict:
 
 PRESETS = {
     "tiny": tiny, "tiny_flexi": tiny_flexi, "tiny_seg": tiny_seg, "i1k_b16": i1k_b16,
-    "tiny_rgb": tiny_rgb, "tiny_recipe": tiny_recipe,
+    "flexivit_i1k": flexivit_i1k, "tiny_rgb": tiny_rgb, "tiny_recipe": tiny_recipe,
 }  # fmt: skip
 
 

@@ -202,14 +202,7 @@ def _switch_sources(argv: list[str], switches, values: flags.FlagValues) -> list
     file_flags = [a for a in argv if a.startswith("--config=")]
     if not file_flags:
         raise ConfigError("--config=configs/NAME.py:PRESET is required")
-    loader = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "", flag_values=loader, lock_config=False, sys_argv=["vitok", *file_flags]
-    )
-    loader(["vitok", file_flags[-1]])
-    config = loader.config
-    if not isinstance(config, ml_collections.ConfigDict):
-        config.get("seed")  # raises the load error
+    config = load_preset(file_flags[-1].removeprefix("--config="))
     for path, source in switches:
         *parents, last = path.split(".")
         parent = config
@@ -224,6 +217,22 @@ def _switch_sources(argv: list[str], switches, values: flags.FlagValues) -> list
         "config", config, flag_values=values, lock_config=True, sys_argv=["vitok", *rest]
     )
     return rest
+
+
+def load_preset(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """``"configs/NAME.py:PRESET"`` -> that preset's config, unlocked, with ``overrides``
+    (``"--config.a.b=v"`` flags, as on a training command line) applied. A bad file, preset or
+    key raises the loader's error."""
+    loader = flags.FlagValues()
+    argv = ["vitok", f"--config={spec}", *overrides]
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=loader, lock_config=False, sys_argv=argv
+    )
+    loader(argv)
+    config = loader.config
+    if not isinstance(config, ml_collections.ConfigDict):
+        config.get("seed")  # an ml_collections error placeholder: raises the load error
+    return config
 
 
 def _define_run_flags(values: flags.FlagValues) -> None:

@@ -112,3 +112,24 @@ def load_run(
         raise RunNotFoundError(f"no readable checkpoint found in {directory}")
     state, step = restored
     return Run(workdir, config, model, state[key], state["extra"], step, key)
+
+
+def write_run(
+    workdir: str, config: ml_collections.ConfigDict, params: Any, extra: Any, step: int = 0
+) -> None:
+    """Writes ``workdir`` as a run holding these weights (its config.json and one orbax
+    checkpoint of ``params`` and ``extra``), so that ``load_run`` and ``init_from`` read it
+    like a trained run. Refuses a workdir that already holds a run."""
+    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(
+        os.path.join(workdir, "checkpoints")
+    ):
+        raise FileExistsError(f"{workdir} already holds a run; give a new --workdir")
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        ckpt.save(step, {weights_key(config): params, "extra": extra}, None)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # last: a run once it exists
+        f.write(config.to_json_best_effort(indent=2))

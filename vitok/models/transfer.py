@@ -25,21 +25,23 @@ from vitok.config import section_options
 from vitok.models import ModelHandle
 
 
-def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
+def flatten_params(tree: dict, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
+    """A nested dict -> {(key, ..., key): leaf} with every key as a string."""
     out = {}
     for key, value in tree.items():
         path = (*prefix, str(key))
         if isinstance(value, dict):
-            out.update(_flatten(value, path))
+            out.update(flatten_params(value, path))
         else:
             out[path] = value
     return out
 
 
-def _unflatten_like(template: dict, leaves: dict, prefix: tuple = ()) -> dict:
+def unflatten_like(template: dict, leaves: dict, prefix: tuple = ()) -> dict:
+    """{(key, ...): leaf} -> a nested dict with the structure (and key types) of ``template``."""
     return {
         key: (
-            _unflatten_like(value, leaves, (*prefix, str(key)))
+            unflatten_like(value, leaves, (*prefix, str(key)))
             if isinstance(value, dict)
             else leaves[(*prefix, str(key))]
         )
@@ -64,8 +66,8 @@ def adapt_params(
     "unused": [paths]}.
     """
     patterns = [re.compile(p) for p in ((skip,) if isinstance(skip, str) else skip)]
-    source = _flatten(source_params)
-    target = _flatten(target_params)
+    source = flatten_params(source_params)
+    target = flatten_params(target_params)
     adapt = getattr(target_model, "adapt_pretrained", None)
     report: dict[str, list[str]] = {"copied": [], "adapted": [], "skipped": [], "unused": []}
     leaves = {}
@@ -96,7 +98,7 @@ def adapt_params(
         leaves[path] = adapted.astype(current.dtype)
         report["adapted"].append(name)
     report["unused"] = ["/".join(p) for p in source if p not in target]
-    return _unflatten_like(target_params, leaves), report
+    return unflatten_like(target_params, leaves), report
 
 
 class SourceRun(NamedTuple):

@@ -122,7 +122,14 @@ class ViT(Model):
         this rate at the last (DeiT-B: 0.1).
 
     Every call takes an optional ``patch_size`` (default: the native ``patch_size``) that must
-    divide H and W; the weights are resized to it (FlexiViT).
+    divide H and W; the weights are resized to it (FlexiViT). Where the weights are kept is
+    separate from the native patch size, as in big_vision's FlexiViT:
+      kernel_size: the stored patch-embedding kernel is kernel_size^2 * C x D (default: the
+        native patch size), PI-resized to every call's patch size.
+      posemb_grid: the grid of the stored learned position embedding (default: the native
+        token grid), resized to every call's grid.
+      kernel_resize: the resize the PI-resize inverts: "antialias" (vitok's) or "bilinear"
+        (tf.image.resize's, without antialiasing when shrinking: big_vision's).
     """
 
     def __init__(
@@ -139,6 +146,9 @@ class ViT(Model):
         dense_classes: int = 0,
         posemb: str = "sincos2d",
         pool: str = "cls",
+        kernel_size: int | None = None,
+        posemb_grid: tuple[int, int] | None = None,
+        kernel_resize: str = "antialias",
         dropout: float = 0.0,
         drop_path_rate: float = 0.0,
         attention_backend: str = "dense",
@@ -152,18 +162,25 @@ class ViT(Model):
             raise ValueError(f"posemb must be 'sincos2d' or 'learn', got {posemb!r}")
         if pool not in ("cls", "gap"):
             raise ValueError(f"pool must be 'cls' or 'gap', got {pool!r}")
+        if kernel_resize not in ("antialias", "bilinear"):
+            raise ValueError(
+                f"kernel_resize must be 'antialias' or 'bilinear', got {kernel_resize!r}"
+            )
         dtype = jnp.dtype(dtype)
         self.image_size = (h, w)
         self.patch_size = patch_size
         self.channels = channels
         self.grid = self.grid_for(patch_size)  # checks that patch_size divides the image
+        self.kernel_size = kernel_size or patch_size
+        self.posemb_grid = tuple(posemb_grid) if posemb_grid else self.grid
+        self.kernel_antialias = kernel_resize == "antialias"
         self.pool = pool
         self.dtype = dtype
         self.dropout = dropout
 
-        patch_dim = patch_size * patch_size * channels
+        patch_dim = self.kernel_size * self.kernel_size * channels
         self.embed = Dense(patch_dim, width, ("patch", "embed"), rngs=rngs, dtype=dtype)
-        num_patches = self.grid[0] * self.grid[1]
+        num_patches = self.posemb_grid[0] * self.posemb_grid[1]
         init = nnx.initializers.normal(stddev=1 / width**0.5)
         self.posemb = (
             param(rngs, init, (num_patches, width), ("length", "embed"))
@@ -233,12 +250,21 @@ class ViT(Model):
         if not isinstance(source, ViT):
             return None
         new_patch = source.patch_size != self.patch_size
-        if path == ("embed", "kernel") and new_patch and source.channels == self.channels:
+        new_kernel = source.kernel_size != self.kernel_size
+        if path == ("embed", "kernel") and new_kernel and source.channels == self.channels:
             return pi_resize_patch_kernel(
-                value, old=source.patch_size, new=self.patch_size, channels=self.channels
+                value,
+                old=source.kernel_size,
+                new=self.kernel_size,
+                channels=self.channels,
+                antialias=self.kernel_antialias,
             )
-        if path == ("posemb",) and self.posemb is not None and source.grid != self.grid:
-            return resize_posemb(value, source.grid, self.grid)
+        if (
+            path == ("posemb",)
+            and self.posemb is not None
+            and source.posemb_grid != self.posemb_grid
+        ):
+            return resize_posemb(value, source.posemb_grid, self.posemb_grid)
         if (
             path[0] == "dense_head"
             and new_patch
@@ -258,17 +284,21 @@ class ViT(Model):
 
     def embed_patches(self, images: jax.Array, patch_size: int) -> jax.Array:
         """images: [B, H, W, C] -> patch embeddings plus position embeddings [B, L, D] at
-        ``patch_size`` (L = H*W / patch_size^2); weights PI-resized from the native size."""
+        ``patch_size`` (L = H*W / patch_size^2); weights resized from their stored sizes."""
         grid = self.grid_for(patch_size)
         kernel = pi_resize_patch_kernel(
-            self.embed.kernel[...], old=self.patch_size, new=patch_size, channels=self.channels
+            self.embed.kernel[...],
+            old=self.kernel_size,
+            new=patch_size,
+            channels=self.channels,
+            antialias=self.kernel_antialias,
         )
         patches = patchify(images, patch_size).astype(self.dtype)
         x = jnp.dot(patches, kernel.astype(self.dtype)) + self.embed.bias[...].astype(self.dtype)
         if self.posemb is None:
             posemb = jnp.asarray(sincos_2d(*grid, self.width))
         else:
-            posemb = resize_posemb(self.posemb[...], self.grid, grid)
+            posemb = resize_posemb(self.posemb[...], self.posemb_grid, grid)
         return x + posemb.astype(x.dtype)[None]
 
     def tokens(
@@ -367,6 +397,8 @@ def build_vit(config, rngs: nnx.Rngs) -> ViT:
             | kwargs
         )
     kwargs["image_size"] = tuple(kwargs["image_size"])
+    if kwargs.get("posemb_grid"):
+        kwargs["posemb_grid"] = tuple(kwargs["posemb_grid"])
     return ViT(**kwargs, rngs=rngs)
 
 

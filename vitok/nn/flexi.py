@@ -21,12 +21,14 @@ import numpy as np
 
 
 @functools.cache
-def linear_resize_matrix(old: int, new: int) -> np.ndarray:
+def linear_resize_matrix(old: int, new: int, antialias: bool = True) -> np.ndarray:
     """[new, old] matrix of 1D linear interpolation with half-pixel centres, matching
     ``jax.image.resize(..., method="linear", antialias=True)``: a triangle kernel, widened by
-    old/new when downsampling, with each row renormalised over the input pixels it touches."""
+    old/new when downsampling, with each row renormalised over the input pixels it touches.
+    ``antialias=False`` keeps the kernel one pixel wide when downsampling, as
+    ``tf.image.resize(..., "bilinear")`` does (big_vision's FlexiViT resizes kernels so)."""
     scale = new / old
-    kernel_scale = min(scale, 1.0)  # antialias: widen the kernel when shrinking
+    kernel_scale = min(scale, 1.0) if antialias else 1.0
     centres = (np.arange(new) + 0.5) / scale - 0.5  # input coordinate of each output pixel
     distance = np.abs(centres[:, None] - np.arange(old)[None, :]) * kernel_scale
     weights = np.maximum(0.0, 1.0 - distance)
@@ -34,24 +36,28 @@ def linear_resize_matrix(old: int, new: int) -> np.ndarray:
 
 
 @functools.cache
-def patch_resize_matrix(old: int, new: int) -> np.ndarray:
+def patch_resize_matrix(old: int, new: int, antialias: bool = True) -> np.ndarray:
     """[new*new, old*old] matrix B with vec(resize(x)) = B vec(x) for one row-major p x p
     channel of a patch (separable: the Kronecker product of the 1D matrices)."""
-    r = linear_resize_matrix(old, new)
+    r = linear_resize_matrix(old, new, antialias)
     return np.kron(r, r)
 
 
 @functools.cache
-def _pinv_transpose(old: int, new: int) -> np.ndarray:
+def _pinv_transpose(old: int, new: int, antialias: bool) -> np.ndarray:
     """pinv(B^T): [new*new, old*old], in float64 then float32."""
-    return np.linalg.pinv(patch_resize_matrix(old, new).T.astype(np.float64)).astype(np.float32)
+    b = patch_resize_matrix(old, new, antialias)
+    return np.linalg.pinv(b.T.astype(np.float64)).astype(np.float32)
 
 
-def pi_resize_patch_kernel(kernel: jax.Array, *, old: int, new: int, channels: int) -> jax.Array:
+def pi_resize_patch_kernel(
+    kernel: jax.Array, *, old: int, new: int, channels: int, antialias: bool = True
+) -> jax.Array:
     """PI-resize of a patch-embedding kernel.
 
     kernel: [old*old*C, D], rows in ``patchify``'s (row, column, channel) order
-    -> [new*new*C, D] in the same order.
+    -> [new*new*C, D] in the same order. ``antialias`` chooses the resize B inverts (it
+    matters only when shrinking): vitok's own antialiased one, or False for big_vision's.
     """
     if old == new:
         return kernel
@@ -62,7 +68,9 @@ def pi_resize_patch_kernel(kernel: jax.Array, *, old: int, new: int, channels: i
             f"got {kernel.shape[0]}"
         )
     w = kernel.reshape(old * old, channels * d)
-    w_new = jnp.asarray(_pinv_transpose(old, new)).astype(jnp.float32) @ w.astype(jnp.float32)
+    w_new = jnp.asarray(_pinv_transpose(old, new, antialias)).astype(jnp.float32) @ w.astype(
+        jnp.float32
+    )
     return w_new.reshape(new * new * channels, d).astype(kernel.dtype)
 
 

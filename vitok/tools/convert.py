@@ -1,0 +1,78 @@
+"""Convert a released checkpoint into a vitok run directory.
+
+    python -m vitok.tools.convert --from=flexivit --checkpoint=flexivit_b_i1k.npz \
+        --workdir=workdirs/flexivit_b_i1k [--config=configs/vit.py:flexivit_i1k] \
+        [--config.model.dtype=float32 ...]
+
+The run (config.json + an orbax checkpoint at step 0) is read by ``vitok.inference``, the
+tools, the evaluators and ``init_from`` like any trained run; its config is the converter's
+preset (or --config) with the model's sizes taken from the checkpoint. A checkpoint whose
+names or shapes differ from the release's layout is refused with the first mismatches, and
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+from vitok import runs
+from vitok.config import load_preset
+from vitok.interop import CONVERTERS, ConversionError
+from vitok.models import ModelHandle
+from vitok.models.transfer import flatten_params, unflatten_like
+
+
+def as_model_params(handle: ModelHandle, params: dict, where: str) -> dict:
+    """A converter's nested dict -> params with the model's exact structure and dtypes;
+    ConversionError naming the first leaves that are missing, extra or of another shape."""
+    wanted = flatten_params(handle.abstract_params())
+    given = flatten_params(params)
+    problems = [f"no value for {'/'.join(p)}" for p in wanted if p not in given]
+    problems += [
+        f"{'/'.join(p)} is {list(np.shape(given[p]))}, the model's is {list(wanted[p].shape)}"
+        for p in wanted
+        if p in given and tuple(np.shape(given[p])) != tuple(wanted[p].shape)
+    ]
+    problems += [f"{'/'.join(p)} is not in the model" for p in given if p not in wanted]
+    if problems:
+        raise ConversionError(f"{where} does not fit the model: " + "; ".join(problems[:8]))
+    leaves = {p: np.asarray(given[p], dtype=wanted[p].dtype) for p in wanted}
+    return unflatten_like(handle.abstract_params(), leaves)
+
+
+def convert(name: str, checkpoint: str, workdir: str, config_spec: str = "", overrides=()) -> None:
+    converter = CONVERTERS.lookup(name)
+    module = sys.modules[converter.__module__]
+    config = load_preset(config_spec or module.DEFAULT_PRESET, tuple(overrides))
+    config, params = converter(checkpoint, config)
+    handle = ModelHandle.abstract(config.model, int(config.get("seed", 0)))
+    params = as_model_params(handle, params, checkpoint)
+    extra = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), handle.abstract_extra())
+    runs.write_run(workdir, config, params, extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--from", dest="name", required=True, help="the release: flexivit")
+    parser.add_argument("--checkpoint", required=True, help="the downloaded weights file")
+    parser.add_argument("--workdir", required=True, help="the run directory to write (new)")
+    parser.add_argument(
+        "--config", default="", help="configs/NAME.py:PRESET (default: the converter's)"
+    )
+    args, overrides = parser.parse_known_args(argv)
+    bad = [a for a in overrides if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:
+        convert(args.name, args.checkpoint, args.workdir, args.config, overrides)
+    except (ConversionError, FileExistsError, KeyError, ValueError) as e:
+        sys.exit(f"vitok.tools.convert: {e}")
+    print(f"vitok: wrote {args.name} checkpoint {args.checkpoint} as the run {args.workdir}")
+
+
+if __name__ == "__main__":
+    main()
