@@ -51,3 +51,38 @@ def flexivit_arrays(seed: int = 0, dims: dict = FLEXIVIT_TINY) -> dict[str, np.n
 def flexivit_images(seed: int = 1, n: int = 2, size: int = 24) -> np.ndarray:
     """float32 [n, size, size, 3] in [-1, 1] (big_vision's value_range)."""
     return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def inception_state_dict(
+    shapes: dict[str, tuple[int, ...]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random pytorch-fid Inception-v3 weights for a {name: shape} table (the golden file's):
+    He-scaled convolutions, batch norms near identity, so activations stay O(1) through the
+    network."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        if name.endswith("num_batches_tracked"):
+            out[name] = np.zeros(shape, np.int64)
+        elif name.endswith("conv.weight"):
+            fan_in = int(np.prod(shape[1:]))
+            out[name] = (rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+        elif name.endswith("running_var"):
+            out[name] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif name.endswith("bn.weight"):
+            out[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif name == "fc.weight":
+            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        else:  # biases, running means
+            out[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def fid_images(seed: int, n: int, size: int) -> np.ndarray:
+    """float32 [n, size, size, 3] in [0, 1]: smooth random colour fields plus noise, a
+    distribution the seed shifts."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 1, (n, 4, 4, 3))
+    up = np.kron(coarse, np.ones((1, size // 4, size // 4, 1)))
+    return np.clip(up + 0.1 * rng.standard_normal(up.shape), 0, 1).astype(np.float32)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 
-from tests.official_layouts import FLEXIVIT_TINY, flexivit_arrays, flexivit_images
+from tests.official_layouts import (
+    FLEXIVIT_TINY,
+    fid_images,
+    flexivit_arrays,
+    flexivit_images,
+    inception_state_dict,
+)
 from vitok import runs
+from vitok.evaluators.fid import FeatureStats, fid_from_stats
+from vitok.evaluators.inception import InceptionFID, params_from_state_dict
+from vitok.interop import ConversionError
+from vitok.interop.torch_files import read_state_dict
 from vitok.tools import convert
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -97,3 +108,68 @@ def test_old_big_vision_layouts_are_read_as_the_current_one(tmp_path):
     a = runs.load_run(_convert_flexivit(tmp_path, old, "old")).module()(images)
     b = runs.load_run(_convert_flexivit(tmp_path, new, "new")).module()(images)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_state_dicts_read_without_torch_in_both_formats(tmp_path):
+    """golden/make_torch_files.py wrote one state dict with torch.save as a zip archive and
+    in the legacy stream format; both read back equal to the tensors' numpy values (dtype,
+    shape, strided views)."""
+    want = np.load(os.path.join(GOLDEN, "torch_state.npz"))
+    for fmt in ("zip", "legacy"):
+        got = read_state_dict(os.path.join(GOLDEN, f"torch_state_{fmt}.pth"))
+        assert sorted(got) == sorted(want.files)
+        for name in want.files:
+            assert got[name].dtype == want[name].dtype, (fmt, name)
+            np.testing.assert_array_equal(got[name], want[name])
+    legacy = open(os.path.join(GOLDEN, "torch_state_legacy.pth"), "rb").read()
+    (tmp_path / "cut.pth").write_bytes(legacy[:-40])
+    with pytest.raises(ConversionError, match="truncated|not a readable"):
+        read_state_dict(str(tmp_path / "cut.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"\x80\x04junk")
+    with pytest.raises(ConversionError, match="not a readable PyTorch checkpoint|not a PyTorch"):
+        read_state_dict(str(tmp_path / "junk.pth"))
+
+
+@pytest.fixture(scope="module")
+def inception_golden():
+    golden = np.load(os.path.join(GOLDEN, "inception_fid.npz"))
+    shapes = json.loads(str(golden["shapes"]))
+    state = inception_state_dict(shapes, 0)
+    return golden, params_from_state_dict(state, "the random weights")
+
+
+def test_inception_matches_pytorch_fid_pool_features_and_logits(inception_golden):
+    """golden/make_inception.py ran pytorch-fid's own InceptionV3 on these random weights."""
+    golden, params = inception_golden
+    net = InceptionFID(params)
+    images = 2 * fid_images(1, 3, 64) - 1  # vitok's [-1, 1]
+    pool = np.asarray(net.features(images))
+    want = golden["pool3"]
+    assert pool.shape == (3, 2048)
+    assert np.abs(pool - want).max() <= 1e-4 * np.abs(want).max()
+    logits = np.asarray(net.logits(images))
+    assert np.abs(logits - golden["logits"]).max() <= 1e-4 * np.abs(golden["logits"]).max()
+
+
+def test_inception_fid_matches_pytorch_fid(inception_golden):
+    """The 64-d block-0 features of two sets of 80 images, and FID from them, as pytorch-fid
+    computed (at 64 dims 80 samples give full-rank covariances, so the Fréchet distance is
+    well-conditioned)."""
+    golden, params = inception_golden
+    net = InceptionFID(params, block=0)
+    feats = [np.asarray(net.features(2 * fid_images(seed, 80, 32) - 1)) for seed in (2, 3)]
+    for got, want in zip(feats, (golden["block0_a"], golden["block0_b"])):
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    stats = []
+    for f in feats:
+        s = FeatureStats()
+        s.add(f[:50])
+        s.add(f[50:])
+        stats.append(s)
+    fid = fid_from_stats(*stats)
+    assert abs(fid - float(golden["fid_block0"])) <= 1e-3 * float(golden["fid_block0"])
+
+
+def test_inception_refuses_other_weights():
+    with pytest.raises(ConversionError, match="missing Conv2d_1a_3x3.conv.weight"):
+        params_from_state_dict({"fc.weight": np.zeros((2, 2))}, "x.pth")
