@@ -158,7 +158,7 @@ def test_inception_fid_matches_pytorch_fid(inception_golden):
     golden, params = inception_golden
     net = InceptionFID(params, block=0)
     feats = [np.asarray(net.features(2 * fid_images(seed, 80, 32) - 1)) for seed in (2, 3)]
-    for got, want in zip(feats, (golden["block0_a"], golden["block0_b"])):
+    for got, want in zip(feats, (golden["block0_a"], golden["block0_b"]), strict=True):
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     stats = []
     for f in feats:
