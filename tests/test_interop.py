@@ -173,3 +173,38 @@ def test_inception_fid_matches_pytorch_fid(inception_golden):
 def test_inception_refuses_other_weights():
     with pytest.raises(ConversionError, match="missing Conv2d_1a_3x3.conv.weight"):
         params_from_state_dict({"fc.weight": np.zeros((2, 2))}, "x.pth")
+
+
+def test_a_converted_release_evaluates_without_training(tmp_path, capsys):
+    """vitok.tools.evaluate runs the converted run's classification evaluator (here on 64
+    embedded digits in RGB at 24 px, labels 0-9 against the 5 random classes) at the native
+    patch size and at 4; its accuracy equals the argmax of the loaded model's own logits on
+    the same images, computed here."""
+    from vitok.data import ops
+    from vitok.data.sources import build_source
+    from vitok.tools import evaluate
+
+    workdir = _convert_flexivit(tmp_path, flexivit_arrays(0))
+    pp = "decode(channels=3)|resize(24)|value_range(-1, 1)"
+    data = [
+        "--config.evals.test.data.source=mnist5k", "--config.evals.test.data.split=test",
+        f"--config.evals.test.data.pp={pp}", "--config.evals.test.max_examples=64",
+        "--config.evals.test.batch_size=32", "--config.evals.test_p8.patch_size=4",
+    ]  # fmt: skip
+    for name in ("test_p8",):
+        data += [
+            f"--config.evals.{name}.data.source=mnist5k", f"--config.evals.{name}.data.split=test",
+            f"--config.evals.{name}.data.pp={pp}", f"--config.evals.{name}.max_examples=64",
+            f"--config.evals.{name}.batch_size=32",
+        ]  # fmt: skip
+    evaluate.main([f"--workdir={workdir}", "--only=test,test_p8", *data])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = runs.load_run(workdir).module()
+    source = build_source({"source": "mnist5k"}, "test")
+    transform = ops.parse(pp)
+    examples = [transform(source[i], np.random.default_rng(0)) for i in range(64)]
+    images = np.stack([e["image"] for e in examples])
+    labels = np.array([e["label"] for e in examples])
+    for key, patch in (("eval/accuracy", 8), ("eval_p8/accuracy", 4)):
+        want = float((np.asarray(model(images, patch_size=patch)).argmax(-1) == labels).mean())
+        assert metrics[key] == pytest.approx(want), (key, metrics)

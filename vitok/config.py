@@ -202,8 +202,20 @@ def _switch_sources(argv: list[str], switches, values: flags.FlagValues) -> list
     file_flags = [a for a in argv if a.startswith("--config=")]
     if not file_flags:
         raise ConfigError("--config=configs/NAME.py:PRESET is required")
-    config = load_preset(file_flags[-1].removeprefix("--config="))
-    for path, source in switches:
+    config = switch_sources(load_preset(file_flags[-1].removeprefix("--config=")), argv)
+    config.lock()
+    rest = [a for a in argv if not a.startswith("--config=")]
+    config_flags.DEFINE_config_dict(
+        "config", config, flag_values=values, lock_config=True, sys_argv=["vitok", *rest]
+    )
+    return rest
+
+
+def switch_sources(config: ml_collections.ConfigDict, argv) -> ml_collections.ConfigDict:
+    """Gives each data section that a ``--config.<section>.source=NAME`` flag in ``argv``
+    switches the new source's keys (its other keys kept where the source takes them), so the
+    flags that follow can set them; returns ``config``, changed in place."""
+    for path, source in _source_switches(list(argv)):
         *parents, last = path.split(".")
         parent = config
         for key in parents:
@@ -211,12 +223,7 @@ def _switch_sources(argv: list[str], switches, values: flags.FlagValues) -> list
         if last not in parent:
             raise ConfigError(f"unknown config key 'config.{path}.source'")
         parent[last] = ml_collections.ConfigDict(data_section(source, parent[last]))
-    config.lock()
-    rest = [a for a in argv if not a.startswith("--config=")]
-    config_flags.DEFINE_config_dict(
-        "config", config, flag_values=values, lock_config=True, sys_argv=["vitok", *rest]
-    )
-    return rest
+    return config
 
 
 def load_preset(spec: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:

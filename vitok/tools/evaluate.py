@@ -1,0 +1,77 @@
+"""Run a run's evaluators on its weights, without training (a converted release, a finished run).
+
+    python -m vitok.tools.evaluate --workdir=workdirs/flexivit_b_i1k \
+        [--config.evals.test.data.data_dir=DIR ...] [--only=test,test_p8] [--out=metrics.json]
+
+The evaluators are the run's ``config.evals`` (with any ``--config.a.b=v`` overrides, checked
+as at training start-up); the weights are its latest good checkpoint's (EMA if kept), laid
+out on the run's mesh. Prints one JSON line of metrics; images the evaluators write go into
+the workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from vitok import config as config_lib
+from vitok import runs, sharding
+from vitok.registry import EVALUATORS
+
+
+def _with_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
+    config = config_lib.switch_sources(config, overrides)
+    values = flags.FlagValues()
+    argv = ["vitok", *overrides]
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def evaluate(workdir: str, overrides: list[str] = (), only: tuple[str, ...] = ()) -> dict:
+    from vitok.train import EvalContext, run_options
+
+    config = _with_overrides(runs.load_config(workdir), list(overrides))
+    config_lib.validate(config)
+    evals = run_options(config)["evals"]
+    unknown = [name for name in only if name not in evals]
+    if unknown:
+        raise ValueError(f"unknown evaluator {unknown[0]!r}; the run has {sorted(evals)}")
+    mesh = sharding.make_mesh(config.mesh)
+    run = runs.load_run(workdir, mesh, config=config)
+    context = EvalContext(config, run.model, mesh, runs.sharding_rules(config), workdir)
+    results = {"step": run.step}
+    for name, ev in evals.items():
+        if not only or name in only:
+            results.update(EVALUATORS.lookup(ev.type)(ev, context).evaluate(run.params, run.extra))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="a run directory (trained or converted)")
+    parser.add_argument("--only", default="", help="comma-separated evaluator names")
+    parser.add_argument("--out", default="", help="also write the metrics here (JSON)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [a for a in overrides if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    only = tuple(n for n in args.only.split(",") if n)
+    try:
+        results = evaluate(args.workdir, overrides, only)
+    except (runs.RunNotFoundError, config_lib.ConfigError, flags.Error, KeyError, ValueError) as e:
+        sys.exit(f"vitok.tools.evaluate: {e}")
+    line = json.dumps({k: float(v) for k, v in results.items()})
+    print(line)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
