@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from vitok import config as config_lib
 from vitok import runs, sharding
 from vitok.registry import EVALUATORS
+from vitok.train import EvalContext, run_options
 
 
 def _with_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
@@ -34,8 +35,6 @@ def _with_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
 
 
 def evaluate(workdir: str, overrides: list[str] = (), only: tuple[str, ...] = ()) -> dict:
-    from vitok.train import EvalContext, run_options
-
     config = _with_overrides(runs.load_config(workdir), list(overrides))
     config_lib.validate(config)
     evals = run_options(config)["evals"]
