@@ -149,9 +149,8 @@ def parse_command_line(argv: list[str]) -> CommandLine:
     flags. Raises SystemExit with a message naming a bad flag, key, type or preset."""
     values = flags.FlagValues()
     try:
-        switches = _source_switches(argv)
-        if switches:
-            argv = _switch_sources(argv, switches, values)
+        if _source_switches(argv):
+            argv = _switch_sources(argv, values)
         else:
             config_flags.DEFINE_config_file(
                 "config",
@@ -195,7 +194,7 @@ def _source_switches(argv: list[str]) -> list[tuple[str, str]]:
     return [(m.group(1).rstrip("."), m.group(2)) for m in found if m]
 
 
-def _switch_sources(argv: list[str], switches, values: flags.FlagValues) -> list[str]:
+def _switch_sources(argv: list[str], values: flags.FlagValues) -> list[str]:
     """Loads the preset, gives each switched data section the new source's keys (so that
     ``--config.data.source=folder --config.data.path=DIR`` works on any preset), and defines
     ``values.config`` as that config; returns argv without the ``--config=FILE`` flag."""

@@ -31,6 +31,12 @@ class RunNotFoundError(FileNotFoundError):
     """A workdir holds no training run (no config.json) or no checkpoint."""
 
 
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """``workdir/config.json``, which ``load_config`` (and every tool) reads back."""
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's config as the trainer wrote it into ``workdir/config.json``."""
     path = os.path.join(workdir, "config.json")
@@ -131,5 +137,4 @@ def write_run(
         ckpt.wait()
     finally:
         ckpt.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:  # last: a run once it exists
-        f.write(config.to_json_best_effort(indent=2))
+    write_config(workdir, config)  # last: a run once it exists

@@ -241,8 +241,7 @@ def _train(config, run: dict[str, Any], workdir: str, devices, lock) -> dict[str
     writer = MetricWriter(workdir, enabled=is_main)
     if is_main:
         # The tools (tokenize, detokenize, ...) rebuild the model from this file.
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        runs.write_config(workdir, config)
     logging.info(
         "mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
     )

@@ -68,9 +68,8 @@ def pi_resize_patch_kernel(
             f"got {kernel.shape[0]}"
         )
     w = kernel.reshape(old * old, channels * d)
-    w_new = jnp.asarray(_pinv_transpose(old, new, antialias)).astype(jnp.float32) @ w.astype(
-        jnp.float32
-    )
+    resize_inverse = jnp.asarray(_pinv_transpose(old, new, antialias))
+    w_new = resize_inverse @ w.astype(jnp.float32)
     return w_new.reshape(new * new * channels, d).astype(kernel.dtype)
 
 

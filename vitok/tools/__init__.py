@@ -1,3 +1,13 @@
+def parse_with_config_overrides(parser, argv):
+    """(args, ["--config.a.b=v", ...]): the parser's own flags, plus config overrides as on a
+    training command line; any other argument is the parser's usual error."""
+    args, overrides = parser.parse_known_args(argv)
+    bad = [a for a in overrides if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    return args, overrides
+
+
 def add_tokenize_options(parser) -> None:
     """--quality / --budget: the options of a tokenizer that takes them (KARL)."""
     parser.add_argument(

@@ -21,9 +21,10 @@ import numpy as np
 
 from vitok import runs
 from vitok.config import load_preset
-from vitok.interop import CONVERTERS, ConversionError
+from vitok.interop import CONVERTERS, ConversionError, check_layout
 from vitok.models import ModelHandle
 from vitok.models.transfer import flatten_params, unflatten_like
+from vitok.tools import parse_with_config_overrides
 
 
 def as_model_params(handle: ModelHandle, params: dict, where: str) -> dict:
@@ -31,15 +32,11 @@ def as_model_params(handle: ModelHandle, params: dict, where: str) -> dict:
     ConversionError naming the first leaves that are missing, extra or of another shape."""
     wanted = flatten_params(handle.abstract_params())
     given = flatten_params(params)
-    problems = [f"no value for {'/'.join(p)}" for p in wanted if p not in given]
-    problems += [
-        f"{'/'.join(p)} is {list(np.shape(given[p]))}, the model's is {list(wanted[p].shape)}"
-        for p in wanted
-        if p in given and tuple(np.shape(given[p])) != tuple(wanted[p].shape)
-    ]
-    problems += [f"{'/'.join(p)} is not in the model" for p in given if p not in wanted]
-    if problems:
-        raise ConversionError(f"{where} does not fit the model: " + "; ".join(problems[:8]))
+    check_layout(
+        {"/".join(p): np.asarray(v) for p, v in given.items()},
+        {"/".join(p): tuple(s.shape) for p, s in wanted.items()},
+        f"the model converted from {where}",
+    )
     leaves = {p: np.asarray(given[p], dtype=wanted[p].dtype) for p in wanted}
     return unflatten_like(handle.abstract_params(), leaves)
 
@@ -63,10 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--config", default="", help="configs/NAME.py:PRESET (default: the converter's)"
     )
-    args, overrides = parser.parse_known_args(argv)
-    bad = [a for a in overrides if not a.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args, overrides = parse_with_config_overrides(parser, argv)
     try:
         convert(args.name, args.checkpoint, args.workdir, args.config, overrides)
     except (ConversionError, FileExistsError, KeyError, ValueError) as e:

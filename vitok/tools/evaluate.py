@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from vitok import config as config_lib
 from vitok import runs, sharding
 from vitok.registry import EVALUATORS
+from vitok.tools import parse_with_config_overrides
 from vitok.train import EvalContext, run_options
 
 
@@ -56,10 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="a run directory (trained or converted)")
     parser.add_argument("--only", default="", help="comma-separated evaluator names")
     parser.add_argument("--out", default="", help="also write the metrics here (JSON)")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [a for a in overrides if not a.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args, overrides = parse_with_config_overrides(parser, argv)
     only = tuple(n for n in args.only.split(",") if n)
     try:
         results = evaluate(args.workdir, overrides, only)
