@@ -2,6 +2,7 @@
 
 Presets:
   tiny          f4, 4 latent channels on 32x32 crops of the scikit-image photos; CPU, minutes.
+  tiny_vq       a VQ autoencoder (LlamaGen's layout and objective) at that size, 8x8 codes.
   imagenet256_f8c4 / _f8c8 / _f8c16
                 f8 autoencoders (channel mults 1,2,4,4; 2 ResBlocks per level; base width 128)
                 with 4/8/16 latent channels on ImageNet 256; TPU/GPU pods. FlexTok's presets
@@ -10,6 +11,8 @@ Presets:
                 of the NAR / raster AR digits presets (configs/nar.py); CPU, minutes.
   imagenet256_fsq16
                 FSQ autoencoder, ImageNet 256 -> 16x16 codes, 16,384-entry codebook (f16).
+  llamagen_vq16 / llamagen_vq8
+                LlamaGen's VQ-16 / VQ-8 (the released tokenizers load into them).
 
     python -m vitok.train --config=configs/vae.py:tiny --workdir=workdirs/vae_tiny
 """
@@ -182,8 +185,44 @@ def imagenet256_fsq16() -> ml_collections.ConfigDict:
     return c
 
 
+def tiny_vq() -> ml_collections.ConfigDict:
+    """``llamagen_vq``'s model and objective at the tiny preset's size: 32x32 photo crops ->
+    8x8 codes of a 256-entry L2-normalized codebook; CPU, minutes."""
+    c = base()
+    c.task = "vq_ae"
+    c.model = ml_collections.ConfigDict(
+        {"name": "vq_ae", "image_size": (32, 32), "channels": 3, "width": 32, "mults": (1, 2, 2),
+         "blocks": 1, "z_channels": 32, "codebook_size": 256, "codebook_dim": 8,
+         "l2_normalize": True, "dtype": "float32"}
+    )  # fmt: skip
+    c.vae = ml_collections.ConfigDict({"loss": "l2", "commit_weight": 0.25})
+    return c
+
+
+def llamagen_vq(mults: tuple[int, ...]) -> ml_collections.ConfigDict:
+    """LlamaGen's VQ tokenizers (Sun et al. 2024): VQ-16 = mults (1, 1, 2, 2, 4), 256px ->
+    16x16 codes, 72M params; VQ-8 = (1, 2, 2, 4), 32x32 codes. 16,384 L2-normalized 8-dim
+    codebook entries, base width 128, 2 ResBlocks per level, z 256, attention after every
+    ResBlock of the lowest level. Their released ``vq_ds16_c2i.pt`` / ``vq_ds8_c2i.pt`` convert
+    into this model (``vitok.tools.convert --from=llamagen_vq``); NAR's ImageNet generators
+    model VQ-16's codes. Training here differs from theirs: a pixel loss with the codebook and
+    commitment terms only (no perceptual or GAN loss) and this file's f8 optimizer recipe."""
+    c = _imagenet256_f8(4)
+    c.task = "vq_ae"
+    c.model = ml_collections.ConfigDict(
+        {"name": "vq_ae", "image_size": (256, 256), "channels": 3, "width": 128,
+         "mults": tuple(mults), "blocks": 2, "z_channels": 256, "codebook_size": 16384,
+         "codebook_dim": 8, "l2_normalize": True, "dtype": "bfloat16"}
+    )  # fmt: skip
+    c.vae = ml_collections.ConfigDict({"loss": "l2", "commit_weight": 0.25})
+    return c
+
+
 PRESETS = {
     "tiny": tiny,
+    "tiny_vq": tiny_vq,
+    "llamagen_vq16": lambda: llamagen_vq((1, 1, 2, 2, 4)),
+    "llamagen_vq8": lambda: llamagen_vq((1, 2, 2, 4)),
     "mnist_fsq": mnist_fsq,
     "imagenet256_fsq16": imagenet256_fsq16,
     "imagenet256_f8c4": lambda: _imagenet256_f8(4),

@@ -86,3 +86,85 @@ def fid_images(seed: int, n: int, size: int) -> np.ndarray:
     coarse = rng.uniform(0, 1, (n, 4, 4, 3))
     up = np.kron(coarse, np.ones((1, size // 4, size // 4, 1)))
     return np.clip(up + 0.1 * rng.standard_normal(up.shape), 0, 1).astype(np.float32)
+
+
+# A small LlamaGen VQ (LlamaGen's Encoder/Decoder with ch=32, ch_mult (1, 2), 2 ResBlocks,
+# z 32, 256 codes of 8 dims): 32x32 RGB -> 16x16 codes.
+LLAMAGEN_VQ_TINY = dict(ch=32, ch_mult=(1, 2), z_channels=32, codebook_size=256, codebook_dim=8)
+
+
+def llamagen_vq_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
+    """Random LlamaGen VQ weights for a {name: shape} table (the golden file's): convolutions
+    scaled 1/sqrt(fan_in), GroupNorms near identity, small biases, a unit-normal codebook,
+    the ``codebook_used`` buffer as LlamaGen registers it (zeros)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        if name == "quantize.codebook_used":
+            out[name] = np.zeros(shape, np.float32)
+        elif name == "quantize.embedding.weight":
+            out[name] = rng.standard_normal(shape).astype(np.float32)
+        elif len(shape) == 4:
+            fan_in = int(np.prod(shape[1:]))
+            out[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+        elif name.endswith("weight"):  # GroupNorm scales
+            out[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def vq_images(seed: int = 1, n: int = 2, size: int = 32) -> np.ndarray:
+    """float32 [n, size, size, 3] in [-1, 1]: smooth colour fields plus noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1, 1, (n, 4, 4, 3))
+    up = np.kron(coarse, np.ones((1, size // 4, size // 4, 1)))
+    return np.clip(up + 0.2 * rng.standard_normal(up.shape), -1, 1).astype(np.float32)
+
+
+def write_torch_file(path: str, obj) -> None:
+    """``torch.save``'s zip format without torch: ``obj`` nests dicts (saved as
+    OrderedDicts), strings, ints and float32 numpy arrays (saved as contiguous CPU tensors,
+    one storage each). golden/make_llamagen_vq.py checks that torch.load reads it back."""
+    import struct
+    import zipfile
+
+    storages: list[np.ndarray] = []
+
+    def text(s: str) -> bytes:
+        data = s.encode()
+        return b"X" + struct.pack("<I", len(data)) + data
+
+    def integer(i: int) -> bytes:
+        return b"J" + struct.pack("<i", i)
+
+    def ordered_dict() -> bytes:
+        return b"ccollections\nOrderedDict\n)R"
+
+    def value(v) -> bytes:
+        if isinstance(v, dict):
+            items = b"".join(text(str(k)) + value(x) for k, x in v.items())
+            return ordered_dict() + b"(" + items + b"u"
+        if isinstance(v, str):
+            return text(v)
+        if isinstance(v, int):
+            return integer(v)
+        a = np.ascontiguousarray(v, np.float32)
+        key = str(len(storages))
+        storages.append(a)
+        strides = [int(np.prod(a.shape[i + 1 :])) for i in range(a.ndim)]
+        storage = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text(key) + text("cpu")
+        storage += integer(a.size) + b"tQ"
+        shape = b"(" + b"".join(integer(s) for s in a.shape) + b"t"
+        stride = b"(" + b"".join(integer(s) for s in strides) + b"t"
+        args = storage + integer(0) + shape + stride + b"\x89" + ordered_dict()
+        return b"ctorch._utils\n_rebuild_tensor_v2\n(" + args + b"tR"
+
+    pickled = b"\x80\x02" + value(obj) + b"."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+        for i, a in enumerate(storages):
+            archive.writestr(f"archive/data/{i}", a.tobytes())
+        archive.writestr("archive/version", "3\n")

@@ -102,6 +102,8 @@ def test_generator_trains_sharded_and_its_samples_are_judged(digit_codes, tmp_pa
     s.classifier_workdir = classifier
     s.samples_per_class, s.batch_size, s.grid_columns = 2, 16, 2  # 20 samples, 2 batches
     s.max_examples = 64
+    s.inception_weights, s.fid_reference = _random_fid_files(tmp_path)
+    s.is_splits = 2
     workdir = str(tmp_path / "nar")
     final = train.train_and_evaluate(c, workdir)
 
@@ -113,14 +115,33 @@ def test_generator_trains_sharded_and_its_samples_are_judged(digit_codes, tmp_pa
     _check_judgement(c, workdir, classifier, final)
 
 
+def _random_fid_files(tmp_path) -> tuple[str, str]:
+    """pytorch-fid's Inception weights file with seeded random values (the real file's names
+    and shapes), and reference statistics (mu, sigma of 100 random pool features) in its
+    .npz format."""
+    from tests.official_layouts import inception_state_dict, write_torch_file
+
+    golden = np.load(os.path.join(os.path.dirname(__file__), "golden", "inception_fid.npz"))
+    weights = str(tmp_path / "pt_inception.pth")
+    write_torch_file(weights, inception_state_dict(json.loads(str(golden["shapes"])), 0))
+    features = np.random.default_rng(0).gamma(1.0, 0.3, (100, 2048))
+    reference = str(tmp_path / "reference.npz")
+    np.savez(reference, mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    return weights, reference
+
+
 def _check_judgement(config, workdir, classifier_dir, final):
-    """The evaluator's class accuracy and FID, recomputed from the same samples by a second
-    path: the classifier loaded on its own, the count and the Frechet distance in numpy."""
+    """The evaluator's class accuracy, classifier-feature FID, standard FID and Inception
+    Score, recomputed from the same samples by a second path: the classifier and the
+    Inception network loaded on their own, the count, the Frechet distance and the score in
+    numpy."""
     import scipy.linalg
+    import scipy.special
 
     from vitok import runs, sharding
     from vitok.data import pipeline
     from vitok.evaluators.generation import GenerationEvaluator
+    from vitok.evaluators.inception import InceptionFID
     from vitok.inference import load_model
     from vitok.train import EvalContext
 
@@ -155,4 +176,20 @@ def _check_judgement(config, workdir, classifier_dir, final):
     cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
     root = scipy.linalg.sqrtm(cov_r @ cov_f).real
     fid = np.sum((mu_r - mu_f) ** 2) + np.trace(cov_r + cov_f - 2 * root)
+    assert final["samples/classifier_fid"] == pytest.approx(fid, rel=1e-3)
+
+    inception = InceptionFID.from_file(config.evals.samples.inception_weights)
+    pool, logits = (
+        np.asarray(a, np.float64) for a in inception.pool_and_logits(flat.repeat(3, -1))
+    )
+    with np.load(config.evals.samples.fid_reference) as f:
+        mu_r, cov_r = f["mu"], f["sigma"]
+    cov_f = np.cov(pool, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_r @ cov_f).real
+    fid = np.sum((mu_r - pool.mean(0)) ** 2) + np.trace(cov_r + cov_f - 2 * root)
     assert final["samples/fid"] == pytest.approx(fid, rel=1e-3)
+    scores = []
+    for part in np.split(scipy.special.softmax(logits, axis=1), 2):
+        kl = (part * (np.log(part) - np.log(part.mean(0)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    assert final["samples/inception_score"] == pytest.approx(np.mean(scores), rel=1e-4)

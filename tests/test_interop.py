@@ -14,11 +14,14 @@ from tests.official_layouts import (
     flexivit_arrays,
     flexivit_images,
     inception_state_dict,
+    llamagen_vq_state_dict,
+    vq_images,
+    write_torch_file,
 )
 from vitok import runs
 from vitok.evaluators.fid import FeatureStats, fid_from_stats
 from vitok.evaluators.inception import InceptionFID, params_from_state_dict
-from vitok.interop import ConversionError
+from vitok.interop import ConversionError, llamagen
 from vitok.interop.torch_files import read_state_dict
 from vitok.tools import convert
 
@@ -208,3 +211,100 @@ def test_a_converted_release_evaluates_without_training(tmp_path, capsys):
     for key, patch in (("eval/accuracy", 8), ("eval_p8/accuracy", 4)):
         want = float((np.asarray(model(images, patch_size=patch)).argmax(-1) == labels).mean())
         assert metrics[key] == pytest.approx(want), (key, metrics)
+
+
+@pytest.fixture(scope="module")
+def llamagen_golden():
+    golden = np.load(os.path.join(GOLDEN, "llamagen_vq_tiny.npz"))
+    return golden, json.loads(str(golden["shapes"]))
+
+
+def _convert_llamagen_vq(tmp_path, state, name="vq"):
+    checkpoint = str(tmp_path / f"{name}.pt")
+    write_torch_file(checkpoint, {"model": state, "steps": 1000})  # a training checkpoint
+    workdir = str(tmp_path / name)
+    convert.main([
+        "--from=llamagen_vq", f"--checkpoint={checkpoint}", f"--workdir={workdir}",
+        "--config.model.image_size=(32, 32)", "--config.model.dtype=float32",
+    ])  # fmt: skip
+    return workdir
+
+
+def test_converted_llamagen_vq_matches_llamagen(tmp_path, llamagen_golden):
+    """golden/llamagen_vq_tiny.npz holds LlamaGen's own VQModel outputs on these weights and
+    images (golden/make_llamagen_vq.py says how): the converted run gives the same code ids,
+    and its encoder and decoders agree within 1e-4 relative."""
+    golden, shapes = llamagen_golden
+    run = runs.load_run(_convert_llamagen_vq(tmp_path, llamagen_vq_state_dict(shapes, 0)))
+    model = run.module()
+    assert (model.grid, model.codebook_size, tuple(run.config.model.mults)) == (
+        (16, 16),
+        256,
+        (1, 2),
+    )
+    images = vq_images(1, 2, 32)
+    z = np.asarray(model.quant_conv(model.encoder(images))).transpose(0, 3, 1, 2)
+    ids = np.asarray(model.tokenize(images))
+    recon = np.asarray(model(images)[0]).transpose(0, 3, 1, 2)
+    decoded = np.asarray(model.detokenize(golden["ids"])).transpose(0, 3, 1, 2)
+    for got, want in ((z, golden["z"]), (recon, golden["recon"]), (decoded, golden["decoded"])):
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    np.testing.assert_array_equal(ids, golden["ids"])
+
+
+def test_llamagen_vq_layout_is_the_releases(llamagen_golden):
+    """The layout the converter expects is the reference model's state_dict (stored in the
+    golden), and at VQ-16's sizes it has LlamaGen's 72M parameters, as vitok's preset."""
+    _, shapes = llamagen_golden
+    shapes.pop("quantize.codebook_used")
+    dims = llamagen.read_dims({k: np.zeros(v) for k, v in shapes.items()}, "the golden")
+    assert llamagen.expected_layout(dims) == {k: tuple(v) for k, v in shapes.items()}
+    vq16 = dict(dims, width=128, mults=(1, 1, 2, 2, 4), z_channels=256, codebook_size=16384)
+    total = sum(np.prod(s) for s in llamagen.expected_layout(vq16).values())
+    assert 71.5e6 < total < 72.5e6
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s.pop("decoder.conv_blocks.0.attn.2.proj_out.bias"), "missing decoder.conv_blocks.0.attn.2.proj_out.bias [64]"),
+        (lambda s: s.update({"quant_conv.weight": np.zeros((8, 16, 1, 1), np.float32)}), "quant_conv.weight is [8, 16, 1, 1], expected [8, 32, 1, 1]"),
+        (lambda s: s.pop("quantize.embedding.weight"), "has no 'quantize.embedding.weight'"),
+    ],
+)  # fmt: skip
+def test_a_vq_checkpoint_off_the_layout_is_refused(tmp_path, llamagen_golden, damage, message):
+    state = llamagen_vq_state_dict(llamagen_golden[1], 0)
+    damage(state)
+    with pytest.raises(SystemExit) as exit:
+        _convert_llamagen_vq(tmp_path, state)
+    assert message in str(exit.value) and "\n" not in str(exit.value)
+    assert not os.path.exists(tmp_path / "vq")
+
+
+def test_inception_score_has_its_known_values_and_reference_files_are_checked(tmp_path):
+    """IS is exp(E KL(p(y|x) || p(y))): 1 when every image gets the same class distribution;
+    n when n images are each certain of a different class; per split, then averaged."""
+    from vitok.evaluators.inception import inception_score, reference_statistics
+
+    same = np.tile(np.random.default_rng(0).standard_normal(1008), (6, 1))
+    assert inception_score(same, splits=1) == pytest.approx(1.0)
+    certain = np.full((8, 1008), -1e4)
+    certain[np.arange(8), np.arange(8)] = 0.0
+    assert inception_score(certain, splits=1) == pytest.approx(8.0)
+    assert inception_score(certain, splits=2) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="at least 10 images"):
+        inception_score(certain, splits=10)
+
+    good = tmp_path / "ref.npz"
+    np.savez(good, mu=np.zeros(2048), sigma=np.eye(2048))
+    mu, sigma = reference_statistics(str(good))
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "other.npz", arr_0=np.zeros(3))
+    for name, message in [
+        ("none.npz", "not found"),
+        ("other.npz", "holds no 'mu' and 'sigma'"),
+        ("small.npz", r"got \[64\], \[64, 64\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            reference_statistics(str(tmp_path / name))

@@ -63,6 +63,6 @@ class Registry:
                 raise
 
 
-MODELS = Registry("model", "vitok.models", modules={"fsq_ae": "vae", "ar": "nar"})
-TASKS = Registry("task", "vitok.tasks", modules={"fsq_ae": "vae"})
+MODELS = Registry("model", "vitok.models", modules={"fsq_ae": "vae", "vq_ae": "vq", "ar": "nar"})
+TASKS = Registry("task", "vitok.tasks", modules={"fsq_ae": "vae", "vq_ae": "vae"})
 EVALUATORS = Registry("evaluator", "vitok.evaluators", modules={"adaptive_length": "adaptive"})

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = train_once(config, workdir, name)
         rows[name] = {
             "class_accuracy": metrics["samples/class_accuracy"],
-            "fid": metrics["samples/fid"],
+            "fid": metrics["samples/classifier_fid"],
             "passes": metrics["samples/passes"],
             "images_per_sec": metrics["samples/images_per_sec"],
             "real_accuracy": metrics["samples/real_accuracy"],

@@ -6,8 +6,13 @@ the configured temperature, top-k, top-p and CFG scale), decodes them with the t
 
     {prefix}/class_accuracy   fraction of samples the classifier assigns to the requested class
     {prefix}/real_accuracy    the same classifier on the real eval images (its ceiling)
-    {prefix}/fid              Fréchet distance of the classifier's pooled features, samples vs
+    {prefix}/classifier_fid   Fréchet distance of the classifier's pooled features, samples vs
                               the real eval images ("classifier-feature FID")
+    {prefix}/fid              the standard FID: pytorch-fid's Inception-v3 pool features
+                              (``inception_weights``, its .pth file), samples vs
+                              ``fid_reference`` (an .npz of mu and sigma, e.g. ADM's ImageNet
+                              reference batch) or, without it, vs the real eval images
+    {prefix}/inception_score  the Inception Score of the samples (``is_splits`` splits)
     {prefix}/passes           forward passes per sampling call (n + m - 1 for NAR, n * m raster)
     {prefix}/images_per_sec   sampling + decoding throughput (compiled; every batch timed)
 
@@ -15,7 +20,8 @@ and writes ``{prefix}_samples.png``: one row per class. With a FlexTok tokenizer
 generator is a GPT over its 1D tokens: ``num_tokens`` (default all) are sampled and decoded
 with ``decode_steps`` Euler steps. The classifier is a ViT run's workdir
 (e.g. configs/vit.py:tiny on the same images); ``classifier_range`` is the pixel range it was
-trained on. Without ``classifier_workdir`` only the grid, passes and throughput are produced.
+trained on. Without ``classifier_workdir`` and ``inception_weights`` only the grid, passes
+and throughput are produced.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from flax import nnx
 from vitok import runs
 from vitok.config import REQUIRED
 from vitok.evaluators import evaluator_options
-from vitok.evaluators.fid import FeatureStats, fid_from_stats
+from vitok.evaluators.fid import FeatureStats, fid_from_stats, frechet_distance
+from vitok.evaluators.inception import InceptionFID, inception_score, reference_statistics
 from vitok.evaluators.reconstruction import save_grid
 from vitok.models.base import Tokenizer, pad_ids
 from vitok.models.nar import sample
@@ -77,7 +84,7 @@ class GenerationEvaluator:
         "prefix": "samples", "samples_per_class": 100, "batch_size": 100, "grid_columns": 10,
         "tokenizer_workdir": REQUIRED, "classifier_workdir": "", "classifier_range": (0, 1),
         "num_tokens": 0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0,
-        "decode_steps": 10,
+        "decode_steps": 10, "inception_weights": "", "fid_reference": "", "is_splits": 10,
     }  # fmt: skip
 
     def __init__(self, config: Any, context: Any):
@@ -105,6 +112,11 @@ class GenerationEvaluator:
             if o["classifier_workdir"]
             else None
         )
+        self.inception = (
+            InceptionFID.from_file(o["inception_weights"]) if o["inception_weights"] else None
+        )
+        self.reference = reference_statistics(o["fid_reference"]) if o["fid_reference"] else None
+        self.is_splits = int(o["is_splits"])
         num_tokens = int(o["num_tokens"]) or None
         options = dict(
             temperature=float(o["temperature"]),
@@ -169,24 +181,56 @@ class GenerationEvaluator:
                 os.path.join(self.context.workdir, f"{p}_samples.png"),
                 (images[:, :columns] + 1) / 2,
             )
-        if self.classifier is None:
+        if self.classifier is None and self.inception is None:
             return results
         k, n = images.shape[:2]
         flat = images.reshape(k * n, *images.shape[2:])
-        requested = np.repeat(np.arange(k), n)
-        fake, correct = FeatureStats(), 0
-        for i in range(0, len(flat), self.batch_size):
-            logits, features = self.classifier(flat[i : i + self.batch_size])
-            correct += int((logits.argmax(-1) == requested[i : i + self.batch_size]).sum())
-            fake.add(features)
-        real, real_correct, real_count = FeatureStats(), 0, 0
-        for batch in self.context.eval_batches(self.config):
-            keep = batch["mask"] > 0
-            logits, features = self.classifier(np.asarray(batch["image"]))
-            real.add(features[np.asarray(keep)])
-            real_correct += int((logits.argmax(-1) == np.asarray(batch["label"]))[keep].sum())
-            real_count += int(np.asarray(keep).sum())
-        results[f"{p}/class_accuracy"] = correct / len(flat)
-        results[f"{p}/real_accuracy"] = real_correct / max(real_count, 1)
-        results[f"{p}/fid"] = fid_from_stats(real, fake)
+        if self.classifier is not None:
+            requested = np.repeat(np.arange(k), n)
+            fake, correct = FeatureStats(), 0
+            for i in range(0, len(flat), self.batch_size):
+                logits, features = self.classifier(flat[i : i + self.batch_size])
+                correct += int((logits.argmax(-1) == requested[i : i + self.batch_size]).sum())
+                fake.add(features)
+            results[f"{p}/class_accuracy"] = correct / len(flat)
+        if self.inception is not None:
+            fake_pool, fake_logits = FeatureStats(), []
+            for i in range(0, len(flat), self.batch_size):
+                pool, logits = self._inception(flat[i : i + self.batch_size])
+                fake_pool.add(pool)
+                fake_logits.append(logits)
+            fake_logits = np.concatenate(fake_logits)
+            results[f"{p}/inception_score"] = inception_score(
+                fake_logits, min(self.is_splits, len(fake_logits))
+            )
+        real, real_pool, real_correct, real_count = FeatureStats(), FeatureStats(), 0, 0
+        if self.classifier is not None or (self.inception is not None and self.reference is None):
+            for batch in self.context.eval_batches(self.config):
+                keep = np.asarray(batch["mask"]) > 0
+                host = np.asarray(batch["image"])
+                if self.classifier is not None:
+                    logits, features = self.classifier(host)
+                    real.add(features[keep])
+                    label = np.asarray(batch["label"])
+                    real_correct += int((logits.argmax(-1) == label)[keep].sum())
+                    real_count += int(keep.sum())
+                if self.inception is not None and self.reference is None:
+                    real_pool.add(self._inception(host)[0][keep])
+        if self.classifier is not None:
+            results[f"{p}/real_accuracy"] = real_correct / max(real_count, 1)
+            results[f"{p}/classifier_fid"] = fid_from_stats(real, fake)
+        if self.inception is not None:
+            reference = self.reference or real_pool.mean_cov()
+            results[f"{p}/fid"] = frechet_distance(*reference, *fake_pool.mean_cov())
         return results
+
+    def _inception(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Host images [n <= batch_size, H, W, C] -> (pool [n, 2048], logits [n, 1008]),
+        padded to one batch shape so the network compiles once."""
+        n = len(images)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
+        padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
+        padded[:n] = images
+        pool, logits = self.inception.pool_and_logits(padded)
+        return np.asarray(pool)[:n], np.asarray(logits)[:n]

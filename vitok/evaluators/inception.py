@@ -164,7 +164,8 @@ def resize_to_input(images01: jax.Array) -> jax.Array:
 
 def forward(params: dict, images: jax.Array, block: int = 3, logits: bool = False):
     """images [B, H, W, 3] in [-1, 1] -> pytorch-fid's features [B, 64|192|768|2048] at
-    ``block`` (or, with ``logits``, the 1008 classifier logits from the pool features)."""
+    ``block`` (or, with ``logits``, the pair (pool features [B, 2048], the 1008 classifier
+    logits [B, 1008]))."""
     x = (images.astype(jnp.float32) + 1) / 2  # pytorch-fid's input range
     x = 2 * resize_to_input(x) - 1
     for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"):
@@ -180,7 +181,7 @@ def forward(params: dict, images: jax.Array, block: int = 3, logits: bool = Fals
             x = _mixed(params, x, name)
     pooled = x.mean(axis=(1, 2))
     if logits:
-        return pooled @ params["fc"]["kernel"] + params["fc"]["bias"]
+        return pooled, pooled @ params["fc"]["kernel"] + params["fc"]["bias"]
     return pooled
 
 
@@ -205,4 +206,49 @@ class InceptionFID:
         return self._features(self.params, images)
 
     def logits(self, images: jax.Array) -> jax.Array:
+        """images [B, H, W, 3] in [-1, 1] -> the 1008 classifier logits [B, 1008]."""
+        return self._logits(self.params, images)[1]
+
+    def pool_and_logits(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One pass: (pool features [B, 2048], logits [B, 1008])."""
         return self._logits(self.params, images)
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> float:
+    """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) of the 1008-way
+    softmax, computed on each of ``splits`` equal parts and averaged, as the standard
+    implementations report it."""
+    logits = np.asarray(logits, np.float64)
+    if len(logits) < splits:
+        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits} images")
+    scores = []
+    for part in np.array_split(logits, splits):
+        log_p = part - part.max(1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+        p = np.exp(log_p)
+        with np.errstate(divide="ignore"):
+            log_marginal = np.log(p.mean(0))
+        terms = np.where(p > 0, p * (log_p - log_marginal), 0.0)  # 0 log 0 = 0
+        kl = terms.sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def reference_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a reference set from an .npz with ``mu`` and ``sigma`` (pytorch-fid's
+    saved statistics; ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz)."""
+    try:
+        with np.load(path) as f:
+            mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+    except FileNotFoundError:
+        raise ValueError(f"FID reference statistics {path!r} not found") from None
+    except KeyError:
+        raise ValueError(f"{path} holds no 'mu' and 'sigma' FID statistics") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .npz of FID statistics ({e})") from None
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise ValueError(
+            f"{path}: FID statistics of pool features are mu [2048], sigma [2048, 2048]; got "
+            f"{list(mu.shape)}, {list(sigma.shape)}"
+        )
+    return mu, sigma

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from vitok.data import pipeline
 from vitok.evaluators import evaluator_options
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
+from vitok.evaluators.inception import InceptionFID
 from vitok.evaluators.linear_code import LinearCode, fit_linear_code
 from vitok.models.base import Tokenizer, checked_options
 from vitok.registry import EVALUATORS
@@ -186,8 +187,11 @@ class ReconstructionEvaluator:
 
     Config: data, batch_size, max_examples, token_counts ("pow2" or a list), steps, guidance
     (decode options, where the tokenizer takes them), seed, grid_rows (rows of the PNG grid; 0
-    for none), mean_decode, baseline_examples, and optionally ``fid``: a feature network (see ``vitok.evaluators.fid.FeatureNet``) for
-    ``{prefix}/fid@k`` between the reconstructions and the originals (rFID).
+    for none), mean_decode, baseline_examples, and optionally ``inception_weights``
+    (pytorch-fid's .pth file) for the standard rFID ``{prefix}/fid@k`` between the
+    reconstructions and the originals, and ``feature_net`` (a network of ours, see
+    ``vitok.evaluators.fid.FeatureNet``) for the same distance in its features,
+    ``{prefix}/feature_fid@k``.
     Writes ``reconstructions.png`` (rows: images; columns: each k, then the original),
     ``reconstructions_mean.png`` and ``reconstructions_linear.png`` (the same for the mean
     decode and the linear code) and ``reconstructions.md`` (the table) into the workdir.
@@ -203,7 +207,8 @@ class ReconstructionEvaluator:
         "grid_rows": 8,
         "mean_decode": True,
         "baseline_examples": 8192,
-        "fid": None,
+        "inception_weights": "",
+        "feature_net": None,
     }  # fmt: skip
 
     def __init__(self, config: Any, context: Any):
@@ -245,12 +250,14 @@ class ReconstructionEvaluator:
         baseline_examples = int(o["baseline_examples"])
         if baseline_examples:
             self.linear_code = self._fit_linear_code(baseline_examples)
-        self.features = None
-        fid = o["fid"]
-        if fid and (fid.get("workdir") or fid.get("model")):
-            net = FeatureNet(fid)
-            # Padding examples are dropped on the host, so features are gathered per batch.
-            self.features = jax.jit(lambda unit_images: net(unit_images * 2 - 1))
+        self.features = {}  # metric name -> jitted unit images [B, H, W, C] -> features
+        if o["inception_weights"]:
+            inception = InceptionFID.from_file(o["inception_weights"])
+            self.features["fid"] = jax.jit(lambda unit: inception.features(_rgb(unit) * 2 - 1))
+        net_config = o["feature_net"]
+        if net_config and (net_config.get("workdir") or net_config.get("model")):
+            net = FeatureNet(net_config)
+            self.features["feature_fid"] = jax.jit(lambda unit: net(unit * 2 - 1))
 
     def _fit_linear_code(self, num_examples: int) -> LinearCode:
         """PCA of the run's training images as the tokenizer saw them, augmentation included
@@ -271,14 +278,18 @@ class ReconstructionEvaluator:
         original = np.zeros(len(SCORES))
         count = 0.0
         grids: dict[str, list] = {}
-        stats = [FeatureStats() for _ in range(len(self.counts) + 1)] if self.features else None
+        # stats[name][i]: the features of the reconstructions from counts[i] tokens; [-1]: of
+        # the originals. Padding examples are dropped on the host, so features go per batch.
+        stats = {
+            name: [FeatureStats() for _ in range(len(self.counts) + 1)] for name in self.features
+        }
         for batch_index, batch in enumerate(self.context.eval_batches(self.config)):
             count += float(batch["mask"].sum())
             keep = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True)) > 0
             target = to_unit_range(batch["image"])
             original += np.asarray(self._scores(target, batch["image"], batch["mask"]))
-            if stats:
-                stats[-1].add(self._gather_features(target, keep))
+            for name in stats:
+                stats[name][-1].add(self._gather_features(name, target, keep))
             first = batch_index == 0 and self.grid_rows
             host_images = None
             if self.linear_code is not None:
@@ -300,8 +311,8 @@ class ReconstructionEvaluator:
                     totals[method][i] += np.asarray(self._scores(recon, images, mask))
                     if first:
                         grids.setdefault(method, []).append(recon)
-                if stats:
-                    stats[i].add(self._gather_features(recons["sample"], keep))
+                for name in stats:
+                    stats[name][i].add(self._gather_features(name, recons["sample"], keep))
             if first:
                 for columns in grids.values():
                     columns.append(target)
@@ -332,9 +343,9 @@ class ReconstructionEvaluator:
                 row["baseline_detail_ratio"] = float(means["linear"][i][col["detail"]] / detail)
             rows.append(row)
             results.update({f"{self.prefix}/{key}@{k}": v for key, v in row.items() if key != "k"})
-        if stats:
+        for name, per_count in stats.items():
             for i, k in enumerate(self.counts):
-                results[f"{self.prefix}/fid@{k}"] = fid_from_stats(stats[i], stats[-1])
+                results[f"{self.prefix}/{name}@{k}"] = fid_from_stats(per_count[i], per_count[-1])
         if jax.process_index() == 0:
             workdir = self.context.workdir
             os.makedirs(workdir, exist_ok=True)
@@ -344,9 +355,14 @@ class ReconstructionEvaluator:
                 save_grid(os.path.join(workdir, f"reconstructions{names[method]}.png"), grid)
         return results
 
-    def _gather_features(self, unit_images: jax.Array, keep: np.ndarray) -> np.ndarray:
-        features = multihost_utils.process_allgather(self.features(unit_images), tiled=True)
+    def _gather_features(self, name: str, unit_images: jax.Array, keep: np.ndarray) -> np.ndarray:
+        features = multihost_utils.process_allgather(self.features[name](unit_images), tiled=True)
         return np.asarray(features)[keep]
+
+
+def _rgb(images: jax.Array) -> jax.Array:
+    """[B, H, W, 1 | 3] -> [B, H, W, 3] (grey images repeated, as the FID network wants)."""
+    return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def _first_rows(columns: list[jax.Array], rows: int) -> np.ndarray:

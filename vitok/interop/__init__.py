@@ -13,6 +13,10 @@ from vitok.interop.files import ConversionError, check_layout, read_npz
 from vitok.registry import Registry
 
 # name -> fn(checkpoint_path, config) -> (config, params); modules register on first lookup.
-CONVERTERS = Registry("converter", package="vitok.interop", modules={})
+CONVERTERS = Registry(
+    "converter",
+    package="vitok.interop",
+    modules={"llamagen_vq": "llamagen", "llamagen_gpt": "llamagen"},
+)
 
 __all__ = ["CONVERTERS", "ConversionError", "check_layout", "read_npz"]

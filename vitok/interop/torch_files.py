@@ -70,6 +70,11 @@ def _rebuild_parameter(tensor, *_):
     return tensor
 
 
+class _Record:
+    """A stand-in for a saved plain object (a training script's ``argparse.Namespace``): its
+    attributes are restored as data, no code of the original class runs."""
+
+
 class _StateDictUnpickler(pickle.Unpickler):
     def __init__(self, file, load_storage):
         super().__init__(file)
@@ -84,6 +89,8 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if module == "torch" and name in _DTYPES:
             return _DTYPES[name]
+        if module == "argparse" and name == "Namespace":
+            return _Record
         raise ConversionError(f"unsupported object {module}.{name} in a PyTorch state dict")
 
     def persistent_load(self, pid):
@@ -133,8 +140,10 @@ def _read_legacy(path: str) -> dict:
     return obj
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A ``torch.save``d state dict (``{name: tensor}``) -> ``{name: numpy array}``."""
+def read_state_dict(path: str, prefer: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """A ``torch.save``d state dict (``{name: tensor}``) -> ``{name: numpy array}``. A training
+    checkpoint (a dict holding state dicts beside other things) gives its entry under the
+    first of the keys ``prefer`` it has, e.g. ("ema", "model") as a release's own loader."""
     if not os.path.isfile(path):
         raise ConversionError(f"checkpoint {path!r} not found")
     try:
@@ -150,6 +159,23 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         zipfile.BadZipFile,
     ) as e:
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, _Tensor) for v in obj.values()):
-        raise ConversionError(f"{path} does not hold a state dict of tensors")
-    return {name: tensor.numpy() for name, tensor in obj.items()}
+    state = _state_dict_in(obj, prefer)
+    if state is None:
+        what = f"top-level keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else "no dict"
+        wanted = f" under any of {list(prefer)}" if prefer else ""
+        raise ConversionError(f"{path} does not hold a state dict of tensors{wanted} ({what})")
+    return {name: tensor.numpy() for name, tensor in state.items()}
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, _Tensor) for v in obj.values())
+
+
+def _state_dict_in(obj, prefer: tuple[str, ...]) -> dict | None:
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in prefer:
+            if _is_state_dict(obj.get(key)):
+                return obj[key]
+    return None

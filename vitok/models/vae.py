@@ -102,9 +102,13 @@ class SpatialAttention(nnx.Module):
 
 class ConvEncoder(nnx.Module):
     """images [B, H, W, C] -> features [B, H/f, W/f, out_channels] float32: ResBlocks per level,
-    a stride-2 convolution between levels, a mid-block with one self-attention layer."""
+    a stride-2 convolution between levels, a mid-block with one self-attention layer.
+    ``level_attention`` adds a self-attention layer after every ResBlock of the last level
+    (the taming / LlamaGen VQ layout)."""
 
-    def __init__(self, channels, out_channels, widths, blocks, *, rngs, dtype):
+    def __init__(
+        self, channels, out_channels, widths, blocks, *, rngs, dtype, level_attention=False
+    ):
         kw = dict(rngs=rngs, dtype=dtype)
         self.conv_in = Conv(channels, widths[0], **kw)
         layers, c = [], widths[0]
@@ -112,6 +116,8 @@ class ConvEncoder(nnx.Module):
             for _ in range(blocks):
                 layers.append(ResBlock(c, w, **kw))
                 c = w
+                if level_attention and level == len(widths) - 1:
+                    layers.append(SpatialAttention(c, **kw))
             if level < len(widths) - 1:
                 layers.append(Conv(c, c, 3, 2, **kw))
         self.blocks = nnx.List(layers)
@@ -128,9 +134,12 @@ class ConvEncoder(nnx.Module):
 
 class ConvDecoder(nnx.Module):
     """z [B, H/f, W/f, in_channels] -> images [B, H, W, C] float32 (the encoder's mirror, one
-    more ResBlock per level, nearest-neighbour upsampling)."""
+    more ResBlock per level, nearest-neighbour upsampling; ``level_attention`` as the
+    encoder's, at the first level it decodes)."""
 
-    def __init__(self, in_channels, channels, widths, blocks, *, rngs, dtype):
+    def __init__(
+        self, in_channels, channels, widths, blocks, *, rngs, dtype, level_attention=False
+    ):
         kw = dict(rngs=rngs, dtype=dtype)
         c = widths[-1]
         self.conv_in = Conv(in_channels, c, **kw)
@@ -140,6 +149,8 @@ class ConvDecoder(nnx.Module):
             for _ in range(blocks + 1):
                 layers.append(ResBlock(c, w, **kw))
                 c = w
+                if level_attention and level == len(widths) - 1:
+                    layers.append(SpatialAttention(c, **kw))
             if level > 0:
                 layers.append(Upsample(c, **kw))
         self.blocks = nnx.List(layers)

@@ -83,3 +83,32 @@ class FSQAutoencoderTask:
             "train/saturation": penalty,
             "train/code_usage": (counts > 0).mean(),
         }
+
+
+@TASKS.register("vq_ae")
+class VQAutoencoderTask:
+    """VQ autoencoder training (VQ-VAE's objective, as LlamaGen's without its perceptual and GAN
+    terms): a pixel loss, the codebook loss |z_q - sg(z)|^2 and ``vae.commit_weight`` x the
+    commitment loss |sg(z_q) - z|^2 (LlamaGen's beta, 0.25). Logs ``train/code_usage``."""
+
+    CONFIG_KEYS = {"vae": {"loss": "l2", "commit_weight": 0.25}}
+
+    def __init__(self, config: Any):
+        cfg = section_options(config.get("vae"), self.CONFIG_KEYS["vae"], "config.vae")
+        self.loss_type = pixel_loss_kind(cfg["loss"])
+        self.commit_weight = float(cfg["commit_weight"])
+
+    def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        images = batch["image"].astype(jnp.float32)
+        recon, ids, z, z_q = model(images)
+        err = recon - images
+        recon_loss = jnp.mean(jnp.abs(err) if self.loss_type == "l1" else jnp.square(err))
+        codebook_loss = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))
+        commit_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z))
+        counts = jnp.zeros((model.codebook_size,), jnp.int32).at[ids.reshape(-1)].add(1)
+        return recon_loss + codebook_loss + self.commit_weight * commit_loss, {
+            "train/recon_loss": recon_loss,
+            "train/codebook_loss": codebook_loss,
+            "train/commit_loss": commit_loss,
+            "train/code_usage": (counts > 0).mean(),
+        }
