@@ -219,13 +219,13 @@ def llamagen_golden():
     return golden, json.loads(str(golden["shapes"]))
 
 
-def _convert_llamagen_vq(tmp_path, state, name="vq"):
+def _convert_llamagen_vq(tmp_path, state, name="vq", *overrides):
     checkpoint = str(tmp_path / f"{name}.pt")
     write_torch_file(checkpoint, {"model": state, "steps": 1000})  # a training checkpoint
     workdir = str(tmp_path / name)
     convert.main([
         "--from=llamagen_vq", f"--checkpoint={checkpoint}", f"--workdir={workdir}",
-        "--config.model.image_size=(32, 32)", "--config.model.dtype=float32",
+        "--config.model.image_size=(32, 32)", "--config.model.dtype=float32", *overrides,
     ])  # fmt: skip
     return workdir
 
@@ -308,3 +308,61 @@ def test_inception_score_has_its_known_values_and_reference_files_are_checked(tm
     ]:
         with pytest.raises(ValueError, match=message):
             reference_statistics(str(tmp_path / name))
+
+
+@pytest.mark.slow
+def test_a_converted_vq_tokenizes_a_folder_and_a_nar_trains_and_samples_over_its_codes(
+    tmp_path, llamagen_golden
+):
+    """The official-weights workflow end to end on a random-weight VQ in LlamaGen's layout:
+    convert, tokenize a folder, detokenize, extract codes of a labelled folder for NAR, train
+    NAR a few steps over them and sample with the converted tokenizer decoding."""
+    import jax
+    from helpers import short_run
+    from PIL import Image
+
+    from configs import nar
+    from vitok import train
+    from vitok.tools import detokenize, extract_codes, tokenize
+
+    _, shapes = llamagen_golden
+    pp = "--config.evals.recon.data.pp=decode(channels=3)|value_range(-1, 1)"  # 32 px as stored
+    vq = _convert_llamagen_vq(tmp_path, llamagen_vq_state_dict(shapes, 0), "vq", pp)
+    model = runs.load_run(vq).module()
+    photos = tmp_path / "photos"
+    pixels = np.round((vq_images(7, 8, 32) + 1) * 127.5).astype(np.uint8)
+    for i, image in enumerate(pixels):
+        split, label = ("train", "test")[i // 6], f"class{i % 2}"
+        os.makedirs(photos / split / label, exist_ok=True)
+        Image.fromarray(image).save(photos / split / label / f"{i}.png")
+
+    tokenize.main([f"--workdir={vq}", f"--images={photos}", f"--out={tmp_path / 'tokens.npz'}"])
+    tokens = np.load(tmp_path / "tokens.npz")
+    order = [int(os.path.basename(str(n))[:-4]) for n in tokens["names"]]
+    want = np.asarray(model.tokenize(pixels[order].astype(np.float32) / 127.5 - 1))
+    np.testing.assert_array_equal(tokens["tokens"], want)
+    detokenize.main([f"--workdir={vq}", f"--tokens={tmp_path / 'tokens.npz'}", f"--out={tmp_path / 'recon'}"])  # fmt: skip
+    name = os.path.splitext(str(tokens["names"][0]))[0].replace(os.sep, "__")
+    png = np.asarray(Image.open(tmp_path / "recon" / f"{name}.png"), np.float32)
+    decoded = np.clip((np.asarray(model.detokenize(want[:1]))[0] + 1) * 127.5, 0, 255)
+    assert np.abs(png - decoded).max() <= 1.0  # PNG rounding
+
+    codes = str(tmp_path / "codes_{split}.npz")
+    extract_codes.main([
+        f"--workdir={vq}", f"--out={codes}", "--data_source=folder", f"--data_path={photos}",
+    ])  # fmt: skip
+    train_codes = np.load(codes.format(split="train"))
+    assert train_codes["codes"].shape == (6, 16, 16)
+    np.testing.assert_array_equal(train_codes["label"], [0, 0, 0, 1, 1, 1])
+
+    c = short_run(nar.get_config("digits_nar"), steps=4, batch_size=4)
+    c.model.grid, c.model.vocab_size, c.model.num_classes = (16, 16), 256, 2
+    c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 1, 2, 64
+    c.data.path = codes
+    s = c.evals.samples
+    s.tokenizer_workdir, s.classifier_workdir = vq, ""
+    s.samples_per_class, s.batch_size, s.grid_columns = 2, 4, 2
+    final = train.train_and_evaluate(c, str(tmp_path / "nar"), jax.devices()[:1])
+    assert np.isfinite(final["train/loss"]) and final["samples/passes"] == 31  # 16 + 16 - 1
+    grid = np.asarray(Image.open(tmp_path / "nar" / "samples_samples.png"))
+    assert min(grid.shape[:2]) >= 2 * 32 and grid.std() > 1  # 2 x 2 decoded samples, not blank

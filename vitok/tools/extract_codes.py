@@ -5,7 +5,8 @@
 
 Reads every example of each split through the tokenizer run's deterministic eval data config
 (``config.evals.<first>.data``, the split replaced; ``--data_source``/``--data_name`` point it
-at another dataset), tokenizes it with the trained tokenizer (any ``vitok.models.Tokenizer``)
+at another dataset, ``--data_path`` at a folder of images: ``--data_source=folder
+--data_path=DIR``, class sub-folders giving the labels), tokenizes it with the trained tokenizer (any ``vitok.models.Tokenizer``)
 and writes one .npz per split with ``codes`` (int32 [N, h, w] from an FSQ autoencoder run, or [N, T] coarse-to-fine 1D tokens
 from a FlexTok run) and ``label`` (int32 [N]; -1 when the data has no labels).
 ``--num_examples`` overrides the size of a generated source (photo_crops).
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 
+import ml_collections
 import numpy as np
 
 from vitok.data import pipeline
@@ -26,15 +28,20 @@ from vitok.inference import Tokenizer
 from vitok.tools import add_tokenize_options, tokenize_options
 
 
-def data_config(config, split: str, source: str = "", name: str = "", num_examples: int = 0):
-    """The tokenizer run's first eval data config, for ``split`` (optionally another source)."""
+def data_config(
+    config, split: str, source: str = "", name: str = "", num_examples: int = 0, path: str = ""
+):
+    """The tokenizer run's first eval data config, for ``split`` (optionally another source,
+    which takes its own keys and keeps the pipeline's: pp, threads)."""
     evals = list(config.get("evals", {}).values())
     if not evals:
         raise ValueError("the tokenizer's config has no evals section to take a data config from")
     data = evals[0].data.copy_and_resolve_references()
-    data.split = split
     if source:
-        data.source = source
+        data = ml_collections.ConfigDict(pipeline.data_section(source, data))
+    data.split = split
+    if path:
+        data.path = path
     if name:
         data.name = name
     if num_examples:
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flip", action="store_true", help="also store mirrored images")
     parser.add_argument("--data_source", default="", help="another data source than the run's")
     parser.add_argument("--data_name", default="", help="tfds dataset name for --data_source")
+    parser.add_argument("--data_path", default="", help="the folder of --data_source=folder")
     parser.add_argument("--num_examples", type=int, default=0, help="size of a generated source")
     add_tokenize_options(parser)
     args = parser.parse_args(argv)
@@ -89,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = Tokenizer.from_workdir(args.workdir)
         for split in splits:
             data = data_config(
-                tokenizer.config, split, args.data_source, args.data_name, args.num_examples
+                tokenizer.config,
+                split,
+                args.data_source,
+                args.data_name,
+                args.num_examples,
+                args.data_path,
             )
             codes, labels = extract(
                 tokenizer, data, args.batch_size, args.flip, **tokenize_options(args)
