@@ -15,7 +15,8 @@ Presets:
         the same over the 256 tokens of configs/flextok.py:imagenet256_d18 (64,000 codes).
   imagenet256_nar_{b,m,l,xl} / imagenet256_raster_{b,l,xl}
         the paper's NAR-B/M/L/XL and LlamaGen-B/L/XL shapes on 16x16 ImageNet-256 codes with a
-        16,384-entry codebook (configs/vae.py:imagenet256_fsq16), class dropout 0.1, AdamW
+        16,384-entry codebook (LlamaGen's VQ-16 converted, configs/vae.py:llamagen_vq16; or an
+        imagenet256_fsq16 run), class dropout 0.1, AdamW
         (0.9, 0.95), lr 1e-4, wd 0.05, clip 1.0, batch 256, 300 epochs; NAR's lr steps x0.2 at
         50/67/83% of training, raster keeps it constant (as LlamaGen); TPU/GPU pods.
 
@@ -154,8 +155,12 @@ def _imagenet256(name: str, size: str) -> ml_collections.ConfigDict:
     c.data.num_threads = 16
     c.data.prefetch = 64
     s = c.evals.samples
-    s.tokenizer_workdir = "workdirs/imagenet256_fsq16"
+    # The paper's tokenizer: LlamaGen's VQ-16 converted (README "Using the released models");
+    # an imagenet256_fsq16 run of configs/vae.py has the same grid and codebook size.
+    s.tokenizer_workdir = "workdirs/llamagen_vq16"
     s.classifier_workdir = ""  # a ViT ImageNet classifier run gives accuracy and feature FID
+    s.inception_weights = ""  # pytorch-fid's .pth: the standard FID and IS
+    s.fid_reference = ""  # ADM's VIRTUAL_imagenet256_labeled.npz (the papers' reference batch)
     s.samples_per_class = 50
     s.batch_size = 250
     s.data = ml_collections.ConfigDict(
