@@ -168,3 +168,49 @@ def write_torch_file(path: str, obj) -> None:
         for i, a in enumerate(storages):
             archive.writestr(f"archive/data/{i}", a.tobytes())
         archive.writestr("archive/version", "3\n")
+
+
+# A small FlexTok-layout VAE (diffusers AutoencoderKL with block widths 32, 64, 2 ResBlocks,
+# 4 latent channels): 32x32 RGB -> 16x16x4 latents.
+DIFFUSERS_VAE_TINY = dict(block_out_channels=(32, 64), layers_per_block=2, latent_channels=4)
+
+
+def diffusers_vae_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
+    """Random AutoencoderKL weights for a {name: shape} table (the golden file's): weights
+    scaled 1/sqrt(fan_in), GroupNorms near identity, small biases."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        if len(shape) >= 2:
+            fan_in = int(np.prod(shape[1:]))
+            out[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+        elif "norm" in name and name.endswith("weight"):
+            out[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def write_safetensors(path: str, arrays: dict[str, np.ndarray], metadata=None) -> None:
+    """The .safetensors format: little-endian u64 header length, the JSON header, the bytes
+    (float32 tensors here). golden/make_flextok_vae.py checks that diffusers reads it."""
+    import json
+    import struct
+
+    header, offset, chunks = {}, 0, []
+    for name, array in arrays.items():
+        data = np.ascontiguousarray(array, np.float32).tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))

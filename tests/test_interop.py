@@ -10,12 +10,14 @@ import pytest
 
 from tests.official_layouts import (
     FLEXIVIT_TINY,
+    diffusers_vae_state_dict,
     fid_images,
     flexivit_arrays,
     flexivit_images,
     inception_state_dict,
     llamagen_vq_state_dict,
     vq_images,
+    write_safetensors,
     write_torch_file,
 )
 from vitok import runs
@@ -366,3 +368,64 @@ def test_a_converted_vq_tokenizes_a_folder_and_a_nar_trains_and_samples_over_its
     assert np.isfinite(final["train/loss"]) and final["samples/passes"] == 31  # 16 + 16 - 1
     grid = np.asarray(Image.open(tmp_path / "nar" / "samples_samples.png"))
     assert min(grid.shape[:2]) >= 2 * 32 and grid.std() > 1  # 2 x 2 decoded samples, not blank
+
+
+def _write_flextok_vae(folder, shapes, scaling_factor=0.7):
+    """The hub repository's layout: the weights beside diffusers' config.json."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    write_safetensors(path, diffusers_vae_state_dict(shapes, 0), {"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"_class_name": "AutoencoderKL", "scaling_factor": scaling_factor}, f)
+    return path
+
+
+def test_converted_flextok_vae_matches_diffusers(tmp_path):
+    """golden/flextok_vae_tiny.npz holds diffusers' AutoencoderKL outputs on these weights and
+    images (golden/make_flextok_vae.py says how): the converted run's posterior moments and
+    decoder agree within 1e-4 relative, and its latent scale is the repository's."""
+    golden = np.load(os.path.join(GOLDEN, "flextok_vae_tiny.npz"))
+    shapes = json.loads(str(golden["shapes"]))
+    checkpoint = _write_flextok_vae(tmp_path / "hub", shapes)
+    workdir = str(tmp_path / "vae")
+    convert.main([
+        "--from=flextok_vae", f"--checkpoint={checkpoint}", f"--workdir={workdir}",
+        "--config.model.image_size=(32, 32)", "--config.model.dtype=float32",
+    ])  # fmt: skip
+    run = runs.load_run(workdir)
+    model = run.module()
+    assert run.config.model.latent_scale == pytest.approx(0.7)
+    assert tuple(run.config.model.mults) == (1, 2) and run.config.model.latent_channels == 4
+    mean, logvar = (np.asarray(a).transpose(0, 3, 1, 2) for a in model.moments(vq_images(3, 2, 32)))
+    recon = np.asarray(model.decode_latents(golden["mean"].transpose(0, 2, 3, 1)))
+    for got, want in (
+        (mean, golden["mean"]),
+        (logvar, golden["logvar"]),
+        (recon.transpose(0, 3, 1, 2), golden["recon"]),
+    ):
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(model.encode(vq_images(3, 2, 32))), 0.7 * mean.transpose(0, 2, 3, 1), rtol=1e-6)  # fmt: skip
+
+
+def test_safetensors_damage_is_a_one_line_error(tmp_path):
+    golden = np.load(os.path.join(GOLDEN, "flextok_vae_tiny.npz"))
+    checkpoint = _write_flextok_vae(tmp_path / "hub", json.loads(str(golden["shapes"])))
+    data = open(checkpoint, "rb").read()
+    for name, content, message in [
+        ("cut.safetensors", data[: len(data) // 2], "truncated or corrupt"),
+        (
+            "junk.safetensors",
+            b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+            "not a safetensors file",
+        ),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit, match=message):
+            convert.main(
+                [
+                    "--from=flextok_vae",
+                    f"--checkpoint={tmp_path / name}",
+                    f"--workdir={tmp_path / name}.run",
+                ]
+            )
+        assert not os.path.exists(tmp_path / f"{name}.run")

@@ -199,7 +199,8 @@ def _module_params(state: dict, prefix: str, kind: str) -> dict:
     }
 
 
-def _nest(flat: dict[tuple, dict]) -> dict:
+def nest(flat: dict[tuple, dict]) -> dict:
+    """{path tuple: value} -> the nested dict those paths describe."""
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -225,6 +226,6 @@ def convert(path: str, config: ml_collections.ConfigDict):
     params = {
         path_: _module_params(state, prefix, kind) for prefix, path_, kind, _ in modules(dims)
     }
-    params = _nest(params)
+    params = nest(params)
     params["codebook"] = state["quantize.embedding.weight"]
     return config, params

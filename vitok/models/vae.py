@@ -190,6 +190,8 @@ class KLAutoencoder(Model):
       latent_channels: z, e.g. 4, 8 or 16.
       width, mults, blocks: base channels, per-level multipliers, ResBlocks per level.
       latent_scale: multiplies the latents a downstream model sees (unit-variance latents).
+      quant_conv: 1x1 convolutions on the moments and on the latents before decoding (SD's
+        ``quant_conv`` / ``post_quant_conv``; the released SD and FlexTok VAEs have them).
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class KLAutoencoder(Model):
         mults: tuple[int, ...] = (1, 2, 4, 4),
         blocks: int = 2,
         latent_scale: float = 1.0,
+        quant_conv: bool = False,
         dtype: str | jnp.dtype = "float32",
         rngs: nnx.Rngs,
     ):
@@ -217,6 +220,9 @@ class KLAutoencoder(Model):
         kw = dict(rngs=rngs, dtype=dtype)
         self.encoder = ConvEncoder(channels, 2 * latent_channels, self._widths, blocks, **kw)
         self.decoder = ConvDecoder(latent_channels, channels, self._widths, blocks, **kw)
+        z = latent_channels
+        self.quant_conv = Conv(2 * z, 2 * z, 1, **kw) if quant_conv else None
+        self.post_quant_conv = Conv(z, z, 1, **kw) if quant_conv else None
 
     def latent_shape(self, image_size=None) -> tuple[int, int, int]:
         h, w = image_size or self.image_size
@@ -225,11 +231,16 @@ class KLAutoencoder(Model):
     def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images [B, H, W, C] in [-1, 1] -> (mean, logvar) [B, H/f, W/f, z] float32."""
         check_image_shape(images, (*self.image_size, self.channels), "the autoencoder")
-        mean, logvar = jnp.split(self.encoder(images), 2, axis=-1)
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode_latents(self, z: jax.Array) -> jax.Array:
         """z [B, H/f, W/f, z] (unscaled) -> images [B, H, W, C] float32."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         return self.decoder(z)
 
     def __call__(self, images: jax.Array, rng: jax.Array | None = None):

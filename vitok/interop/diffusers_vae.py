@@ -1,0 +1,238 @@
+"""FlexTok's released VAEs (EPFL-VILAB/flextok_vae_c4, _c8, _c16 on the Hugging Face hub) ->
+vitok's KL autoencoder (``vitok.models.vae``, model ``vae`` with ``quant_conv``).
+
+They are diffusers ``AutoencoderKL`` models (apple/ml-flextok, flextok/vae_wrapper.py: SD's
+layout, block widths 128/256/512/512, 2 ResBlocks per level, 32 GroupNorm groups): a
+``diffusion_pytorch_model.safetensors`` beside a ``config.json`` that holds the
+``scaling_factor`` FlexTok multiplies the latents by. The converter reads every size from the
+tensors' shapes and the scaling factor from that config.json (or ``--config.model.latent_scale``
+when the file stands alone). Layout: ``encoder.conv_in``; ``encoder.down_blocks.{i}`` with
+``resnets.{j}`` (``norm1``, ``conv1``, ``norm2``, ``conv2``, a 1x1 ``conv_shortcut`` where the
+width changes) and, but for the last level, ``downsamplers.0.conv`` (stride 2, padded right
+and bottom); ``encoder.mid_block`` (``resnets.0``, ``attentions.0`` with ``group_norm`` and
+linear ``to_q``/``to_k``/``to_v``/``to_out.0``, ``resnets.1``); ``encoder.conv_norm_out``,
+``encoder.conv_out``; ``quant_conv``, ``post_quant_conv`` (1x1); the decoder mirrored with
+``up_blocks`` from the lowest resolution up, one more ResBlock each and ``upsamplers.0.conv``.
+Older diffusers files name the attention ``query``/``key``/``value``/``proj_attn``; those
+are read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+
+from vitok.interop import CONVERTERS
+from vitok.interop.files import ConversionError, check_layout
+from vitok.interop.llamagen import nest
+from vitok.interop.safetensors_files import read_safetensors
+
+DEFAULT_PRESET = "configs/vae.py:imagenet256_f8c16"
+
+_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+Module = tuple[str, tuple, str, tuple[int, ...]]
+
+
+def _modern_names(state: dict) -> dict:
+    """Old diffusers attention names -> today's (the weights are the same)."""
+    out = {}
+    for name, value in state.items():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _OLD_ATTENTION and "attentions" in parts:
+            name = ".".join([*parts[:-2], _OLD_ATTENTION[parts[-2]], parts[-1]])
+        out[name] = value
+    return out
+
+
+def _need(state: dict, name: str, ndim: int, where: str) -> np.ndarray:
+    if name not in state:
+        raise ConversionError(f"{where} has no {name!r}: is it a diffusers AutoencoderKL?")
+    if state[name].ndim != ndim:
+        raise ConversionError(f"{where}: {name} is {list(state[name].shape)}, expected {ndim} dims")
+    return state[name]
+
+
+def read_dims(state: dict, where: str) -> dict:
+    """The architecture an AutoencoderKL state dict holds, read from its shapes."""
+    width, channels = _need(state, "encoder.conv_in.weight", 4, where).shape[:2]
+    levels = sorted(
+        {int(m.group(1)) for n in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", n))}
+    )
+    blocks = {
+        int(m.group(1))
+        for n in state
+        if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", n))
+    }
+    if not levels or not blocks:
+        raise ConversionError(f"{where} has no encoder.down_blocks.0.resnets.0")
+    widths = [
+        _need(state, f"encoder.down_blocks.{i}.resnets.0.conv2.weight", 4, where).shape[0]
+        for i in levels
+    ]
+    if any(w % width for w in widths):
+        raise ConversionError(f"{where}: block widths {widths} are not multiples of {width}")
+    latent = _need(state, "decoder.conv_in.weight", 4, where).shape[1]
+    return dict(
+        channels=int(channels), width=int(width), mults=tuple(int(w // width) for w in widths),
+        blocks=len(blocks), latent_channels=int(latent),
+    )  # fmt: skip
+
+
+def _resblock(prefix: str, path: tuple, cin: int, cout: int) -> Iterator[Module]:
+    yield f"{prefix}.norm1", (*path, "norm1"), "norm", (cin,)
+    yield f"{prefix}.conv1", (*path, "conv1"), "conv", (cout, cin, 3)
+    yield f"{prefix}.norm2", (*path, "norm2"), "norm", (cout,)
+    yield f"{prefix}.conv2", (*path, "conv2"), "conv", (cout, cout, 3)
+    if cin != cout:
+        yield f"{prefix}.conv_shortcut", (*path, "skip"), "conv", (cout, cin, 1)
+
+
+def _mid(part: str, c: int) -> Iterator[Module]:
+    yield from _resblock(f"{part}.mid_block.resnets.0", (part, "mid", 0), c, c)
+    yield f"{part}.mid_block.attentions.0", (part, "mid", 1), "attention", (c,)
+    yield from _resblock(f"{part}.mid_block.resnets.1", (part, "mid", 2), c, c)
+
+
+def modules(dims: dict) -> list[Module]:
+    """Every module of the release in order, with the vitok path it becomes."""
+    widths = [dims["width"] * m for m in dims["mults"]]
+    last, blocks, z = len(widths) - 1, dims["blocks"], dims["latent_channels"]
+    out = [("encoder.conv_in", ("encoder", "conv_in"), "conv", (widths[0], dims["channels"], 3))]
+    index, c = 0, widths[0]
+    for level, w in enumerate(widths):
+        for j in range(blocks):
+            out += _resblock(
+                f"encoder.down_blocks.{level}.resnets.{j}", ("encoder", "blocks", index), c, w
+            )
+            index, c = index + 1, w
+        if level != last:
+            out.append(
+                (
+                    f"encoder.down_blocks.{level}.downsamplers.0.conv",
+                    ("encoder", "blocks", index),
+                    "conv",
+                    (c, c, 3),
+                )
+            )
+            index += 1
+    out += _mid("encoder", c)
+    out += [
+        ("encoder.conv_norm_out", ("encoder", "norm"), "norm", (c,)),
+        ("encoder.conv_out", ("encoder", "conv_out"), "conv", (2 * z, c, 3)),
+        ("quant_conv", ("quant_conv",), "conv", (2 * z, 2 * z, 1)),
+        ("post_quant_conv", ("post_quant_conv",), "conv", (z, z, 1)),
+        ("decoder.conv_in", ("decoder", "conv_in"), "conv", (c, z, 3)),
+    ]
+    out += _mid("decoder", c)
+    index = 0
+    for j, level in enumerate(reversed(range(len(widths)))):
+        for i in range(blocks + 1):
+            out += _resblock(
+                f"decoder.up_blocks.{j}.resnets.{i}", ("decoder", "blocks", index), c, widths[level]
+            )
+            index, c = index + 1, widths[level]
+        if level != 0:
+            out.append(
+                (
+                    f"decoder.up_blocks.{j}.upsamplers.0.conv",
+                    ("decoder", "blocks", index, "conv"),
+                    "conv",
+                    (c, c, 3),
+                )
+            )
+            index += 1
+    out.append(("decoder.conv_norm_out", ("decoder", "norm"), "norm", (c,)))
+    out.append(("decoder.conv_out", ("decoder", "conv_out"), "conv", (dims["channels"], c, 3)))
+    return out  # fmt: skip
+
+
+def _tensors(kind: str, sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    if kind == "conv":
+        cout, cin, k = sizes
+        return {"weight": (cout, cin, k, k), "bias": (cout,)}
+    if kind == "norm":
+        return {"weight": sizes, "bias": sizes}
+    (c,) = sizes
+    tensors = {"group_norm.weight": (c,), "group_norm.bias": (c,)}
+    for name in ("to_q", "to_k", "to_v", "to_out.0"):
+        tensors |= {f"{name}.weight": (c, c), f"{name}.bias": (c,)}
+    return tensors
+
+
+def expected_layout(dims: dict) -> dict[str, tuple[int, ...]]:
+    """Every name and shape an AutoencoderKL with these dims stores."""
+    return {
+        f"{prefix}.{name}": shape
+        for prefix, _, kind, sizes in modules(dims)
+        for name, shape in _tensors(kind, sizes).items()
+    }
+
+
+def _conv(weight: np.ndarray) -> np.ndarray:
+    return weight.transpose(2, 3, 1, 0)  # torch's [out, in, kh, kw] -> HWIO
+
+
+def _linear_as_conv(weight: np.ndarray) -> np.ndarray:
+    return weight.T[None, None]  # [out, in] -> [1, 1, in, out]
+
+
+def _module_params(state: dict, prefix: str, kind: str) -> dict:
+    get = lambda name: state[f"{prefix}.{name}"]  # noqa: E731
+    if kind == "conv":
+        return {"kernel": _conv(get("weight")), "bias": get("bias")}
+    if kind == "norm":
+        return {"scale": get("weight"), "bias": get("bias")}
+    qkv = ("to_q", "to_k", "to_v")
+    return {
+        "norm": {"scale": get("group_norm.weight"), "bias": get("group_norm.bias")},
+        "qkv": {
+            "kernel": np.concatenate([_linear_as_conv(get(f"{n}.weight")) for n in qkv], axis=-1),
+            "bias": np.concatenate([get(f"{n}.bias") for n in qkv]),
+        },
+        "out": {"kernel": _linear_as_conv(get("to_out.0.weight")), "bias": get("to_out.0.bias")},
+    }
+
+
+def scaling_factor(path: str, given: float) -> float:
+    """The latent scale: the ``scaling_factor`` of the config.json beside ``path`` (the hub
+    repository's layout), else ``given`` (the config's ``model.latent_scale``)."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(config_path):
+        return float(given)
+    try:
+        with open(config_path) as f:
+            value = json.load(f).get("scaling_factor")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{config_path} is not a readable diffusers config ({e})") from None
+    return float(given) if value is None else float(value)
+
+
+@CONVERTERS.register("flextok_vae")
+def convert(path: str, config: ml_collections.ConfigDict):
+    """A diffusers AutoencoderKL .safetensors -> (``config`` with its architecture and latent
+    scale, params in vitok's ``vae`` layout as nested dicts of numpy arrays)."""
+    state, _ = read_safetensors(path)
+    state = _modern_names(state)
+    for name in [
+        n
+        for n in state
+        if n.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
+    ]:
+        if state[name].ndim == 4:  # SD's original 1x1 convolutions
+            state[name] = state[name][:, :, 0, 0]
+    dims = read_dims(state, path)
+    check_layout(state, expected_layout(dims), path)
+    model = config.model
+    model.name = "vae"
+    for key, value in dims.items():
+        model[key] = value
+    model.quant_conv = True
+    model.latent_scale = scaling_factor(path, model.get("latent_scale", 1.0))
+    params = nest({p: _module_params(state, prefix, kind) for prefix, p, kind, _ in modules(dims)})
+    return config, params
