@@ -444,9 +444,7 @@ class FlexTok(Tokenizer):
         cond = self.time_embed(sigma)
         if self.adaln_registers is not None:
             cond = cond + self.adaln_registers(registers.mean(axis=1)).astype(cond.dtype)
-        if not repa:
-            return self.decoder(x, cond), None
-        return self.decoder(x, cond, return_hidden=self.repa_layer)
+        return self.decoder(x, cond, hidden_layer=self.repa_layer if repa else 0)
 
     def velocity_target(self, x_t, x0, noise, sigma) -> jax.Array:
         """The velocity ``velocity`` is trained to output, [B, P, patch_dim] float32: noise - x0,

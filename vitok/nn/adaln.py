@@ -125,20 +125,18 @@ class AdaLNTransformer(nnx.Module):
         self.scan_layers = scan_layers
 
     def __call__(
-        self, x: jax.Array, cond: jax.Array, mask: Mask | None = None, *, return_hidden: int = 0
-    ):
-        """x: [B, L, D], cond: [B, D] -> [B, L, D]; with ``return_hidden=j`` also the output of
-        block j (1-based), [B, L, D]."""
-        out = run_stack(
+        self, x: jax.Array, cond: jax.Array, mask: Mask | None = None, *, hidden_layer: int = 0
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x: [B, L, D], cond: [B, D] -> (out [B, L, D], the output of block ``hidden_layer``
+        (1-based) [B, L, D], or None for 0)."""
+        x, hidden = run_stack(
             self.blocks,
             x,
             lambda block, h, _: block(h, cond, mask),
             depth=self.depth,
             scan_layers=self.scan_layers,
             remat=self.remat,
-            return_hidden=return_hidden,
+            hidden_layer=hidden_layer,
         )
-        x, hidden = out if return_hidden else (out, None)
         shift, scale = self.final_modulation(cond)
-        x = modulate(self.norm(x), shift, scale)
-        return (x, hidden) if return_hidden else x
+        return modulate(self.norm(x), shift, scale), hidden

@@ -97,14 +97,14 @@ def run_stack(
     scan_layers: bool,
     remat: bool,
     dropout_rng: jax.Array | None = None,
-    return_hidden: int = 0,
+    hidden_layer: int = 0,
     per_layer: jax.Array | None = None,
-):
-    """Applies ``apply(block, h, key) -> h`` through a stack built by ``make_stack``.
+) -> tuple[jax.Array, jax.Array | None]:
+    """Applies ``apply(block, h, key) -> h`` through a stack built by ``make_stack``; returns
+    (output, hidden), ``hidden`` the output of block ``hidden_layer`` (1-based; None for 0).
 
     ``remat=True`` recomputes each block's activations in the backward pass instead of storing
-    them; ``key`` is the block's own dropout key (None without dropout). ``return_hidden=j > 0``
-    returns ``(out, hidden)`` with ``hidden`` the output of block j (1-based). ``per_layer``
+    them; ``key`` is the block's own dropout key (None without dropout). ``per_layer``
     [depth, ...] gives block i its row i as a fourth argument: ``apply(block, h, key, row)``.
     """
     keys = (
@@ -119,7 +119,7 @@ def run_stack(
     def body(h, block, key, row):
         key = key if use_key else None
         h = apply(block, h, key) if per_layer is None else apply(block, h, key, row)
-        return h, (h if return_hidden else None)
+        return h, (h if hidden_layer else None)
 
     if remat:
         body = nnx.remat(body)
@@ -127,14 +127,14 @@ def run_stack(
         x, hiddens = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
             x, blocks, keys, rows
         )
-        hidden = hiddens[return_hidden - 1] if return_hidden else None
+        hidden = hiddens[hidden_layer - 1] if hidden_layer else None
     else:
         hidden = None
         for i, block in enumerate(blocks):
             x, h = body(x, block, keys[i], rows[i])
-            if i + 1 == return_hidden:
+            if i + 1 == hidden_layer:
                 hidden = h
-    return (x, hidden) if return_hidden else x
+    return x, hidden
 
 
 class Encoder(nnx.Module):
@@ -196,7 +196,7 @@ class Encoder(nnx.Module):
         rates = None
         if self.drop_path_rate > 0 and dropout_rng is not None:
             rates = drop_path_rates(self.drop_path_rate, self.depth)
-        x = run_stack(
+        x, _ = run_stack(
             self.blocks,
             x,
             apply,

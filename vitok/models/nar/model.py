@@ -142,7 +142,7 @@ class TokenGenerator(Model):
             if dropout_rng is None
             else list(jax.random.split(dropout_rng, 1 + len(self.extra_blocks)))
         )
-        h = run_stack(
+        h, _ = run_stack(
             self.blocks,
             x,
             lambda block, y, key: block(y, self.mask, dropout_rng=key),
