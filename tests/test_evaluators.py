@@ -60,6 +60,20 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected)
 
 
+def test_frechet_distance_matches_pytorch_fids_sqrtm_formula_for_full_rank_deficient_covs():
+    """Covariances of fewer samples than dimensions (rank-deficient, as small evaluations
+    have): the eigendecomposition route equals Tr sqrtm(S1 S2) as pytorch-fid computes it."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((40, 64)), rng.gamma(1.0, 1.0, (25, 64))
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+
+
 def test_fid_of_full_covariances_matches_an_eigendecomposition():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(500, 4)) @ rng.normal(size=(4, 4))
