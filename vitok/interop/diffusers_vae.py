@@ -27,16 +27,14 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
-from vitok.interop import CONVERTERS
+from vitok.interop import CONVERTERS, conv_layout
+from vitok.interop.conv_layout import AttentionNames, Module, attention, conv, resblock
 from vitok.interop.files import ConversionError, check_layout
-from vitok.interop.llamagen import nest
 from vitok.interop.safetensors_files import read_safetensors
 
 DEFAULT_PRESET = "configs/vae.py:imagenet256_f8c16"
 
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-Module = tuple[str, tuple, str, tuple[int, ...]]
 
 
 def _modern_names(state: dict) -> dict:
@@ -84,18 +82,16 @@ def read_dims(state: dict, where: str) -> dict:
     )  # fmt: skip
 
 
+NAMES = AttentionNames("group_norm", "to_q", "to_k", "to_v", "to_out.0", conv_weights=False)
+
+
 def _resblock(prefix: str, path: tuple, cin: int, cout: int) -> Iterator[Module]:
-    yield f"{prefix}.norm1", (*path, "norm1"), "norm", (cin,)
-    yield f"{prefix}.conv1", (*path, "conv1"), "conv", (cout, cin, 3)
-    yield f"{prefix}.norm2", (*path, "norm2"), "norm", (cout,)
-    yield f"{prefix}.conv2", (*path, "conv2"), "conv", (cout, cout, 3)
-    if cin != cout:
-        yield f"{prefix}.conv_shortcut", (*path, "skip"), "conv", (cout, cin, 1)
+    return resblock(prefix, path, cin, cout, shortcut="conv_shortcut")
 
 
 def _mid(part: str, c: int) -> Iterator[Module]:
     yield from _resblock(f"{part}.mid_block.resnets.0", (part, "mid", 0), c, c)
-    yield f"{part}.mid_block.attentions.0", (part, "mid", 1), "attention", (c,)
+    yield attention(f"{part}.mid_block.attentions.0", (part, "mid", 1), c)
     yield from _resblock(f"{part}.mid_block.resnets.1", (part, "mid", 2), c, c)
 
 
@@ -103,100 +99,46 @@ def modules(dims: dict) -> list[Module]:
     """Every module of the release in order, with the vitok path it becomes."""
     widths = [dims["width"] * m for m in dims["mults"]]
     last, blocks, z = len(widths) - 1, dims["blocks"], dims["latent_channels"]
-    out = [("encoder.conv_in", ("encoder", "conv_in"), "conv", (widths[0], dims["channels"], 3))]
+    out = [conv("encoder.conv_in", ("encoder", "conv_in"), widths[0], dims["channels"], 3)]
     index, c = 0, widths[0]
     for level, w in enumerate(widths):
+        prefix = f"encoder.down_blocks.{level}"
         for j in range(blocks):
-            out += _resblock(
-                f"encoder.down_blocks.{level}.resnets.{j}", ("encoder", "blocks", index), c, w
-            )
+            out += _resblock(f"{prefix}.resnets.{j}", ("encoder", "blocks", index), c, w)
             index, c = index + 1, w
         if level != last:
-            out.append(
-                (
-                    f"encoder.down_blocks.{level}.downsamplers.0.conv",
-                    ("encoder", "blocks", index),
-                    "conv",
-                    (c, c, 3),
-                )
-            )
+            path = ("encoder", "blocks", index)
+            out.append(conv(f"{prefix}.downsamplers.0.conv", path, c, c, 3))
             index += 1
     out += _mid("encoder", c)
     out += [
         ("encoder.conv_norm_out", ("encoder", "norm"), "norm", (c,)),
-        ("encoder.conv_out", ("encoder", "conv_out"), "conv", (2 * z, c, 3)),
-        ("quant_conv", ("quant_conv",), "conv", (2 * z, 2 * z, 1)),
-        ("post_quant_conv", ("post_quant_conv",), "conv", (z, z, 1)),
-        ("decoder.conv_in", ("decoder", "conv_in"), "conv", (c, z, 3)),
+        conv("encoder.conv_out", ("encoder", "conv_out"), 2 * z, c, 3),
+        conv("quant_conv", ("quant_conv",), 2 * z, 2 * z, 1),
+        conv("post_quant_conv", ("post_quant_conv",), z, z, 1),
+        conv("decoder.conv_in", ("decoder", "conv_in"), c, z, 3),
     ]
     out += _mid("decoder", c)
     index = 0
     for j, level in enumerate(reversed(range(len(widths)))):
+        prefix = f"decoder.up_blocks.{j}"
         for i in range(blocks + 1):
             out += _resblock(
-                f"decoder.up_blocks.{j}.resnets.{i}", ("decoder", "blocks", index), c, widths[level]
+                f"{prefix}.resnets.{i}", ("decoder", "blocks", index), c, widths[level]
             )
             index, c = index + 1, widths[level]
         if level != 0:
-            out.append(
-                (
-                    f"decoder.up_blocks.{j}.upsamplers.0.conv",
-                    ("decoder", "blocks", index, "conv"),
-                    "conv",
-                    (c, c, 3),
-                )
-            )
+            path = ("decoder", "blocks", index, "conv")
+            out.append(conv(f"{prefix}.upsamplers.0.conv", path, c, c, 3))
             index += 1
     out.append(("decoder.conv_norm_out", ("decoder", "norm"), "norm", (c,)))
-    out.append(("decoder.conv_out", ("decoder", "conv_out"), "conv", (dims["channels"], c, 3)))
-    return out  # fmt: skip
-
-
-def _tensors(kind: str, sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    if kind == "conv":
-        cout, cin, k = sizes
-        return {"weight": (cout, cin, k, k), "bias": (cout,)}
-    if kind == "norm":
-        return {"weight": sizes, "bias": sizes}
-    (c,) = sizes
-    tensors = {"group_norm.weight": (c,), "group_norm.bias": (c,)}
-    for name in ("to_q", "to_k", "to_v", "to_out.0"):
-        tensors |= {f"{name}.weight": (c, c), f"{name}.bias": (c,)}
-    return tensors
+    out.append(conv("decoder.conv_out", ("decoder", "conv_out"), dims["channels"], c, 3))
+    return out
 
 
 def expected_layout(dims: dict) -> dict[str, tuple[int, ...]]:
     """Every name and shape an AutoencoderKL with these dims stores."""
-    return {
-        f"{prefix}.{name}": shape
-        for prefix, _, kind, sizes in modules(dims)
-        for name, shape in _tensors(kind, sizes).items()
-    }
-
-
-def _conv(weight: np.ndarray) -> np.ndarray:
-    return weight.transpose(2, 3, 1, 0)  # torch's [out, in, kh, kw] -> HWIO
-
-
-def _linear_as_conv(weight: np.ndarray) -> np.ndarray:
-    return weight.T[None, None]  # [out, in] -> [1, 1, in, out]
-
-
-def _module_params(state: dict, prefix: str, kind: str) -> dict:
-    get = lambda name: state[f"{prefix}.{name}"]  # noqa: E731
-    if kind == "conv":
-        return {"kernel": _conv(get("weight")), "bias": get("bias")}
-    if kind == "norm":
-        return {"scale": get("weight"), "bias": get("bias")}
-    qkv = ("to_q", "to_k", "to_v")
-    return {
-        "norm": {"scale": get("group_norm.weight"), "bias": get("group_norm.bias")},
-        "qkv": {
-            "kernel": np.concatenate([_linear_as_conv(get(f"{n}.weight")) for n in qkv], axis=-1),
-            "bias": np.concatenate([get(f"{n}.bias") for n in qkv]),
-        },
-        "out": {"kernel": _linear_as_conv(get("to_out.0.weight")), "bias": get("to_out.0.bias")},
-    }
+    return conv_layout.expected_layout(modules(dims), NAMES)
 
 
 def scaling_factor(path: str, given: float) -> float:
@@ -219,13 +161,10 @@ def convert(path: str, config: ml_collections.ConfigDict):
     scale, params in vitok's ``vae`` layout as nested dicts of numpy arrays)."""
     state, _ = read_safetensors(path)
     state = _modern_names(state)
-    for name in [
-        n
-        for n in state
-        if n.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
-    ]:
-        if state[name].ndim == 4:  # SD's original 1x1 convolutions
-            state[name] = state[name][:, :, 0, 0]
+    projections = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+    state = {  # SD's original checkpoints stored them as 1x1 convolutions
+        n: v[:, :, 0, 0] if n.endswith(projections) and v.ndim == 4 else v for n, v in state.items()
+    }
     dims = read_dims(state, path)
     check_layout(state, expected_layout(dims), path)
     model = config.model
@@ -234,5 +173,4 @@ def convert(path: str, config: ml_collections.ConfigDict):
         model[key] = value
     model.quant_conv = True
     model.latent_scale = scaling_factor(path, model.get("latent_scale", 1.0))
-    params = nest({p: _module_params(state, prefix, kind) for prefix, p, kind, _ in modules(dims)})
-    return config, params
+    return config, conv_layout.params(state, modules(dims), NAMES)

@@ -23,14 +23,12 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
-from vitok.interop import CONVERTERS
+from vitok.interop import CONVERTERS, conv_layout
+from vitok.interop.conv_layout import AttentionNames, Module, attention, conv, resblock
 from vitok.interop.files import ConversionError, check_layout
 from vitok.interop.torch_files import read_state_dict
 
 DEFAULT_PRESET = "configs/vae.py:llamagen_vq16"
-
-# One module of the release: (torch prefix, vitok path, kind, sizes).
-Module = tuple[str, tuple, str, tuple[int, ...]]
 
 
 def _need(state: dict, name: str, ndim: int, where: str) -> np.ndarray:
@@ -73,17 +71,11 @@ def read_dims(state: dict, where: str) -> dict:
     )  # fmt: skip
 
 
+NAMES = AttentionNames("norm", "q", "k", "v", "proj_out", conv_weights=True)
+
+
 def _resblock(prefix: str, path: tuple, cin: int, cout: int) -> Iterator[Module]:
-    yield f"{prefix}.norm1", (*path, "norm1"), "norm", (cin,)
-    yield f"{prefix}.conv1", (*path, "conv1"), "conv", (cout, cin, 3)
-    yield f"{prefix}.norm2", (*path, "norm2"), "norm", (cout,)
-    yield f"{prefix}.conv2", (*path, "conv2"), "conv", (cout, cout, 3)
-    if cin != cout:
-        yield f"{prefix}.nin_shortcut", (*path, "skip"), "conv", (cout, cin, 1)
-
-
-def _attention(prefix: str, path: tuple, c: int) -> Iterator[Module]:
-    yield prefix, path, "attention", (c,)
+    return resblock(prefix, path, cin, cout, shortcut="nin_shortcut")
 
 
 def modules(dims: dict) -> list[Module]:
@@ -92,122 +84,55 @@ def modules(dims: dict) -> list[Module]:
     the order the release runs them."""
     widths = [dims["width"] * m for m in dims["mults"]]
     last, blocks, z, d = len(widths) - 1, dims["blocks"], dims["z_channels"], dims["codebook_dim"]
-    out = [("encoder.conv_in", ("encoder", "conv_in"), "conv", (widths[0], dims["channels"], 3))]
+    out = [conv("encoder.conv_in", ("encoder", "conv_in"), widths[0], dims["channels"], 3)]
     index, c = 0, widths[0]
     for level, w in enumerate(widths):
+        prefix = f"encoder.conv_blocks.{level}"
         for i in range(blocks):
-            out += _resblock(
-                f"encoder.conv_blocks.{level}.res.{i}", ("encoder", "blocks", index), c, w
-            )
+            out += _resblock(f"{prefix}.res.{i}", ("encoder", "blocks", index), c, w)
             index, c = index + 1, w
             if level == last:
-                out += _attention(
-                    f"encoder.conv_blocks.{level}.attn.{i}", ("encoder", "blocks", index), c
-                )
+                out.append(attention(f"{prefix}.attn.{i}", ("encoder", "blocks", index), c))
                 index += 1
         if level != last:
-            out.append(
-                (
-                    f"encoder.conv_blocks.{level}.downsample.conv",
-                    ("encoder", "blocks", index),
-                    "conv",
-                    (c, c, 3),
-                )
-            )
+            out.append(conv(f"{prefix}.downsample.conv", ("encoder", "blocks", index), c, c, 3))
             index += 1
     for part in ("encoder", "decoder"):
         if part == "decoder":
-            out.append(("decoder.conv_in", ("decoder", "conv_in"), "conv", (c, z, 3)))
+            out.append(conv("decoder.conv_in", ("decoder", "conv_in"), c, z, 3))
         out += _resblock(f"{part}.mid.0", (part, "mid", 0), c, c)
-        out += _attention(f"{part}.mid.1", (part, "mid", 1), c)
+        out.append(attention(f"{part}.mid.1", (part, "mid", 1), c))
         out += _resblock(f"{part}.mid.2", (part, "mid", 2), c, c)
         if part == "encoder":
-            out.append(("encoder.norm_out", ("encoder", "norm"), "norm", (c,)))
-            out.append(("encoder.conv_out", ("encoder", "conv_out"), "conv", (z, c, 3)))
-            out.append(("quant_conv", ("quant_conv",), "conv", (d, z, 1)))
-            out.append(("post_quant_conv", ("post_quant_conv",), "conv", (z, d, 1)))
+            out += [
+                ("encoder.norm_out", ("encoder", "norm"), "norm", (c,)),
+                conv("encoder.conv_out", ("encoder", "conv_out"), z, c, 3),
+                conv("quant_conv", ("quant_conv",), d, z, 1),
+                conv("post_quant_conv", ("post_quant_conv",), z, d, 1),
+            ]
     index = 0
     for j, level in enumerate(reversed(range(len(widths)))):
+        prefix = f"decoder.conv_blocks.{j}"
         for i in range(blocks + 1):
-            out += _resblock(
-                f"decoder.conv_blocks.{j}.res.{i}", ("decoder", "blocks", index), c, widths[level]
-            )
+            out += _resblock(f"{prefix}.res.{i}", ("decoder", "blocks", index), c, widths[level])
             index, c = index + 1, widths[level]
             if level == last:
-                out += _attention(
-                    f"decoder.conv_blocks.{j}.attn.{i}", ("decoder", "blocks", index), c
-                )
+                out.append(attention(f"{prefix}.attn.{i}", ("decoder", "blocks", index), c))
                 index += 1
         if level != 0:
-            out.append(
-                (
-                    f"decoder.conv_blocks.{j}.upsample.conv",
-                    ("decoder", "blocks", index, "conv"),
-                    "conv",
-                    (c, c, 3),
-                )
-            )
+            path = ("decoder", "blocks", index, "conv")
+            out.append(conv(f"{prefix}.upsample.conv", path, c, c, 3))
             index += 1
     out.append(("decoder.norm_out", ("decoder", "norm"), "norm", (c,)))
-    out.append(("decoder.conv_out", ("decoder", "conv_out"), "conv", (dims["channels"], c, 3)))
-    return out  # fmt: skip
-
-
-def _tensors(kind: str, sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """A module's tensors (name suffix -> torch shape)."""
-    if kind == "conv":
-        cout, cin, k = sizes
-        return {"weight": (cout, cin, k, k), "bias": (cout,)}
-    if kind == "norm":
-        return {"weight": sizes, "bias": sizes}
-    (c,) = sizes
-    tensors = {"norm.weight": (c,), "norm.bias": (c,)}
-    for name in ("q", "k", "v", "proj_out"):
-        tensors |= {f"{name}.weight": (c, c, 1, 1), f"{name}.bias": (c,)}
-    return tensors
+    out.append(conv("decoder.conv_out", ("decoder", "conv_out"), dims["channels"], c, 3))
+    return out
 
 
 def expected_layout(dims: dict) -> dict[str, tuple[int, ...]]:
     """Every name and shape a LlamaGen VQ with these dims stores (``codebook_used`` aside)."""
-    layout = {
-        f"{prefix}.{name}": shape
-        for prefix, _, kind, sizes in modules(dims)
-        for name, shape in _tensors(kind, sizes).items()
-    }
+    layout = conv_layout.expected_layout(modules(dims), NAMES)
     layout["quantize.embedding.weight"] = (dims["codebook_size"], dims["codebook_dim"])
     return layout
-
-
-def _conv(weight: np.ndarray) -> np.ndarray:
-    """torch's [out, in, kh, kw] -> HWIO."""
-    return weight.transpose(2, 3, 1, 0)
-
-
-def _module_params(state: dict, prefix: str, kind: str) -> dict:
-    get = lambda name: state[f"{prefix}.{name}"]  # noqa: E731
-    if kind == "conv":
-        return {"kernel": _conv(get("weight")), "bias": get("bias")}
-    if kind == "norm":
-        return {"scale": get("weight"), "bias": get("bias")}
-    return {
-        "norm": {"scale": get("norm.weight"), "bias": get("norm.bias")},
-        "qkv": {
-            "kernel": np.concatenate([_conv(get(f"{n}.weight")) for n in "qkv"], axis=-1),
-            "bias": np.concatenate([get(f"{n}.bias") for n in "qkv"]),
-        },
-        "out": {"kernel": _conv(get("proj_out.weight")), "bias": get("proj_out.bias")},
-    }
-
-
-def nest(flat: dict[tuple, dict]) -> dict:
-    """{path tuple: value} -> the nested dict those paths describe."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 @CONVERTERS.register("llamagen_vq")
@@ -223,9 +148,6 @@ def convert(path: str, config: ml_collections.ConfigDict):
     for key, value in dims.items():
         model[key] = value
     model.l2_normalize = True  # LlamaGen's codebook_l2_norm, on in every release
-    params = {
-        path_: _module_params(state, prefix, kind) for prefix, path_, kind, _ in modules(dims)
-    }
-    params = nest(params)
+    params = conv_layout.params(state, modules(dims), NAMES)
     params["codebook"] = state["quantize.embedding.weight"]
     return config, params
