@@ -16,7 +16,7 @@ from vitok.registry import Registry
 CONVERTERS = Registry(
     "converter",
     package="vitok.interop",
-    modules={"llamagen_vq": "llamagen", "llamagen_gpt": "llamagen", "flextok_vae": "diffusers_vae"},
+    modules={"llamagen_vq": "llamagen", "flextok_vae": "diffusers_vae"},
 )
 
 __all__ = ["CONVERTERS", "ConversionError", "check_layout", "read_npz"]

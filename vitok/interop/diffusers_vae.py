@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 
 import ml_collections
-import numpy as np
 
 from vitok.interop import CONVERTERS, conv_layout
 from vitok.interop.conv_layout import AttentionNames, Module, attention, conv, resblock
-from vitok.interop.files import ConversionError, check_layout
+from vitok.interop.files import ConversionError, check_layout, indices, need
 from vitok.interop.safetensors_files import read_safetensors
 
 DEFAULT_PRESET = "configs/vae.py:imagenet256_f8c16"
+RELEASE = "diffusers AutoencoderKL"
 
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -48,34 +47,20 @@ def _modern_names(state: dict) -> dict:
     return out
 
 
-def _need(state: dict, name: str, ndim: int, where: str) -> np.ndarray:
-    if name not in state:
-        raise ConversionError(f"{where} has no {name!r}: is it a diffusers AutoencoderKL?")
-    if state[name].ndim != ndim:
-        raise ConversionError(f"{where}: {name} is {list(state[name].shape)}, expected {ndim} dims")
-    return state[name]
-
-
 def read_dims(state: dict, where: str) -> dict:
     """The architecture an AutoencoderKL state dict holds, read from its shapes."""
-    width, channels = _need(state, "encoder.conv_in.weight", 4, where).shape[:2]
-    levels = sorted(
-        {int(m.group(1)) for n in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", n))}
-    )
-    blocks = {
-        int(m.group(1))
-        for n in state
-        if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", n))
-    }
+    width, channels = need(state, "encoder.conv_in.weight", 4, where, RELEASE).shape[:2]
+    levels = indices(state, r"encoder\.down_blocks\.(\d+)\.")
+    blocks = indices(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
     if not levels or not blocks:
         raise ConversionError(f"{where} has no encoder.down_blocks.0.resnets.0")
     widths = [
-        _need(state, f"encoder.down_blocks.{i}.resnets.0.conv2.weight", 4, where).shape[0]
+        need(state, f"encoder.down_blocks.{i}.resnets.0.conv2.weight", 4, where, RELEASE).shape[0]
         for i in levels
     ]
     if any(w % width for w in widths):
         raise ConversionError(f"{where}: block widths {widths} are not multiples of {width}")
-    latent = _need(state, "decoder.conv_in.weight", 4, where).shape[1]
+    latent = need(state, "decoder.conv_in.weight", 4, where, RELEASE).shape[1]
     return dict(
         channels=int(channels), width=int(width), mults=tuple(int(w // width) for w in widths),
         blocks=len(blocks), latent_channels=int(latent),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 
@@ -53,3 +54,21 @@ def check_layout(
             + "; ".join(problems[:MAX_LISTED])
             + more
         )
+
+
+def need(arrays: Mapping[str, np.ndarray], name: str, ndim: int, where: str, release: str):
+    """``arrays[name]``, which must exist with ``ndim`` dims; else a ConversionError asking
+    whether ``where`` is a ``release`` checkpoint at all (a missing name) or naming the shape."""
+    if name not in arrays:
+        raise ConversionError(f"{where} has no {name!r}: is it a {release} checkpoint?")
+    if arrays[name].ndim != ndim:
+        raise ConversionError(
+            f"{where}: {name} is {list(arrays[name].shape)}, expected {ndim} dims"
+        )
+    return arrays[name]
+
+
+def indices(names, pattern: str) -> list[int]:
+    """The sorted distinct integers ``pattern``'s first group matches at the start of
+    ``names`` (block numbers in a layout)."""
+    return sorted({int(m.group(1)) for name in names if (m := re.match(pattern, name))})

@@ -13,17 +13,16 @@ kernel_resize="bilinear"), so the converted model is the release's at every patc
 
 from __future__ import annotations
 
-import re
-
 import ml_collections
 import numpy as np
 
 from vitok.interop import CONVERTERS
-from vitok.interop.files import ConversionError, check_layout, read_npz
+from vitok.interop.files import ConversionError, check_layout, indices, need, read_npz
 
 DEFAULT_PRESET = "configs/vit.py:flexivit_i1k"
 
 _BLOCK = "Transformer/encoderblock"
+RELEASE = "big_vision ViT"
 
 
 def _fix_old_layouts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,16 +42,6 @@ def _fix_old_layouts(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _need(arrays: dict[str, np.ndarray], name: str, ndim: int, where: str) -> np.ndarray:
-    if name not in arrays:
-        raise ConversionError(f"{where} has no {name!r}: is it a big_vision ViT checkpoint?")
-    if arrays[name].ndim != ndim:
-        raise ConversionError(
-            f"{where}: {name} is {list(arrays[name].shape)}, expected {ndim} dims"
-        )
-    return arrays[name]
-
-
 def read_dims(arrays: dict[str, np.ndarray], where: str) -> dict:
     """The architecture the file holds, read from its shapes."""
     unsupported = [n for n in arrays if n.startswith(("MAPHead_0", "pre_logits"))]
@@ -60,10 +49,10 @@ def read_dims(arrays: dict[str, np.ndarray], where: str) -> dict:
         raise ConversionError(
             f"{where} has {unsupported[0]!r}: MAP-head and pre-logits ViTs are not supported"
         )
-    s, s2, channels, width = _need(arrays, "embedding/kernel", 4, where).shape
+    s, s2, channels, width = need(arrays, "embedding/kernel", 4, where, RELEASE).shape
     if s != s2:
         raise ConversionError(f"{where}: embedding/kernel is {s}x{s2}; square kernels only")
-    length = _need(arrays, "pos_embedding", 3, where).shape[1]
+    length = need(arrays, "pos_embedding", 3, where, RELEASE).shape[1]
     g = int(round(np.sqrt(length)))
     if g * g != length:
         raise ConversionError(f"{where}: pos_embedding has {length} rows, not a square grid")
@@ -71,16 +60,20 @@ def read_dims(arrays: dict[str, np.ndarray], where: str) -> dict:
     if scanned:
         depth = arrays[f"{_BLOCK}/LayerNorm_0/scale"].shape[0]
         prefix = f"{_BLOCK}/"
-        query = _need(arrays, f"{prefix}MultiHeadDotProductAttention_0/query/kernel", 4, where)[0]
-        mlp_dim = _need(arrays, f"{prefix}MlpBlock_0/Dense_0/kernel", 3, where).shape[-1]
+        query = need(
+            arrays, f"{prefix}MultiHeadDotProductAttention_0/query/kernel", 4, where, RELEASE
+        )[0]
+        mlp_dim = need(arrays, f"{prefix}MlpBlock_0/Dense_0/kernel", 3, where, RELEASE).shape[-1]
     else:
-        found = {int(m.group(1)) for n in arrays if (m := re.match(rf"{_BLOCK}_(\d+)/", n))}
+        found = indices(arrays, rf"{_BLOCK}_(\d+)/")
         depth = max(found) + 1 if found else 0
         if depth == 0:
             raise ConversionError(f"{where} has no {_BLOCK}_0 blocks")
         prefix = f"{_BLOCK}_0/"
-        query = _need(arrays, f"{prefix}MultiHeadDotProductAttention_0/query/kernel", 3, where)
-        mlp_dim = _need(arrays, f"{prefix}MlpBlock_0/Dense_0/kernel", 2, where).shape[-1]
+        query = need(
+            arrays, f"{prefix}MultiHeadDotProductAttention_0/query/kernel", 3, where, RELEASE
+        )
+        mlp_dim = need(arrays, f"{prefix}MlpBlock_0/Dense_0/kernel", 2, where, RELEASE).shape[-1]
     _, heads, head_dim = query.shape
     num_classes = arrays["head/kernel"].shape[-1] if "head/kernel" in arrays else 0
     return dict(

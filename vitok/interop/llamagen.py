@@ -17,45 +17,32 @@ and a nearest-neighbour ``upsample.conv``. Every size is read from the file's sh
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import ml_collections
-import numpy as np
 
 from vitok.interop import CONVERTERS, conv_layout
 from vitok.interop.conv_layout import AttentionNames, Module, attention, conv, resblock
-from vitok.interop.files import ConversionError, check_layout
+from vitok.interop.files import ConversionError, check_layout, indices, need
 from vitok.interop.torch_files import read_state_dict
 
 DEFAULT_PRESET = "configs/vae.py:llamagen_vq16"
-
-
-def _need(state: dict, name: str, ndim: int, where: str) -> np.ndarray:
-    if name not in state:
-        raise ConversionError(f"{where} has no {name!r}: is it a LlamaGen VQ checkpoint?")
-    if state[name].ndim != ndim:
-        raise ConversionError(f"{where}: {name} is {list(state[name].shape)}, expected {ndim} dims")
-    return state[name]
-
-
-def _indices(state: dict, pattern: str) -> list[int]:
-    return sorted({int(m.group(1)) for name in state if (m := re.match(pattern, name))})
+RELEASE = "LlamaGen VQ"
 
 
 def read_dims(state: dict, where: str) -> dict:
     """The architecture a VQ state dict holds, read from its shapes."""
-    width, channels = _need(state, "encoder.conv_in.weight", 4, where).shape[:2]
-    levels = _indices(state, r"encoder\.conv_blocks\.(\d+)\.")
-    blocks = _indices(state, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
+    width, channels = need(state, "encoder.conv_in.weight", 4, where, RELEASE).shape[:2]
+    levels = indices(state, r"encoder\.conv_blocks\.(\d+)\.")
+    blocks = indices(state, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
     if not levels or not blocks:
         raise ConversionError(f"{where} has no encoder.conv_blocks.0.res.0 ResBlock")
     widths = [
-        _need(state, f"encoder.conv_blocks.{i}.res.0.conv2.weight", 4, where).shape[0]
+        need(state, f"encoder.conv_blocks.{i}.res.0.conv2.weight", 4, where, RELEASE).shape[0]
         for i in levels
     ]
     decoder_widths = [
-        _need(state, f"decoder.conv_blocks.{i}.res.0.conv2.weight", 4, where).shape[0]
+        need(state, f"decoder.conv_blocks.{i}.res.0.conv2.weight", 4, where, RELEASE).shape[0]
         for i in reversed(levels)
     ]
     if decoder_widths != widths or any(w % width for w in widths):
@@ -63,10 +50,10 @@ def read_dims(state: dict, where: str) -> dict:
             f"{where}: encoder widths {widths} and decoder widths {decoder_widths} must be equal "
             f"multiples of {width}"
         )
-    codebook_size, codebook_dim = _need(state, "quantize.embedding.weight", 2, where).shape
+    codebook_size, codebook_dim = need(state, "quantize.embedding.weight", 2, where, RELEASE).shape
     return dict(
         channels=int(channels), width=int(width), mults=tuple(int(w // width) for w in widths),
-        blocks=len(blocks), z_channels=int(_need(state, "encoder.conv_out.weight", 4, where).shape[0]),
+        blocks=len(blocks), z_channels=int(need(state, "encoder.conv_out.weight", 4, where, RELEASE).shape[0]),
         codebook_size=int(codebook_size), codebook_dim=int(codebook_dim),
     )  # fmt: skip
 
