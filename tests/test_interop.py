@@ -154,6 +154,8 @@ def test_inception_matches_pytorch_fid_pool_features_and_logits(inception_golden
     assert np.abs(pool - want).max() <= 1e-4 * np.abs(want).max()
     logits = np.asarray(net.logits(images))
     assert np.abs(logits - golden["logits"]).max() <= 1e-4 * np.abs(golden["logits"]).max()
+    grey = images[..., :1]  # grey images are the same images in RGB
+    np.testing.assert_array_equal(net.features(grey), net.features(grey.repeat(3, -1)))
 
 
 def test_inception_fid_matches_pytorch_fid(inception_golden):

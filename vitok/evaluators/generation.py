@@ -228,8 +228,6 @@ class GenerationEvaluator:
         """Host images [n <= batch_size, H, W, C] -> (pool [n, 2048], logits [n, 1008]),
         padded to one batch shape so the network compiles once."""
         n = len(images)
-        if images.shape[-1] == 1:
-            images = np.repeat(images, 3, axis=-1)
         padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
         padded[:n] = images
         pool, logits = self.inception.pool_and_logits(padded)

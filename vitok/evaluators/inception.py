@@ -163,9 +163,11 @@ def resize_to_input(images01: jax.Array) -> jax.Array:
 
 
 def forward(params: dict, images: jax.Array, block: int = 3, logits: bool = False):
-    """images [B, H, W, 3] in [-1, 1] -> pytorch-fid's features [B, 64|192|768|2048] at
-    ``block`` (or, with ``logits``, the pair (pool features [B, 2048], the 1008 classifier
-    logits [B, 1008]))."""
+    """images [B, H, W, 3] (or grey [B, H, W, 1], repeated to RGB) in [-1, 1] -> pytorch-fid's
+    features [B, 64|192|768|2048] at ``block`` (or, with ``logits``, the pair (pool features
+    [B, 2048], the 1008 classifier logits [B, 1008]))."""
+    if images.shape[-1] == 1:
+        images = jnp.repeat(images, 3, axis=-1)
     x = (images.astype(jnp.float32) + 1) / 2  # pytorch-fid's input range
     x = 2 * resize_to_input(x) - 1
     for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"):

@@ -253,7 +253,7 @@ class ReconstructionEvaluator:
         self.features = {}  # metric name -> jitted unit images [B, H, W, C] -> features
         if o["inception_weights"]:
             inception = InceptionFID.from_file(o["inception_weights"])
-            self.features["fid"] = jax.jit(lambda unit: inception.features(_rgb(unit) * 2 - 1))
+            self.features["fid"] = jax.jit(lambda unit: inception.features(unit * 2 - 1))
         net_config = o["feature_net"]
         if net_config and (net_config.get("workdir") or net_config.get("model")):
             net = FeatureNet(net_config)
@@ -358,11 +358,6 @@ class ReconstructionEvaluator:
     def _gather_features(self, name: str, unit_images: jax.Array, keep: np.ndarray) -> np.ndarray:
         features = multihost_utils.process_allgather(self.features[name](unit_images), tiled=True)
         return np.asarray(features)[keep]
-
-
-def _rgb(images: jax.Array) -> jax.Array:
-    """[B, H, W, 1 | 3] -> [B, H, W, 3] (grey images repeated, as the FID network wants)."""
-    return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def _first_rows(columns: list[jax.Array], rows: int) -> np.ndarray:
