@@ -340,7 +340,8 @@ class Upsample(nnx.Module):
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
-def _vae_kwargs(config) -> dict:
+def conv_autoencoder_kwargs(config) -> dict:
+    """A model config section -> the constructor's keyword arguments (sizes as tuples)."""
     kwargs = {k: v for k, v in dict(config).items() if k not in ("name", "checkpoint")}
     kwargs["image_size"] = tuple(kwargs["image_size"])
     if "mults" in kwargs:
@@ -350,12 +351,12 @@ def _vae_kwargs(config) -> dict:
 
 @MODELS.register("vae")
 def build_vae(config, rngs: nnx.Rngs) -> KLAutoencoder:
-    return KLAutoencoder(**_vae_kwargs(config), rngs=rngs)
+    return KLAutoencoder(**conv_autoencoder_kwargs(config), rngs=rngs)
 
 
 @MODELS.register("fsq_ae")
 def build_fsq_autoencoder(config, rngs: nnx.Rngs) -> FSQAutoencoder:
-    kwargs = _vae_kwargs(config)
+    kwargs = conv_autoencoder_kwargs(config)
     kwargs["levels"] = tuple(int(x) for x in kwargs["levels"])
     return FSQAutoencoder(**kwargs, rngs=rngs)
 

@@ -24,6 +24,7 @@ from vitok.models.vae import (
     ConvEncoder,
     _check_divisible,
     conv_autoencoder_flops,
+    conv_autoencoder_kwargs,
 )
 from vitok.nn.layers import param
 from vitok.perf import transformer_flops
@@ -143,8 +144,4 @@ class VQAutoencoder(GridTokenizer):
 
 @MODELS.register("vq_ae")
 def build_vq_autoencoder(config, rngs: nnx.Rngs) -> VQAutoencoder:
-    kwargs = {k: v for k, v in dict(config).items() if k != "name"}
-    kwargs["image_size"] = tuple(kwargs["image_size"])
-    if "mults" in kwargs:
-        kwargs["mults"] = tuple(kwargs["mults"])
-    return VQAutoencoder(**kwargs, rngs=rngs)
+    return VQAutoencoder(**conv_autoencoder_kwargs(config), rngs=rngs)

@@ -28,6 +28,18 @@ def pixel_loss_kind(kind: str) -> str:
     return kind
 
 
+def pixel_loss(recon: jax.Array, images: jax.Array, kind: str) -> jax.Array:
+    """Mean absolute ("l1") or squared ("l2") error over every pixel."""
+    err = recon - images
+    return jnp.mean(jnp.abs(err) if kind == "l1" else jnp.square(err))
+
+
+def code_usage(ids: jax.Array, codebook_size: int) -> jax.Array:
+    """The fraction of the codebook that ``ids`` use."""
+    counts = jnp.zeros((codebook_size,), jnp.int32).at[ids.reshape(-1)].add(1)
+    return (counts > 0).mean()
+
+
 @TASKS.register("vae")
 class VAETask:
     """Batches hold ``image: [B, H, W, C]`` in [-1, 1]."""
@@ -42,8 +54,7 @@ class VAETask:
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         images = batch["image"].astype(jnp.float32)
         recon, mean, logvar = model(images, rng)
-        err = recon - images
-        recon_loss = jnp.mean(jnp.abs(err) if self.loss_type == "l1" else jnp.square(err))
+        recon_loss = pixel_loss(recon, images, self.loss_type)
         kl = gaussian_kl(mean, logvar).mean() / images[0].size  # per pixel, like the recon loss
         return recon_loss + self.kl_weight * kl, {"train/recon_loss": recon_loss, "train/kl": kl}
 
@@ -74,14 +85,12 @@ class FSQAutoencoderTask:
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         images = batch["image"].astype(jnp.float32)
         recon, ids, z = model(images)
-        err = recon - images
-        recon_loss = jnp.mean(jnp.abs(err) if self.loss_type == "l1" else jnp.square(err))
+        recon_loss = pixel_loss(recon, images, self.loss_type)
         penalty = saturation_penalty(z)
-        counts = jnp.zeros((model.codebook_size,), jnp.int32).at[ids.reshape(-1)].add(1)
         return recon_loss + self.latent_penalty * penalty, {
             "train/recon_loss": recon_loss,
             "train/saturation": penalty,
-            "train/code_usage": (counts > 0).mean(),
+            "train/code_usage": code_usage(ids, model.codebook_size),
         }
 
 
@@ -101,14 +110,12 @@ class VQAutoencoderTask:
     def loss(self, model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         images = batch["image"].astype(jnp.float32)
         recon, ids, z, z_q = model(images)
-        err = recon - images
-        recon_loss = jnp.mean(jnp.abs(err) if self.loss_type == "l1" else jnp.square(err))
+        recon_loss = pixel_loss(recon, images, self.loss_type)
         codebook_loss = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))
         commit_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z))
-        counts = jnp.zeros((model.codebook_size,), jnp.int32).at[ids.reshape(-1)].add(1)
         return recon_loss + codebook_loss + self.commit_weight * commit_loss, {
             "train/recon_loss": recon_loss,
             "train/codebook_loss": codebook_loss,
             "train/commit_loss": commit_loss,
-            "train/code_usage": (counts > 0).mean(),
+            "train/code_usage": code_usage(ids, model.codebook_size),
         }
