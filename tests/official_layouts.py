@@ -214,3 +214,34 @@ def write_safetensors(path: str, arrays: dict[str, np.ndarray], metadata=None) -
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text + b"".join(chunks))
+
+
+# A small LlamaGen / NAR GPT (their gpt.py ModelArgs with dim 128, 2 layers, 2 heads of 64
+# channels as in every release, a 4x4 token grid of 64 codes, 10 classes); NAR's copy adds
+# one block (layers.2) and the medusa head.
+GPT_TINY = dict(dim=128, n_layer=2, n_head=2, vocab_size=64, num_classes=10, grid=4)
+
+
+def gpt_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
+    """Random LlamaGen / NAR GPT weights for a {name: shape} table (the golden file's):
+    Linear weights scaled 1/sqrt(fan_in) (the output heads too, which the releases
+    initialise at zero), RMSNorm scales near 1, unit-normal embeddings."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        if "embedding" in name:
+            out[name] = rng.standard_normal(shape).astype(np.float32)
+        elif len(shape) == 2:
+            out[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        else:
+            out[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return out
+
+
+def gpt_inputs(seed: int = 1, batch: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(labels int64 [batch] in 0..num_classes - 1, token grids int64 [batch, grid * grid])."""
+    rng = np.random.default_rng(seed)
+    d = GPT_TINY
+    labels = rng.integers(0, d["num_classes"], batch)
+    return labels, rng.integers(0, d["vocab_size"], (batch, d["grid"] ** 2))

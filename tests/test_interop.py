@@ -14,6 +14,7 @@ from tests.official_layouts import (
     fid_images,
     flexivit_arrays,
     flexivit_images,
+    gpt_state_dict,
     inception_state_dict,
     llamagen_vq_state_dict,
     vq_images,
@@ -23,7 +24,7 @@ from tests.official_layouts import (
 from vitok import runs
 from vitok.evaluators.fid import FeatureStats, fid_from_stats
 from vitok.evaluators.inception import InceptionFID, params_from_state_dict
-from vitok.interop import ConversionError, llamagen
+from vitok.interop import ConversionError, llamagen, llamagen_gpt
 from vitok.interop.torch_files import read_state_dict
 from vitok.tools import convert
 
@@ -432,3 +433,104 @@ def test_safetensors_damage_is_a_one_line_error(tmp_path):
                 ]
             )
         assert not os.path.exists(tmp_path / f"{name}.run")
+
+
+# --- LlamaGen's and NAR's GPTs ----------------------------------------------------------------
+
+GPT_RELEASES = {"nar": ("nar", "nar_gpt_tiny.npz"), "llamagen_gpt": ("ar", "llamagen_gpt_tiny.npz")}
+
+
+@pytest.fixture(scope="module", params=sorted(GPT_RELEASES))
+def gpt_golden(request):
+    golden = np.load(os.path.join(GOLDEN, GPT_RELEASES[request.param][1]))
+    return request.param, golden, json.loads(str(golden["shapes"]))
+
+
+def _convert_gpt(tmp_path, release, state, name="gpt", *overrides):
+    checkpoint = str(tmp_path / f"{name}.pt")
+    write_torch_file(checkpoint, {"model": state, "steps": 1000})
+    workdir = str(tmp_path / name)
+    convert.main([
+        f"--from={release}", f"--checkpoint={checkpoint}", f"--workdir={workdir}",
+        "--config.model.grid=(4, 4)", "--config.model.dtype=float32", *overrides,
+    ])  # fmt: skip
+    return workdir
+
+
+def test_converted_gpt_matches_the_release(tmp_path, gpt_golden):
+    """golden/{nar,llamagen}_gpt_tiny.npz hold NAR's and LlamaGen's own GPTs' outputs on these
+    weights (golden/make_llamagen_gpt.py says how). The converted run gives their training
+    logits and the guided logits of every decoding pass within 1e-4 relative (its KV-cached
+    passes and 2D RoPE against theirs), and their greedy samples token for token."""
+    import jax
+
+    from vitok.models.nar import sample
+
+    release, golden, shapes = gpt_golden
+    run = runs.load_run(_convert_gpt(tmp_path, release, gpt_state_dict(shapes, 0)))
+    model = run.module()
+    assert (model.order, model.vocab_size, model.num_classes) == (
+        "neighbour" if release == "nar" else "raster", 64, 10,
+    )  # fmt: skip
+    labels, tokens = golden["labels"].astype(np.int32), golden["tokens"].astype(np.int32)
+    logits = np.asarray(model(tokens.reshape(3, 4, 4), labels)).reshape(3, 16, 64)
+    want = golden["train_logits"]
+    assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max()
+
+    cfg = float(golden["cfg_scale"])
+    greedy = sample(model, labels, jax.random.key(0), temperature=0.0, cfg_scale=cfg)
+    np.testing.assert_array_equal(np.asarray(greedy["tokens"]).reshape(3, 16), golden["greedy"])
+
+    forced = sample(
+        model, labels, jax.random.key(0), cfg_scale=cfg,
+        teacher_tokens=golden["greedy"].reshape(3, 4, 4).astype(np.int32),
+    )  # fmt: skip
+    per_pass = np.asarray(forced["logits"])  # [S, B, T, V] in the schedule's target order
+    got = np.zeros_like(golden["pass_logits"])
+    for s, row in enumerate(model.schedule.target):
+        for t, position in enumerate(row):
+            if position < model.num_tokens:
+                got[position] = per_pass[s, :, t]
+    want = golden["pass_logits"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_gpt_layouts_are_the_releases(gpt_golden):
+    """The layout each converter expects is the reference model's state_dict (the golden's
+    table), and at the releases' sizes the parameter counts are the papers': NAR-B 130M
+    beside LlamaGen-B 111M, LlamaGen-L 343M, NAR-L 372M."""
+    release, _, shapes = gpt_golden
+    extra = 1 if release == "nar" else 0
+    name = "NAR" if extra else "LlamaGen GPT"
+    dims = llamagen_gpt.read_dims({k: np.zeros(v) for k, v in shapes.items()}, "golden", name, extra)
+    assert llamagen_gpt.expected_layout(dims, extra) == {k: tuple(v) for k, v in shapes.items()}
+    assert dims["num_heads"] == 2
+
+    def count(width, depth, extra_blocks):
+        dims = dict(width=width, depth=depth, mlp_dim=llamagen_gpt.swiglu_hidden(width),
+                    vocab_size=16384, num_classes=1000)  # fmt: skip
+        layout = llamagen_gpt.expected_layout(dims, extra_blocks)
+        return sum(np.prod(s) for s in layout.values()) / 1e6
+
+    assert 110 < count(768, 12, 0) < 112 and 342 < count(1024, 24, 0) < 344
+    assert 128 < count(768, 12, 1) < 132 and 368 < count(1024, 24, 1) < 376
+
+
+@pytest.mark.parametrize(
+    "release, damage, message",
+    [
+        ("nar", lambda s: s.pop("layers.1.feed_forward.w3.weight"), "missing layers.1.feed_forward.w3.weight [512, 128]"),
+        ("nar", lambda s: s.update({"layers.0.attention.wo.weight": np.zeros((128, 64), np.float32)}), "layers.0.attention.wo.weight is [128, 64], expected [128, 128]"),
+        ("nar", lambda s: [s.pop(k) for k in ("medusa_norm.weight", "medusa_output.weight")], "converts with --from=llamagen_gpt"),
+        ("llamagen_gpt", lambda s: s.update({"medusa_output.weight": np.zeros((64, 128), np.float32)}), "convert it with --from=nar"),
+        ("llamagen_gpt", lambda s: s.pop("tok_embeddings.weight"), "has no 'tok_embeddings.weight'"),
+    ],
+)  # fmt: skip
+def test_a_gpt_checkpoint_off_the_layout_is_refused(tmp_path, release, damage, message):
+    shapes = json.loads(str(np.load(os.path.join(GOLDEN, GPT_RELEASES[release][1]))["shapes"]))
+    state = gpt_state_dict(shapes, 0)
+    damage(state)
+    with pytest.raises(SystemExit) as exit:
+        _convert_gpt(tmp_path, release, state)
+    assert message in str(exit.value) and "\n" not in str(exit.value)
+    assert not os.path.exists(tmp_path / "gpt")

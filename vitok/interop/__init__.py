@@ -16,7 +16,12 @@ from vitok.registry import Registry
 CONVERTERS = Registry(
     "converter",
     package="vitok.interop",
-    modules={"llamagen_vq": "llamagen", "flextok_vae": "diffusers_vae"},
+    modules={
+        "llamagen_vq": "llamagen",
+        "flextok_vae": "diffusers_vae",
+        "nar": "llamagen_gpt",
+        "llamagen_gpt": "llamagen_gpt",
+    },
 )
 
 __all__ = ["CONVERTERS", "ConversionError", "check_layout", "read_npz"]

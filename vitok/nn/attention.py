@@ -18,6 +18,7 @@ from flax import nnx
 from vitok import sharding
 from vitok.nn.flash import chunked_attention, default_chunk
 from vitok.nn.layers import dropout, param
+from vitok.nn.rope import apply_rope
 from vitok.registry import Registry
 
 
@@ -311,21 +312,25 @@ class MultiHeadAttention(nnx.Module):
         rngs: nnx.Rngs,
         backend: str = "dense",
         dropout: float = 0.0,
+        use_bias: bool = True,
         dtype: jnp.dtype = jnp.float32,
     ):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         head_dim = width // num_heads
         init = nnx.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
+        zeros = nnx.initializers.zeros_init()
         self.qkv = param(
             rngs, init, (width, 3, num_heads, head_dim), ("embed", None, "heads", "kv")
         )
-        self.qkv_bias = param(
-            rngs, nnx.initializers.zeros_init(), (3, num_heads, head_dim), (None, "heads", "kv")
+        self.qkv_bias = (
+            param(rngs, zeros, (3, num_heads, head_dim), (None, "heads", "kv"))
+            if use_bias
+            else None
         )
         out_init = nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
         self.out = param(rngs, out_init, (num_heads, head_dim, width), ("heads", "kv", "embed"))
-        self.out_bias = param(rngs, nnx.initializers.zeros_init(), (width,), ("embed",))
+        self.out_bias = param(rngs, zeros, (width,), ("embed",)) if use_bias else None
         self.backend = backend
         self.dropout = dropout
         self.dtype = dtype
@@ -338,11 +343,15 @@ class MultiHeadAttention(nnx.Module):
         dropout_rng: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_layer: int = 0,
+        rope: jax.Array | None = None,
     ) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]. With ``cache``, x are the fed tokens of a decoding pass:
         their keys/values go into layer ``cache_layer`` of the cache and they attend over it
-        (``mask`` unused: the cache's ``allowed`` masks)."""
+        (``mask`` unused: the cache's ``allowed`` masks). ``rope`` [L, Dh / 2, 2]: rotary
+        (cos, sin) of the L positions, applied to queries and keys (``vitok.nn.rope``)."""
         q, k, v = self.project(x)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
             y = attention(q, k, v, mask, backend=self.backend)
         else:
@@ -353,13 +362,15 @@ class MultiHeadAttention(nnx.Module):
         """x: [B, L, D] -> q, k, v: [B, L, H, Dh] (a KV cache stores the k and v)."""
         dt = self.dtype
         qkv = jnp.einsum("bld,dthk->tblhk", x.astype(dt), self.qkv[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
         q, k, v = (sharding.constrain(t, ("batch", "length", "heads", "kv")) for t in qkv)
         return q, k, v
 
     def combine(self, y: jax.Array) -> jax.Array:
         """Per-head outputs y: [B, L, H, Dh] -> [B, L, D]."""
         dt = self.dtype
-        return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(
-            dt
-        )
+        out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
+        if self.out_bias is not None:
+            out = out + self.out_bias[...].astype(dt)
+        return out

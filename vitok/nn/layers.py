@@ -89,6 +89,37 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis (LLaMA): x / sqrt(mean(x^2) + eps) * scale, in float32."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        rngs: nnx.Rngs,
+        epsilon: float = 1e-5,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        self.scale = param(rngs, nnx.initializers.ones_init(), (features,), ("embed",))
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> [..., D]"""
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.epsilon)
+        return (y * self.scale[...]).astype(self.dtype)
+
+
+def make_norm(kind: str, features: int, *, rngs: nnx.Rngs, epsilon: float | None, dtype):
+    """``kind`` "layer" (LayerNorm, eps 1e-6 by default) or "rms" (RMSNorm, eps 1e-5)."""
+    if kind == "layer":
+        return LayerNorm(features, rngs=rngs, epsilon=epsilon or 1e-6, dtype=dtype)
+    if kind == "rms":
+        return RMSNorm(features, rngs=rngs, epsilon=epsilon or 1e-5, dtype=dtype)
+    raise ValueError(f"unknown norm {kind!r}, known: 'layer', 'rms'")
+
+
 class MLP(nnx.Module):
     """Transformer feed-forward block: Dense -> GELU -> Dense (dropout after each)."""
 
@@ -99,10 +130,11 @@ class MLP(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dropout: float = 0.0,
+        use_bias: bool = True,
         dtype: jnp.dtype = jnp.float32,
     ):
-        self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, use_bias=use_bias, dtype=dtype)
+        self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, use_bias=use_bias, dtype=dtype)
         self.dropout = dropout
 
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -111,6 +143,39 @@ class MLP(nnx.Module):
         h = sharding.constrain(h, ("batch", "length", "mlp"))
         h = dropout(h, self.dropout, dropout_rng, 0)
         return dropout(self.fc2(h), self.dropout, dropout_rng, 1)
+
+
+class SwiGLU(nnx.Module):
+    """Gated feed-forward block (LLaMA): down(silu(gate(x)) * up(x)), dropout after it."""
+
+    def __init__(
+        self,
+        width: int,
+        mlp_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        dropout: float = 0.0,
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+    ):
+        kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype)
+        self.gate = Dense(width, mlp_dim, ("embed", "mlp"), **kw)
+        self.up = Dense(width, mlp_dim, ("embed", "mlp"), **kw)
+        self.down = Dense(mlp_dim, width, ("mlp", "embed"), **kw)
+        self.dropout = dropout
+
+    def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]"""
+        h = jax.nn.silu(self.gate(x)) * self.up(x)
+        h = sharding.constrain(h, ("batch", "length", "mlp"))
+        return dropout(self.down(h), self.dropout, dropout_rng, 1)
+
+
+def swiglu_hidden(width: int, multiple_of: int = 256) -> int:
+    """LLaMA's SwiGLU width for a block of ``width``: 8 * width / 3 rounded up to a multiple
+    of ``multiple_of`` (768 -> 2048, 1024 -> 2816, 1280 -> 3584)."""
+    hidden = int(2 * 4 * width / 3)
+    return -(-hidden // multiple_of) * multiple_of
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None, salt: int) -> jax.Array:

@@ -8,7 +8,7 @@ from flax import nnx
 
 from vitok import sharding
 from vitok.nn.attention import KVCache, Mask, MultiHeadAttention
-from vitok.nn.layers import MLP, LayerNorm
+from vitok.nn.layers import MLP, LayerNorm, SwiGLU, make_norm
 
 
 def drop_path(branch: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
@@ -26,8 +26,16 @@ def drop_path_rates(rate: float, depth: int) -> jax.Array:
     return jnp.linspace(0.0 if depth > 1 else rate, rate, depth, dtype=jnp.float32)
 
 
+MLPS = {"gelu": MLP, "swiglu": SwiGLU}
+
+
 class Block(nnx.Module):
-    """x + Attn(LN(x)); x + MLP(LN(x)), each branch optionally dropped per example."""
+    """x + Attn(Norm(x)); x + MLP(Norm(x)), each branch optionally dropped per example.
+
+    The ViT block by default (LayerNorm, GELU MLP, biases); ``norm="rms"``, ``mlp="swiglu"``,
+    ``use_bias=False`` give the LLaMA block of LlamaGen's and NAR's GPTs. ``norm_eps`` None is
+    the norm's own default (LayerNorm 1e-6, RMSNorm 1e-5).
+    """
 
     def __init__(
         self,
@@ -38,14 +46,28 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
         attention_backend: str = "dense",
         dropout: float = 0.0,
+        norm: str = "layer",
+        norm_eps: float | None = None,
+        mlp: str = "gelu",
+        use_bias: bool = True,
         dtype: jnp.dtype = jnp.float32,
     ):
-        self.norm1 = LayerNorm(width, rngs=rngs, dtype=dtype)
+        if mlp not in MLPS:
+            raise ValueError(f"unknown mlp {mlp!r}, known: {sorted(MLPS)}")
+        self.norm1 = make_norm(norm, width, rngs=rngs, epsilon=norm_eps, dtype=dtype)
         self.attn = MultiHeadAttention(
-            width, num_heads, rngs=rngs, backend=attention_backend, dropout=dropout, dtype=dtype
+            width,
+            num_heads,
+            rngs=rngs,
+            backend=attention_backend,
+            dropout=dropout,
+            use_bias=use_bias,
+            dtype=dtype,
         )
-        self.norm2 = LayerNorm(width, rngs=rngs, dtype=dtype)
-        self.mlp = MLP(width, mlp_dim, rngs=rngs, dropout=dropout, dtype=dtype)
+        self.norm2 = make_norm(norm, width, rngs=rngs, epsilon=norm_eps, dtype=dtype)
+        self.mlp = MLPS[mlp](
+            width, mlp_dim, rngs=rngs, dropout=dropout, use_bias=use_bias, dtype=dtype
+        )
 
     def __call__(
         self,
@@ -56,11 +78,13 @@ class Block(nnx.Module):
         drop_path_rate: jax.Array | float | None = None,
         cache: KVCache | None = None,
         cache_layer: int = 0,
+        rope: jax.Array | None = None,
     ) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]. ``drop_path_rate`` (a scalar, traced under scan) drops
         each branch per example when training, i.e. when ``dropout_rng`` is given. With
         ``cache`` (KV-cached decoding), x are a pass's fed tokens and attention reads and
-        writes layer ``cache_layer`` of the cache."""
+        writes layer ``cache_layer`` of the cache. ``rope`` [L, Dh / 2, 2]: rotary
+        embeddings of x's positions."""
         rng_attn, rng_mlp = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         dropping = dropout_rng is not None and drop_path_rate is not None
 
@@ -70,7 +94,12 @@ class Block(nnx.Module):
             return branch
 
         attended = self.attn(
-            self.norm1(x), mask, dropout_rng=rng_attn, cache=cache, cache_layer=cache_layer
+            self.norm1(x),
+            mask,
+            dropout_rng=rng_attn,
+            cache=cache,
+            cache_layer=cache_layer,
+            rope=rope,
         )
         x = x + residual(attended, 1)
         x = sharding.constrain(x, ("batch", "length", "embed"))

@@ -22,7 +22,7 @@ import numpy as np
 from vitok import runs
 from vitok.config import load_preset
 from vitok.interop import CONVERTERS, ConversionError, check_layout
-from vitok.models import ModelHandle
+from vitok.models import ModelHandle, init_variables
 from vitok.models.transfer import flatten_params, unflatten_like
 from vitok.tools import parse_with_config_overrides
 
@@ -41,20 +41,27 @@ def as_model_params(handle: ModelHandle, params: dict, where: str) -> dict:
     return unflatten_like(handle.abstract_params(), leaves)
 
 
+def initial_extra(model_config, seed: int) -> dict:
+    """The model's non-parameter state as a fresh init makes it (buffers, constants such as
+    NAR's head sources), compiled so that XLA drops the unused parameter initialisers."""
+    extra = jax.jit(lambda: init_variables(model_config, jax.random.key(seed))[1])()
+    return jax.tree.map(np.asarray, extra)
+
+
 def convert(name: str, checkpoint: str, workdir: str, config_spec: str = "", overrides=()) -> None:
     converter = CONVERTERS.lookup(name)
-    module = sys.modules[converter.__module__]
-    config = load_preset(config_spec or module.DEFAULT_PRESET, tuple(overrides))
+    preset = getattr(converter, "default_preset", sys.modules[converter.__module__].DEFAULT_PRESET)
+    config = load_preset(config_spec or preset, tuple(overrides))
     config, params = converter(checkpoint, config)
     handle = ModelHandle.abstract(config.model, int(config.get("seed", 0)))
     params = as_model_params(handle, params, checkpoint)
-    extra = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), handle.abstract_extra())
+    extra = initial_extra(config.model, int(config.get("seed", 0)))
     runs.write_run(workdir, config, params, extra)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="name", required=True, help="the release: flexivit")
+    parser.add_argument("--from", dest="name", required=True, help="the release: " + ", ".join(CONVERTERS.names()))
     parser.add_argument("--checkpoint", required=True, help="the downloaded weights file")
     parser.add_argument("--workdir", required=True, help="the run directory to write (new)")
     parser.add_argument(

@@ -15,7 +15,8 @@ from vitok import sharding
 from vitok.models.base import Model
 from vitok.models.nar.schedule import decode_grid, head_sources, make_schedule, mix_heads
 from vitok.nn.attention import KVCache, NeighbourMask
-from vitok.nn.layers import Dense, LayerNorm, param
+from vitok.nn.layers import Dense, make_norm, param, swiglu_hidden
+from vitok.nn.rope import rope_2d_table
 from vitok.nn.transformer import Block, make_stack, run_stack
 from vitok.perf import transformer_flops
 from vitok.registry import MODELS
@@ -30,6 +31,12 @@ class TokenGenerator(Model):
       num_classes: conditioning classes; index ``num_classes`` is the null class (CFG).
       order: "neighbour" (NAR) or "raster" (flattened grid, causal, one head).
       width, depth, num_heads, mlp_dim: the backbone (``depth`` blocks before head 0).
+      norm, norm_eps, mlp, use_bias: the blocks' and heads' layers (``vitok.nn.transformer.
+        Block``); "rms", "swiglu", False are LlamaGen's and NAR's.
+      posemb: "learned" (an embedding per sequence position, added to the input) or "rope2d"
+        (LlamaGen's 2D rotary embedding of each token's grid coordinates in every attention
+        layer, the class token's queries and keys zeroed; 2D grids only, raster order too).
+      rope_base: the rotary frequencies' base.
     """
 
     def __init__(
@@ -43,6 +50,12 @@ class TokenGenerator(Model):
         depth: int = 6,
         num_heads: int = 8,
         mlp_dim: int | None = None,
+        norm: str = "layer",
+        norm_eps: float | None = None,
+        mlp: str = "gelu",
+        use_bias: bool = True,
+        posemb: str = "learned",
+        rope_base: float = 10000.0,
         dropout: float = 0.0,
         attention_backend: str = "dense",
         remat: bool = False,
@@ -59,14 +72,22 @@ class TokenGenerator(Model):
         self.num_classes = int(num_classes)
         self.num_heads_out = len(self.decode_grid)
         self.width, self.depth, self.attention_heads = width, depth, num_heads
-        self.mlp_dim = mlp_dim or 4 * width
+        self.mlp_dim = mlp_dim or (swiglu_hidden(width) if mlp == "swiglu" else 4 * width)
+        self.mlp_kind = mlp
         self.remat, self.scan_layers = remat, scan_layers
         self.dtype = dtype
         normal = nnx.initializers.normal(0.02)
 
         self.token_embed = param(rngs, normal, (self.vocab_size, width), ("vocab", "embed"))
         self.class_embed = param(rngs, normal, (self.num_classes + 1, width), (None, "embed"))
-        self.posemb = param(rngs, normal, (1 + self.num_tokens, width), (None, "embed"))
+        if posemb not in ("learned", "rope2d"):
+            raise ValueError(f"unknown posemb {posemb!r}, known: 'learned', 'rope2d'")
+        self.posemb_kind = posemb
+        self.rope_base = float(rope_base)
+        if posemb == "learned":
+            self.posemb = param(rngs, normal, (1 + self.num_tokens, width), (None, "embed"))
+        else:
+            rope_2d_table(self.grid, width // num_heads, self.rope_base)  # checks the shapes
 
         def make_block(rngs: nnx.Rngs) -> Block:
             return Block(
@@ -76,6 +97,10 @@ class TokenGenerator(Model):
                 rngs=rngs,
                 attention_backend=attention_backend,
                 dropout=dropout,
+                norm=norm,
+                norm_eps=norm_eps,
+                mlp=mlp,
+                use_bias=use_bias,
                 dtype=dtype,
             )
 
@@ -84,7 +109,10 @@ class TokenGenerator(Model):
         # after one extra block; a video's time head after a second).
         self.extra_blocks = nnx.List([make_block(rngs) for _ in range(self.num_heads_out - 1)])
         self.head_norms = nnx.List(
-            [LayerNorm(width, rngs=rngs, dtype=dtype) for _ in range(self.num_heads_out)]
+            [
+                make_norm(norm, width, rngs=rngs, epsilon=norm_eps, dtype=dtype)
+                for _ in range(self.num_heads_out)
+            ]
         )
         self.heads = nnx.List(
             [
@@ -94,6 +122,7 @@ class TokenGenerator(Model):
                     ("embed", "vocab"),
                     rngs=rngs,
                     kernel_init=nnx.initializers.zeros_init() if a == 0 else normal,
+                    use_bias=use_bias,
                     dtype=dtype,
                 )
                 for a in range(self.num_heads_out)
@@ -110,8 +139,18 @@ class TokenGenerator(Model):
         tok = jnp.take(self.token_embed[...], jnp.clip(tokens, 0, self.vocab_size - 1), axis=0)
         cls = jnp.take(self.class_embed[...], labels, axis=0)[:, None]
         x = jnp.where((positions == 0)[None, :, None], cls, tok)
-        x = x + jnp.take(self.posemb[...], jnp.minimum(positions, self.num_tokens), axis=0)
+        if self.posemb_kind == "learned":
+            x = x + jnp.take(self.posemb[...], jnp.minimum(positions, self.num_tokens), axis=0)
         return sharding.constrain(x.astype(self.dtype), ("batch", "length", "embed"))
+
+    def _rope(self, positions: jax.Array) -> jax.Array | None:
+        """positions [Q] -> the rotary table rows [Q, Dh / 2, 2] (None without RoPE)."""
+        if self.posemb_kind != "rope2d":
+            return None
+        table = jnp.asarray(
+            rope_2d_table(self.grid, self.width // self.attention_heads, self.rope_base)
+        )
+        return jnp.take(table, jnp.minimum(positions, self.num_tokens), axis=0)
 
     def _flatten(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, *grid] -> [B, N] in raster order (a clear error for a wrong shape)."""
@@ -136,7 +175,9 @@ class TokenGenerator(Model):
         flat = self._flatten(tokens)
         b = flat.shape[0]
         seq = jnp.concatenate([jnp.zeros((b, 1), flat.dtype), flat], axis=1)
-        x = self._embed(labels, seq, jnp.arange(1 + self.num_tokens))
+        positions = jnp.arange(1 + self.num_tokens)
+        x = self._embed(labels, seq, positions)
+        rope = self._rope(positions)
         keys = (
             [None] * (1 + len(self.extra_blocks))
             if dropout_rng is None
@@ -145,7 +186,7 @@ class TokenGenerator(Model):
         h, _ = run_stack(
             self.blocks,
             x,
-            lambda block, y, key: block(y, self.mask, dropout_rng=key),
+            lambda block, y, key: block(y, self.mask, dropout_rng=key, rope=rope),
             depth=self.depth,
             scan_layers=self.scan_layers,
             remat=self.remat,
@@ -153,7 +194,7 @@ class TokenGenerator(Model):
         )
         head_logits = [self._head_logits(0, h)]
         for a, block in enumerate(self.extra_blocks, start=1):
-            h = block(h, self.mask, dropout_rng=keys[a])
+            h = block(h, self.mask, dropout_rng=keys[a], rope=rope)
             head_logits.append(self._head_logits(a, h))
         logits = mix_heads(head_logits, jnp.asarray(self.sources))
         return logits.reshape(b, *self.grid, self.vocab_size)
@@ -197,16 +238,17 @@ class TokenGenerator(Model):
         emitted token -> (new cache, logits [B, T, V] float32).
         """
         x = self._embed(labels, tokens, feed)
+        rope = self._rope(feed)
         cache_diagonal = jnp.asarray(self.schedule.cache_diagonal)
         allowed = cache_diagonal[None, :] <= self.mask.diagonal(feed)[:, None]  # [Q, C]
         backbone = KVCache(cache["k"], cache["v"], start, allowed)
         extra = KVCache(cache["extra_k"], cache["extra_v"], start, allowed)
         h = x
         for i, block in enumerate(self._backbone_blocks()):
-            h = block(h, cache=backbone, cache_layer=i)
+            h = block(h, cache=backbone, cache_layer=i, rope=rope)
         head_logits = [self._head_logits(0, h)]
         for a, block in enumerate(self.extra_blocks, start=1):
-            h = block(h, cache=extra, cache_layer=a - 1)
+            h = block(h, cache=extra, cache_layer=a - 1, rope=rope)
             head_logits.append(self._head_logits(a, h))
         cache = {"k": backbone.k, "v": backbone.v, "extra_k": extra.k, "extra_v": extra.v}
         return cache, mix_heads(head_logits, sources)
@@ -228,8 +270,12 @@ class TokenGenerator(Model):
     def forward_flops(self) -> float:
         """Matmul FLOPs of one training forward pass (blocks, extra blocks and heads)."""
         length = 1 + self.num_tokens
+        mlp_matmuls = 3 if self.mlp_kind == "swiglu" else 2
         blocks = transformer_flops(
-            length, self.width, self.depth + len(self.extra_blocks), self.mlp_dim
+            length,
+            self.width,
+            self.depth + len(self.extra_blocks),
+            self.mlp_dim * mlp_matmuls // 2,  # the same FLOPs as two matmuls of this width
         )
         heads = 2 * length * self.width * self.vocab_size * self.num_heads_out
         return float(blocks + heads)
