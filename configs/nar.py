@@ -22,8 +22,12 @@ Presets:
 
     python -m vitok.train --config=configs/nar.py:digits_nar --workdir=workdirs/nar_digits/nar
 
-Backbone: pre-LayerNorm GELU blocks with a learned position embedding (the paper uses LlamaGen's
-RMSNorm/SwiGLU blocks with 2D RoPE; widths, depths and heads match, parameter counts are close).
+Backbone: the ImageNet presets are the papers' models, LlamaGen's LLaMA blocks (RMSNorm,
+SwiGLU of width 8D/3 rounded up to 256, no biases) with its 2D RoPE; NAR-B has 130M parameters,
+LlamaGen-B 111M, and the released checkpoints convert into them (``vitok.tools.convert
+--from=nar`` / ``--from=llamagen_gpt``). The GPTs over FlexTok's 1D tokens keep that block with a
+learned position embedding (no grid for a 2D RoPE). The CPU presets (digits_*,
+photos_flextok_gpt) use pre-LayerNorm GELU blocks with a learned position embedding.
 """
 
 import ml_collections
@@ -35,6 +39,7 @@ from vitok.config import (
     sharding_section,
     unknown_preset,
 )
+from vitok.nn.layers import swiglu_hidden
 
 DIGITS_ROOT = "workdirs/nar_digits"
 IMAGENET_EPOCH_STEPS = 1_281_167 // 256
@@ -148,7 +153,9 @@ def _imagenet256(name: str, size: str) -> ml_collections.ConfigDict:
     c.model.vocab_size = 16384
     c.model.num_classes = 1000
     c.model.width, c.model.depth, c.model.num_heads = width, depth, heads
-    c.model.mlp_dim = 4 * width
+    # LlamaGen's block (NAR's too): RMSNorm, SwiGLU, no biases, 2D RoPE.
+    c.model.norm, c.model.mlp, c.model.use_bias, c.model.posemb = "rms", "swiglu", False, "rope2d"
+    c.model.mlp_dim = swiglu_hidden(width)
     c.model.scan_layers = True
     c.model.dtype = "bfloat16"
     c.data.path = "codes/imagenet256_{split}.npz"  # vitok.tools.extract_codes --flip
@@ -183,6 +190,7 @@ def _imagenet256_flextok_gpt(size: str) -> ml_collections.ConfigDict:
     c = _imagenet256("ar", size)
     c.model.grid = (256,)
     c.model.vocab_size = 8 * 8 * 8 * 5 * 5 * 5  # FlexTok d18's FSQ codebook: 64,000
+    c.model.posemb = "learned"  # 1D ordered tokens: no grid for a 2D RoPE
     c.data.path = "codes/imagenet256_flextok_d18_{split}.npz"
     c.evals.samples.tokenizer_workdir = "workdirs/flextok_imagenet256_d18"
     c.evals.samples.decode_steps = 25

@@ -502,7 +502,9 @@ def test_gpt_layouts_are_the_releases(gpt_golden):
     release, _, shapes = gpt_golden
     extra = 1 if release == "nar" else 0
     name = "NAR" if extra else "LlamaGen GPT"
-    dims = llamagen_gpt.read_dims({k: np.zeros(v) for k, v in shapes.items()}, "golden", name, extra)
+    dims = llamagen_gpt.read_dims(
+        {k: np.zeros(v) for k, v in shapes.items()}, "golden", name, extra
+    )
     assert llamagen_gpt.expected_layout(dims, extra) == {k: tuple(v) for k, v in shapes.items()}
     assert dims["num_heads"] == 2
 

@@ -62,8 +62,12 @@ def test_head_sources_follow_the_paper():
     assert list(src[6]) == [pos(1, 1), pos(0, 2)]  # interior (1, 2): both
 
 
-def small_generator(grid=(4, 5), order="neighbour", scan_layers=False, seed=0):
+LLAMA = dict(norm="rms", mlp="swiglu", use_bias=False, posemb="rope2d")  # the releases' block
+
+
+def small_generator(grid=(4, 5), order="neighbour", scan_layers=False, seed=0, **layers):
     model = TokenGenerator(
+        **layers,
         grid=grid,
         vocab_size=13,
         num_classes=3,
@@ -106,8 +110,9 @@ def test_training_logits_are_the_mean_of_the_heads_that_reach_a_token():
     )
 
 
-def test_logits_up_to_a_diagonal_do_not_depend_on_tokens_from_it_on():
-    model = small_generator(grid=(4, 4))
+@pytest.mark.parametrize("layers", [{}, LLAMA], ids=["vit_block", "llama_rope"])
+def test_logits_up_to_a_diagonal_do_not_depend_on_tokens_from_it_on(layers):
+    model = small_generator(grid=(4, 4), **layers)
     tokens = jax.random.randint(jax.random.key(3), (1, 4, 4), 0, 13)
     forward = jax.jit(lambda t: model(t, jnp.array([0])))
     base = forward(tokens)
@@ -141,15 +146,16 @@ def test_schedule_emits_every_token_once_after_its_sources(grid, order, passes):
 
 
 @pytest.mark.parametrize(
-    "grid,order,scan_layers,buckets",
-    [((4, 5), "neighbour", False, True), ((4, 5), "neighbour", False, "exact"),
-     ((4, 5), "raster", False, False), ((2, 3, 3), "neighbour", True, True)],
+    "grid,order,scan_layers,buckets,layers",
+    [((4, 5), "neighbour", False, True, {}), ((4, 5), "neighbour", False, "exact", {}),
+     ((4, 5), "raster", False, False, {}), ((2, 3, 3), "neighbour", True, True, {}),
+     ((4, 5), "neighbour", True, True, LLAMA)],
 )  # fmt: skip
 @pytest.mark.slow
 def test_kv_cached_decoding_matches_the_full_forward_at_every_pass(
-    grid, order, scan_layers, buckets
+    grid, order, scan_layers, buckets, layers
 ):
-    model = small_generator(grid, order, scan_layers)
+    model = small_generator(grid, order, scan_layers, **layers)
     tokens = jax.random.randint(jax.random.key(4), (2, *grid), 0, 13)
     labels = jnp.array([0, 2])
     full = model(tokens, labels).reshape(2, -1, 13)
@@ -238,3 +244,12 @@ def test_wrong_grid_and_bad_order_are_clear_errors():
         model(jnp.zeros((1, 5, 4), jnp.int32), jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="model.order"):
         small_generator((4, 5), order="spiral")
+    with pytest.raises(ValueError, match=r"2D RoPE needs a 2D token grid, got \(7,\)"):
+        small_generator((7,), order="raster", posemb="rope2d")
+    for key, value, message in (
+        ("posemb", "sincos", "unknown posemb 'sincos'"),
+        ("norm", "batch", "unknown norm 'batch'"),
+        ("mlp", "relu", "unknown mlp 'relu'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            small_generator((4, 5), **{key: value})

@@ -10,7 +10,8 @@ default sampler: no padded rows, 30 loop bodies to compile), with its passes in 
 width buckets (8 bodies), and as a single loop at the full diagonal width. Random weights: the cost of
 decoding does not depend on their values.
 
-Sizes: "b" is NAR-B / LlamaGen-B (width 768, 12 layers, 12 heads, 16,384 codes); "small" is
+Sizes: "b" is NAR-B / LlamaGen-B (width 768, 12 layers, 12 heads, 16,384 codes, their LLaMA
+block with 2D RoPE, as the converted releases); "small" is
 width 256, 4 layers, 1,024 codes (seconds). The last line printed is one JSON object with
 ``nar_passes``, ``raster_passes`` and ``speedup`` (NAR images/s over raster images/s).
 """
@@ -35,7 +36,10 @@ from common import median_seconds  # noqa: E402
 from vitok.models.nar import TokenGenerator, sample  # noqa: E402
 
 SIZES = {
-    "b": dict(width=768, depth=12, num_heads=12, vocab_size=16384),
+    "b": dict(
+        width=768, depth=12, num_heads=12, vocab_size=16384,
+        norm="rms", mlp="swiglu", use_bias=False, posemb="rope2d",
+    ),  # fmt: skip
     "small": dict(width=256, depth=4, num_heads=4, vocab_size=1024),
 }
 

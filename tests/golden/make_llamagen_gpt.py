@@ -58,8 +58,7 @@ def emission_positions(grid: int, nar: bool) -> list[list[int]]:
     if not nar:
         return [[p] for p in range(grid * grid)]
     return [
-        [i * grid + (c - i) for i in range(grid) if 0 <= c - i < grid]
-        for c in range(2 * grid - 1)
+        [i * grid + (c - i) for i in range(grid) if 0 <= c - i < grid] for c in range(2 * grid - 1)
     ]
 
 

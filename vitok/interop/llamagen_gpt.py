@@ -59,8 +59,7 @@ def read_dims(state: dict, where: str, release: str, extra_blocks: int) -> dict:
     num_heads = HEADS.get((width, depth), width // HEAD_DIM)
     if not num_heads or width % num_heads or width // num_heads % 4:
         raise ConversionError(
-            f"{where}: width {width} does not split into {release}'s heads of {HEAD_DIM} "
-            "channels"
+            f"{where}: width {width} does not split into {release}'s heads of {HEAD_DIM} channels"
         )
     mlp_dim = need(state, "layers.0.feed_forward.w1.weight", 2, where, release).shape[0]
     return dict(

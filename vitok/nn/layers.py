@@ -133,8 +133,12 @@ class MLP(nnx.Module):
         use_bias: bool = True,
         dtype: jnp.dtype = jnp.float32,
     ):
-        self.fc1 = Dense(width, mlp_dim, ("embed", "mlp"), rngs=rngs, use_bias=use_bias, dtype=dtype)
-        self.fc2 = Dense(mlp_dim, width, ("mlp", "embed"), rngs=rngs, use_bias=use_bias, dtype=dtype)
+        self.fc1 = Dense(
+            width, mlp_dim, ("embed", "mlp"), rngs=rngs, use_bias=use_bias, dtype=dtype
+        )
+        self.fc2 = Dense(
+            mlp_dim, width, ("mlp", "embed"), rngs=rngs, use_bias=use_bias, dtype=dtype
+        )
         self.dropout = dropout
 
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:

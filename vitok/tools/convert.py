@@ -61,7 +61,9 @@ def convert(name: str, checkpoint: str, workdir: str, config_spec: str = "", ove
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="name", required=True, help="the release: " + ", ".join(CONVERTERS.names()))
+    parser.add_argument(
+        "--from", dest="name", required=True, help="the release: " + ", ".join(CONVERTERS.names())
+    )
     parser.add_argument("--checkpoint", required=True, help="the downloaded weights file")
     parser.add_argument("--workdir", required=True, help="the run directory to write (new)")
     parser.add_argument(
