@@ -245,3 +245,144 @@ def gpt_inputs(seed: int = 1, batch: int = 3) -> tuple[np.ndarray, np.ndarray]:
     d = GPT_TINY
     labels = rng.integers(0, d["num_classes"], batch)
     return labels, rng.integers(0, d["vocab_size"], (batch, d["grid"] ** 2))
+
+
+# A small FlexTok in apple/ml-flextok's module layout (flextok_wrapper.FlexTok's six parts, as
+# hydra configs: the form the released safetensors store in their metadata, one str(dict) per
+# part). The encoder and decoder follow the release's module lists as its forks document them
+# (encoder: patch embedding, sincos posemb, 1D registers, causal-last packing, FlexTransformer,
+# unpacking, linear head to the FSQ dims; decoder: FSQ codes -> width, learned register
+# posemb, nested dropout, null condition, noised-latent patch embedding, sincos posemb, full
+# packing with per-subsequence AdaLN, time embedder, AdaLN FlexTransformer, unpacking, AdaLN
+# head to latent patches), at width 128 (two 64-channel heads), depth 2, 16 registers, FSQ
+# (8, 5, 5, 5), over the 16x16x4 latents of DIFFUSERS_VAE_TINY on 32x32 images (patch 2).
+def _flextok_tiny_config(vae_path: str = "EPFL-VILAB/flextok_vae_tiny") -> dict:
+    d, regs, channels, grid = 128, 16, 4, 8
+    m = "flextok.model."
+    op = lambda name: {"_target_": "hydra.utils.get_method", "path": f"{m}utils.dict_ops.{name}"}  # noqa: E731
+    enc = {
+        "enc_channels_to_last": {
+            "_target_": m + "utils.dict_ops.PerSampleOp",
+            "read_key": "vae_latents",
+            "write_key": "enc_vae_latents_bhwc",
+            "per_sample_op": op("channels_first_to_last"),
+        },
+        "enc_patch_emb": {
+            "_target_": m + "preprocessors.patching.PatchEmbedder",
+            "input_tensor_list_read_key": "enc_vae_latents_bhwc",
+            "patches_list_write_key": "enc_patches",
+            "n_patches_write_key": "enc_n_patches",
+            "channels_in": channels,
+            "dim": d,
+            "patch_sizes": [2, 2],
+            "flatten_patches": False,
+        },
+        "enc_posemb_module": {
+            "_target_": m + "utils.posembs.PositionalEmbeddingAdder",
+            "read_key": "enc_patches",
+            "write_key": "enc_patches",
+            "dim": d,
+            "max_sizes": [grid, grid],
+            "posemb_type": "sincos",
+            "posemb_scaling": "absolute",
+        },
+        "enc_register_module": {
+            "_target_": m + "preprocessors.registers.Registers1D",
+            "input_tensor_list_read_key": "enc_patches",
+            "register_sizes_read_write_key": "register_sizes",
+            "registers_write_key": "enc_registers",
+            "dim": d,
+            "n_min": regs,
+            "n_max": regs,
+            "size_sampling_mode": "uniform",
+            "ordering_mode": "nested",
+        },
+        "enc_seq_packer": {
+            "_target_": m + "preprocessors.flex_seq_packing.BlockWiseSequencePacker",
+            "input_list_read_keys": ["enc_patches", "enc_registers"],
+            "packed_seq_write_key": "enc_packed_seq",
+            "block_mask_write_key": "enc_block_mask",
+            "inner_packed_shapes_write_key": "enc_ps_inner",
+            "outer_packed_shapes_write_key": "enc_ps_outer",
+            "mask_mode": "causal_last",
+            "pad_to_multiple": 128,
+            "compile_block_mask": False,
+        },
+        "enc_transformer": {
+            "_target_": m + "trunks.transformers.FlexTransformer",
+            "input_seq_read_key": "enc_packed_seq",
+            "output_seq_write_key": "enc_packed_seq",
+            "dim": d,
+            "depth": 2,
+            "block_mask_read_key": "enc_block_mask",
+        },
+        "enc_unpacker": {
+            "_target_": m + "postprocessors.seq_unpacking.SequenceUnpacker",
+            "packed_seq_read_key": "enc_packed_seq",
+            "inner_seq_write_keys": ["enc_patches", "enc_registers"],
+            "inner_packed_shapes_read_key": "enc_ps_inner",
+            "outer_packed_shapes_read_key": "enc_ps_outer",
+        },
+        "enc_to_latents": {
+            "_target_": m + "postprocessors.heads.LinearHead",
+            "read_key": "enc_registers",
+            "write_key": "enc_registers",
+            "dim": d,
+            "dim_out": 4,
+            "use_mup_readout": False,
+            "weight_init_style": "zero",
+        },
+    }
+    dec = {
+        "dec_from_latents": {"_target_": m + "preprocessors.linear.LinearLayer", "read_key": "quants", "write_key": "dec_quants", "dim_in": 4, "dim": d},
+        "dec_registers_posemb_module": {"_target_": m + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_quants", "write_key": "dec_quants", "dim": d, "max_sizes": [regs], "posemb_type": "learnable_sum", "posemb_scaling": "absolute"},
+        "dec_nested_dropout": {"_target_": m + "preprocessors.token_dropout.MaskedNestedDropout", "read_write_key": "dec_quants", "dim": d, "eval_keep_k_read_key": "eval_keep_k", "train_keep_k_write_key": "train_keep_k", "size_sampling_mode": "uniform"},
+        "dec_latent_dropout": {"_target_": m + "preprocessors.nullcond.LearnedNullCond", "read_write_key": "dec_quants", "dim": d, "dropout_prob": 0.2},
+        "dec_noise_channels_to_last": {"_target_": m + "utils.dict_ops.PerSampleOp", "read_key": "vae_latents_noised", "write_key": "dec_noised_bhwc", "per_sample_op": op("channels_first_to_last")},
+        "dec_noise_patch_emb": {"_target_": m + "preprocessors.patching.PatchEmbedder", "input_tensor_list_read_key": "dec_noised_bhwc", "patches_list_write_key": "dec_patches", "n_patches_write_key": "dec_n_patches", "channels_in": channels, "dim": d, "patch_sizes": [2, 2], "flatten_patches": False},
+        "dec_patches_posemb_module": {"_target_": m + "utils.posembs.PositionalEmbeddingAdder", "read_key": "dec_patches", "write_key": "dec_patches", "dim": d, "max_sizes": [grid, grid], "posemb_type": "sincos", "posemb_scaling": "absolute"},
+        "dec_seq_packer": {"_target_": m + "preprocessors.flex_seq_packing.BlockWiseSequencePacker", "input_list_read_keys": ["dec_patches", "dec_quants"], "packed_seq_write_key": "dec_packed_seq", "block_mask_write_key": "dec_block_mask", "inner_packed_shapes_write_key": "dec_ps_inner", "outer_packed_shapes_write_key": "dec_ps_outer", "mask_mode": "full", "pad_to_multiple": 128, "emb_packing_fn_write_key": "dec_emb_packing_fn", "per_subseq_embs": True, "compile_block_mask": False},
+        "dec_time_embedder": {"_target_": m + "preprocessors.time_embedding.TimestepEmbedder", "timesteps_read_key": "timesteps", "time_embedding_write_key": "dec_temb", "dim": d, "max_timestep": 1.0},
+        "dec_transformer": {"_target_": m + "trunks.transformers.FlexTransformer", "input_seq_read_key": "dec_packed_seq", "output_seq_write_key": "dec_packed_seq", "dim": d, "depth": 2, "block_mask_read_key": "dec_block_mask", "adaLN_emb_read_key": "dec_temb", "adaLN_packing_fn_read_key": "dec_emb_packing_fn", "adaLN_expansion": 2},
+        "dec_unpacker": {"_target_": m + "postprocessors.seq_unpacking.SequenceUnpacker", "packed_seq_read_key": "dec_packed_seq", "inner_seq_write_keys": ["dec_patches", "dec_quants"], "inner_packed_shapes_read_key": "dec_ps_inner", "outer_packed_shapes_read_key": "dec_ps_outer"},
+        "dec_to_patches": {"_target_": m + "postprocessors.heads.ToPatchesLinearHead", "read_key": "dec_patches", "write_key": "vae_latents_reconst_bhwc", "dim": d, "channels_out": channels, "patch_sizes": [2, 2], "use_mup_readout": False, "adaLN_emb_read_key": "dec_temb"},
+        "dec_channels_to_first": {"_target_": m + "utils.dict_ops.PerSampleOp", "read_key": "vae_latents_reconst_bhwc", "write_key": "vae_latents_reconst", "per_sample_op": op("channels_last_to_first")},
+    }  # fmt: skip
+    wrapper = lambda modules: {
+        "_target_": m + "utils.wrappers.SequentialModuleDictWrapper",
+        "module_dict": modules,
+    }  # noqa: E731
+    return {
+        "vae": {"_target_": "flextok.vae_wrapper.StableDiffusionVAE", "images_read_key": "rgb", "vae_latents_read_key": "vae_latents_reconst", "vae_latents_write_key": "vae_latents", "images_reconst_write_key": "rgb_reconst", "latent_channels": channels, "scaling_factor": 0.7, "hf_hub_path": vae_path, "sample_posterior": False, "frozen": True},
+        "encoder": wrapper(enc),
+        "decoder": wrapper(dec),
+        "regularizer": {"_target_": "flextok.regularizers.quantize_fsq.FSQ", "latents_read_key": "enc_registers", "quants_write_key": "quants", "tokens_write_key": "tokens", "levels": [8, 5, 5, 5]},
+        "flow_matching_noise_module": {"_target_": "flextok.flow_matching.noise_modules.MinRFNoiseModule", "clean_images_read_key": "vae_latents", "noised_images_write_key": "vae_latents_noised", "timesteps_write_key": "timesteps", "sigmas_write_key": "sigmas"},
+        "pipeline": {"_target_": "flextok.flow_matching.pipelines.MinRFPipeline", "_partial_": True, "target_sizes_read_key": "vae_latent_sizes", "latents_read_key": "quants", "timesteps_read_key": "timesteps", "noised_images_read_key": "vae_latents_noised", "reconst_write_key": "vae_latents_reconst", "out_channels": channels},
+    }  # fmt: skip
+
+
+FLEXTOK_TINY_CONFIG = _flextok_tiny_config()
+
+
+def flextok_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict:
+    """Random FlexTok weights for a {name: shape} table (the golden file's): the VAE's
+    (``vae.vae.*``) as ``diffusers_vae_state_dict``; Linear weights scaled 1/sqrt(fan_in)
+    (AdaLN maps 0.3x; the zero-initialised ones random too, so every path matters); biases
+    small; everything else unit normal: registers, mask and null tokens, the learned posemb,
+    and the stored sincos posembs too (so a converter must carry the file's values)."""
+    rng = np.random.default_rng(seed)
+    vae = {k[len("vae.vae.") :]: v for k, v in shapes.items() if k.startswith("vae.vae.")}
+    out = {f"vae.vae.{k}": v for k, v in diffusers_vae_state_dict(vae, seed).items()}
+    for name in sorted(shapes):
+        if name.startswith("vae.vae."):
+            continue
+        shape = tuple(shapes[name])
+        if len(shape) == 2 and name.endswith("weight"):
+            scale = 0.3 if "adaLN_modulation" in name else 1.0
+            out[name] = (scale * rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        elif name.endswith("bias"):
+            out[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            out[name] = rng.standard_normal(shape).astype(np.float32)
+    return out

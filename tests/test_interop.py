@@ -536,3 +536,71 @@ def test_a_gpt_checkpoint_off_the_layout_is_refused(tmp_path, release, damage, m
         _convert_gpt(tmp_path, release, state)
     assert message in str(exit.value) and "\n" not in str(exit.value)
     assert not os.path.exists(tmp_path / "gpt")
+
+
+# --- FlexTok ----------------------------------------------------------------------------------
+
+
+def _write_flextok(path, shapes, config=None, drop=()):
+    from tests.official_layouts import FLEXTOK_TINY_CONFIG, flextok_state_dict
+
+    state = {k: v for k, v in flextok_state_dict(shapes, 0).items() if k not in drop}
+    metadata = {k: str(v) for k, v in (config or FLEXTOK_TINY_CONFIG).items()}
+    write_safetensors(str(path), state, metadata)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def flextok_run(tmp_path_factory):
+    """The golden's random-weight FlexTok release converted once (and its VAE as DIR/vae)."""
+    golden = np.load(os.path.join(GOLDEN, "flextok_tiny.npz"))
+    tmp = tmp_path_factory.mktemp("flextok")
+    checkpoint = _write_flextok(tmp / "model.safetensors", json.loads(str(golden["shapes"])))
+    workdir = str(tmp / "flextok")
+    convert.main([
+        "--from=flextok", f"--checkpoint={checkpoint}", f"--workdir={workdir}",
+        "--config.model.dtype=float32",
+    ])  # fmt: skip
+    return golden, workdir
+
+
+def test_converted_flextok_matches_the_release(flextok_run):
+    """golden/flextok_tiny.npz holds apple/ml-flextok's own FlexTok outputs on these weights,
+    images and noise (golden/make_flextok.py says how). The converted run tokenizes the images
+    to the same ids (VAE, encoder, FSQ); one decoder call gives the release's velocity within
+    1e-4 relative with 16 and 3 tokens kept and with the null condition; and its sampler, fed
+    the same noise, ends at the release's latents without guidance, with CFG 3.0 and with APG
+    7.5 (within 1e-4 relative after 3-4 Euler steps), and at its images through the VAE."""
+    import jax
+    import jax.numpy as jnp
+
+    from vitok.models.vit import patchify, unpatchify
+
+    golden, workdir = flextok_run
+    model = runs.load_run(workdir).module()
+    assert (model.num_registers, model.codebook_size, model.grid) == (16, 8 * 5 * 5 * 5, (8, 8))
+    ids = np.asarray(model.tokenize(vq_images(1, 2, 32)))
+    np.testing.assert_array_equal(ids, golden["ids"])
+
+    def close(got, want, what):
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-4, (what, err)
+
+    to_patches = lambda nchw: patchify(jnp.asarray(nchw.transpose(0, 2, 3, 1)), 2)  # noqa: E731
+    to_nchw = lambda p: np.asarray(unpatchify(p, (8, 8), 2)).transpose(0, 3, 1, 2)  # noqa: E731
+    noise = to_patches(golden["noise"])
+    codes = model.fsq.ids_to_codes(jnp.asarray(ids))
+    for k, name in ((16, "velocity_k16"), (3, "velocity_k3"), (0, "velocity_null")):
+        keep = jnp.arange(16)[None].repeat(2, 0) < k
+        v = model.velocity(noise, jnp.ones((2,)), model.condition(codes, keep))
+        close(to_nchw(v), golden[name], name)
+    for name, (k, steps, guidance, apg) in {
+        "full": (16, 4, 1.0, False), "cfg": (5, 3, 3.0, False), "apg": (3, 4, 7.5, True),
+    }.items():  # fmt: skip
+        keep = jnp.arange(16)[None].repeat(2, 0) < k
+        x0 = model.sample_space(
+            codes, keep, jax.random.key(0), steps=steps, guidance=guidance, apg=apg, noise=noise
+        )
+        close(to_nchw(x0), golden[f"sample_{name}"], name)
+    images = np.asarray(model.from_space(x0)).transpose(0, 3, 1, 2)
+    close(images, golden["images_apg"], "images_apg")

@@ -19,6 +19,7 @@ CONVERTERS = Registry(
     modules={
         "llamagen_vq": "llamagen",
         "flextok_vae": "diffusers_vae",
+        "flextok": "flextok",
         "nar": "llamagen_gpt",
         "llamagen_gpt": "llamagen_gpt",
     },

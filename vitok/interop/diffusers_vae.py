@@ -140,22 +140,30 @@ def scaling_factor(path: str, given: float) -> float:
     return float(given) if value is None else float(value)
 
 
-@CONVERTERS.register("flextok_vae")
-def convert(path: str, config: ml_collections.ConfigDict):
-    """A diffusers AutoencoderKL .safetensors -> (``config`` with its architecture and latent
-    scale, params in vitok's ``vae`` layout as nested dicts of numpy arrays)."""
-    state, _ = read_safetensors(path)
+def convert_state(
+    state: dict, model: ml_collections.ConfigDict, where: str, latent_scale: float
+) -> dict:
+    """An AutoencoderKL state dict -> params in vitok's ``vae`` layout; fills ``model`` (a
+    ``config.model``) with its architecture and ``latent_scale``."""
     state = _modern_names(state)
     projections = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
     state = {  # SD's original checkpoints stored them as 1x1 convolutions
         n: v[:, :, 0, 0] if n.endswith(projections) and v.ndim == 4 else v for n, v in state.items()
     }
-    dims = read_dims(state, path)
-    check_layout(state, expected_layout(dims), path)
-    model = config.model
+    dims = read_dims(state, where)
+    check_layout(state, expected_layout(dims), where)
     model.name = "vae"
     for key, value in dims.items():
         model[key] = value
     model.quant_conv = True
-    model.latent_scale = scaling_factor(path, model.get("latent_scale", 1.0))
-    return config, conv_layout.params(state, modules(dims), NAMES)
+    model.latent_scale = float(latent_scale)
+    return conv_layout.params(state, modules(dims), NAMES)
+
+
+@CONVERTERS.register("flextok_vae")
+def convert(path: str, config: ml_collections.ConfigDict):
+    """A diffusers AutoencoderKL .safetensors -> (``config`` with its architecture and latent
+    scale, params in vitok's ``vae`` layout as nested dicts of numpy arrays)."""
+    state, _ = read_safetensors(path)
+    scale = scaling_factor(path, config.model.get("latent_scale", 1.0))
+    return config, convert_state(state, config.model, path, scale)

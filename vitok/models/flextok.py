@@ -31,7 +31,7 @@ from vitok import sharding
 from vitok.models.base import PAD_ID, Tokenizer, check_image_shape, pad_ids
 from vitok.models.vit import overlap_patchify, overlap_unpatchify, patchify, unpatchify
 from vitok.nn.adaln import AdaLNTransformer, TimeEmbedder
-from vitok.nn.attention import RegisterCausalMask
+from vitok.nn.attention import RegisterCausalMask, plain_layer_norm
 from vitok.nn.layers import Dense, param
 from vitok.nn.posemb import sincos_2d
 from vitok.nn.quantizers import FSQ
@@ -79,12 +79,30 @@ class FlowOptions:
     mixing_init: str = "normal"
     repa_layer: int = 0
     repa_dim: int = 0
+    # Definitions where FlexTok's release differs from vitok's own (a converted release sets
+    # them all; see ``FlexTok``'s docstring).
+    block_style: str = "vit"
+    adaln_parts: int = 1
+    posemb: str = "sincos"
+    fsq_bound: str = "tanh"
+    fsq_input_norm: bool = False
+    mask_posemb: bool = True
+    null_condition: str = "mask"
+    time_max_period: float = 10_000.0
+    time_scale: float = 1000.0
+    apg_space: str = "x0"
+    apg_momentum: float = 0.0
 
     def __post_init__(self):
         choices = {
             "prediction": ("velocity", "x0", "x0_skip"),
             "decoder_patches": ("disjoint", "overlap_out", "overlap"),
             "mixing_init": ("normal", "dct"),
+            "block_style": ("vit", "flextok"),
+            "posemb": ("sincos", "learned"),
+            "fsq_bound": FSQ.BOUNDS,
+            "null_condition": ("mask", "zeros", "learned"),
+            "apg_space": ("x0", "velocity"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -92,6 +110,22 @@ class FlowOptions:
                 raise ValueError(f"{key} must be {known}, got {getattr(self, key)!r}")
         if self.time_shift < 1.0:
             raise ValueError(f"time_shift must be >= 1, got {self.time_shift}")
+        if self.adaln_parts not in (1, 2):
+            raise ValueError(f"adaln_parts must be 1 or 2, got {self.adaln_parts}")
+
+    def block_options(self) -> dict:
+        """The encoder's ``Block`` options: FlexTok's release has LayerNorms without scale or
+        bias (eps 1e-5), QK-norm, SwiGLU and no biases in its blocks."""
+        if self.block_style == "vit":
+            return {}
+        return dict(norm="plain", mlp="swiglu", use_bias=False, qk_norm=True)
+
+    def adaln_options(self) -> dict:
+        """The decoder's ``AdaLNBlock`` options (the same choices; ``adaln_parts``)."""
+        options = {"parts": self.adaln_parts}
+        if self.block_style == "flextok":
+            options |= dict(norm_eps=1e-5, mlp="swiglu", use_bias=False, qk_norm=True)
+        return options
 
 
 # config.model's keys that are not FlexTok's own arguments but fill its parts.
@@ -151,6 +185,28 @@ class FlexTok(Tokenizer):
           network (no noise to carry through, as with "x0"), towards sigma = 0 it is mostly x_t
           itself, so fine detail already in x_t is kept instead of re-predicted by a small
           network through its patch bottleneck.
+
+      The release's definitions (``vitok.interop.flextok`` sets them when it converts a
+      checkpoint; vitok's own presets keep the defaults):
+      block_style: "vit" (LayerNorm with scale and bias, GELU MLP, biases, a final encoder
+        LayerNorm) or "flextok" (LayerNorms without scale or bias at eps 1e-5, QK-norm, SwiGLU,
+        no biases, no final encoder norm: the release's FlexTransformer).
+      adaln_parts: 2 gives the decoder's registers and patches their own AdaLN modulations
+        (the release's ``adaLN_expansion``); 1 shares one.
+      posemb: "sincos" (computed) or "learned" (a stored table per stack, as the release keeps
+        its sincos tables in the checkpoint).
+      fsq_bound: "tanh" or "release" (``vitok.nn.quantizers.FSQ``).
+      fsq_input_norm: LayerNorm (no scale or bias) on the registers before the FSQ projection.
+      mask_posemb: the register posemb is added after the mask token replaces the dropped
+        registers (True) or before, so mask tokens carry none (False, the release).
+      null_condition: an example with no kept register (guidance's null condition, cfg
+        dropout) gets every register masked ("mask"), zeros ("zeros") or one learned token in
+        every slot ("learned"), the last two the release's ZeroNullCond / LearnedNullCond.
+      time_max_period, time_scale: the time embedding's sinusoid (``timestep_embedding``;
+        the release: 256 and 1000 / max_timestep).
+      apg_space, apg_momentum: APG on the denoised estimates ("x0") or on the velocities
+        themselves ("velocity", the release), with the guidance difference kept as a running
+        sum diff + momentum * previous (the release: -0.5; 0 keeps none).
     """
 
     def __init__(
@@ -188,7 +244,14 @@ class FlexTok(Tokenizer):
         self.grid = (h // patch_size, w // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.num_registers = num_registers
-        self.fsq = FSQ(fsq_levels)
+        self.fsq = FSQ(fsq_levels, options.fsq_bound)
+        self.posemb_kind = options.posemb
+        self.fsq_input_norm = bool(options.fsq_input_norm)
+        self.mask_posemb = bool(options.mask_posemb)
+        self.null_kind = options.null_condition
+        self.adaln_parts = int(options.adaln_parts)
+        self.apg_space, self.apg_momentum = options.apg_space, float(options.apg_momentum)
+        self.mlp_matmuls = 3 if options.block_style == "flextok" else 2
         self.dtype = dtype
         self.patch_dim = patch_size * patch_size * c
         self.time_shift = float(options.time_shift)
@@ -213,6 +276,7 @@ class FlexTok(Tokenizer):
         # the first block and they all quantize to the same few codes (measured at init).
         unit = nnx.initializers.normal(stddev=1.0)
         self.enc_registers = param(rngs, unit, (self.num_registers, we), (None, "embed"))
+        self.enc_posemb = self._posemb_param(we, rngs, options)
         p, n = self.num_patches, self.num_registers
         if options.mixing_init == "normal":
             enc_mix_init, dec_mix_init = normal_fan_in(p), normal_fan_in(n)
@@ -232,6 +296,8 @@ class FlexTok(Tokenizer):
             attention_backend=compute.attention_backend,
             remat=compute.remat,
             scan_layers=compute.scan_layers,
+            final_norm=options.block_style == "vit",
+            block_options=options.block_options(),
         )
         # Small projections keep tanh inside FSQ unsaturated at the start.
         small = nnx.initializers.variance_scaling(0.1, "fan_in", "normal")
@@ -250,10 +316,18 @@ class FlexTok(Tokenizer):
         self.from_fsq = Dense(self.fsq.dim, wd, (None, "embed"), rngs=rngs, dtype=dtype)
         self.mask_token = param(rngs, normal, (1, wd), (None, "embed"))
         self.dec_register_posemb = param(rngs, normal, (self.num_registers, wd), (None, "embed"))
+        self.null_token = (
+            param(rngs, normal, (1, wd), (None, "embed"))
+            if options.null_condition == "learned"
+            else None
+        )
+        self.dec_posemb = self._posemb_param(wd, rngs, options)
         read_dim = self.patch_dim * (4 if self.decoder_patches == "overlap" else 1)
         tile_dim = self.patch_dim * (1 if self.decoder_patches == "disjoint" else 4)
         self.dec_patch_embed = Dense(read_dim, wd, ("patch", "embed"), rngs=rngs, dtype=dtype)
-        self.time_embed = TimeEmbedder(wd, rngs=rngs)
+        self.time_embed = TimeEmbedder(
+            wd, rngs=rngs, max_period=options.time_max_period, scale=options.time_scale
+        )
         self.adaln_registers = (
             Dense(wd, wd, ("embed", None), rngs=rngs, dtype=dtype)
             if options.adaln_registers
@@ -269,6 +343,7 @@ class FlexTok(Tokenizer):
             attention_backend=compute.attention_backend,
             remat=compute.remat,
             scan_layers=compute.scan_layers,
+            block_options=options.adaln_options(),
         )
         zeros = nnx.initializers.zeros_init()
         self.dec_out = Dense(wd, tile_dim, ("embed", "patch"), rngs=rngs, kernel_init=zeros)
@@ -277,6 +352,19 @@ class FlexTok(Tokenizer):
             if options.repa_dim
             else None
         )
+
+    def _posemb_param(self, width: int, rngs: nnx.Rngs, options: FlowOptions):
+        """A stored patch posemb [P, width] (``posemb="learned"``), or None (sincos)."""
+        if options.posemb != "learned":
+            return None
+        table = nnx.initializers.normal(stddev=0.02)
+        return param(rngs, table, (self.num_patches, width), (None, "embed"))
+
+    def _patch_posemb(self, table, width: int, dtype) -> jax.Array:
+        """[P, width]: the stored table, or the computed sincos one."""
+        if table is not None:
+            return table[...].astype(dtype)
+        return jnp.asarray(sincos_2d(*self.grid, width)).astype(dtype)
 
     @classmethod
     def from_config(
@@ -372,8 +460,12 @@ class FlexTok(Tokenizer):
         """images [B, H, W, C] -> (the encoder's input tokens [B, P + N, De] = [patches ;
         registers], its attention mask)."""
         self.check_images(images)
-        x = self.enc_patch_embed(self.to_space(images))
-        x = x + jnp.asarray(sincos_2d(*self.grid, self.enc_width)).astype(x.dtype)[None]
+        return self.encoder_inputs_from_space(self.to_space(images))
+
+    def encoder_inputs_from_space(self, x0: jax.Array) -> tuple[jax.Array, RegisterCausalMask]:
+        """Flow-space patches x0 [B, P, patch_dim] -> ``encoder_inputs``."""
+        x = self.enc_patch_embed(x0)
+        x = x + self._patch_posemb(self.enc_posemb, self.enc_width, x.dtype)[None]
         registers = jnp.broadcast_to(
             self.enc_registers[...].astype(x.dtype), (x.shape[0], *self.enc_registers.shape)
         )
@@ -390,9 +482,16 @@ class FlexTok(Tokenizer):
 
         ``codes`` carry straight-through gradients to the encoder.
         """
-        x = self.encoder(*self.encoder_inputs(images))
-        z = self.to_fsq(x[:, self.num_patches :])
-        return self.fsq(z)
+        self.check_images(images)
+        return self.encode_space(self.to_space(images))
+
+    def encode_space(self, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Flow-space patches x0 [B, P, patch_dim] (the VAE's latents, patchified) -> ``encode``."""
+        x = self.encoder(*self.encoder_inputs_from_space(x0))
+        registers = x[:, self.num_patches :]
+        if self.fsq_input_norm:
+            registers = plain_layer_norm(registers)
+        return self.fsq(self.to_fsq(registers))
 
     def tokenize(self, images: jax.Array) -> jax.Array:
         """images [B, H, W, C] in [-1, 1] -> token ids [B, N] int32, ordered coarse to fine."""
@@ -402,11 +501,23 @@ class FlexTok(Tokenizer):
 
     def condition(self, codes: jax.Array, keep: jax.Array) -> jax.Array:
         """codes [B, N, d], keep [B, N] bool -> register tokens [B, N, Dd]; the registers that are
-        not kept become the learned mask token (nested dropout; all masked = null condition)."""
+        not kept become the learned mask token (nested dropout). An example with none kept is
+        the null condition (``null_condition``: all masked, zeros or the learned null token)."""
         tokens = self.from_fsq(codes)
-        mask_token = self.mask_token[...].astype(tokens.dtype)
-        tokens = jnp.where(keep[..., None], tokens, mask_token[None])
-        return tokens + self.dec_register_posemb[...].astype(tokens.dtype)[None]
+        mask_token = self.mask_token[...].astype(tokens.dtype)[None]
+        posemb = self.dec_register_posemb[...].astype(tokens.dtype)[None]
+        if self.mask_posemb:
+            tokens = jnp.where(keep[..., None], tokens, mask_token) + posemb
+        else:
+            tokens = jnp.where(keep[..., None], tokens + posemb, mask_token)
+        if self.null_kind == "mask":
+            return tokens
+        null = (
+            jnp.zeros_like(tokens[:1])
+            if self.null_token is None
+            else jnp.broadcast_to(self.null_token[...].astype(tokens.dtype)[None], tokens[:1].shape)
+        )
+        return jnp.where(keep.any(axis=1)[:, None, None], tokens, null)
 
     def velocity(self, x_t: jax.Array, sigma: jax.Array, registers: jax.Array) -> jax.Array:
         """x_t [B, P, patch_dim], sigma [B] in [0, 1], registers [B, N, Dd] (from ``condition``)
@@ -435,7 +546,7 @@ class FlexTok(Tokenizer):
             x = self.dec_patch_embed(overlap_patchify(image, self.patch_size).astype(x_t.dtype))
         else:
             x = self.dec_patch_embed(x_t)
-        x = x + jnp.asarray(sincos_2d(*self.grid, self.dec_width)).astype(x.dtype)[None]
+        x = x + self._patch_posemb(self.dec_posemb, self.dec_width, x.dtype)[None]
         registers = registers.astype(x.dtype)
         if self.dec_patch_mix is not None:
             x = x + jnp.einsum("pn,bnd->bpd", self.dec_patch_mix[...].astype(x.dtype), registers)
@@ -444,7 +555,8 @@ class FlexTok(Tokenizer):
         cond = self.time_embed(sigma)
         if self.adaln_registers is not None:
             cond = cond + self.adaln_registers(registers.mean(axis=1)).astype(cond.dtype)
-        return self.decoder(x, cond, hidden_layer=self.repa_layer if repa else 0)
+        parts = (self.num_registers, self.num_patches) if self.adaln_parts > 1 else None
+        return self.decoder(x, cond, hidden_layer=self.repa_layer if repa else 0, part_sizes=parts)
 
     def velocity_target(self, x_t, x0, noise, sigma) -> jax.Array:
         """The velocity ``velocity`` is trained to output, [B, P, patch_dim] float32: noise - x0,
@@ -470,7 +582,12 @@ class FlexTok(Tokenizer):
         # the error near the data end (the floor's value as in Li & He 2025).
         return (x_t - x0) / floored_sigma(sigma)[:, None, None]
 
-    def sample(
+    def sample(self, codes: jax.Array, keep: jax.Array, rng: jax.Array, **options) -> jax.Array:
+        """codes [B, N, d], keep [B, N] -> images [B, H, W, C] in [-1, 1] (``sample_space``,
+        decoded by the VAE in latent space)."""
+        return self.from_space(self.sample_space(codes, keep, rng, **options))
+
+    def sample_space(
         self,
         codes: jax.Array,
         keep: jax.Array,
@@ -481,13 +598,16 @@ class FlexTok(Tokenizer):
         apg: bool = False,
         apg_eta: float = 0.0,
         apg_norm_threshold: float = 2.5,
+        noise: jax.Array | None = None,
     ) -> jax.Array:
-        """codes [B, N, d], keep [B, N] -> images [B, H, W, C] in [-1, 1].
+        """codes [B, N, d], keep [B, N] -> flow-space patches x0 [B, P, patch_dim] float32.
 
         Euler integration of dx/dsigma = v from sigma = 1 to 0 in ``steps`` steps (equal steps
-        of the unshifted time, see ``time_shift``), all in one ``lax.fori_loop``. ``guidance`` w != 1 mixes v = v_null + w (v_cond - v_null), the
-        null condition masking every register; ``apg`` applies adaptive projected guidance
-        (Sadat et al. 2024) to the denoised estimates instead.
+        of the unshifted time, see ``time_shift``), all in one ``lax.fori_loop``. ``guidance`` w
+        != 1 mixes v = v_null + w (v_cond - v_null), the null condition masking every register;
+        ``apg`` applies adaptive projected guidance (Sadat et al. 2024) instead, on the denoised
+        estimates or the velocities (``apg_space``, ``apg_momentum``). ``noise`` [B, P,
+        patch_dim] replaces the draw from ``rng`` (the starting point at sigma = 1).
         """
         b = codes.shape[0]
         registers = self.condition(codes, keep)
@@ -495,7 +615,11 @@ class FlexTok(Tokenizer):
         if guided:
             null = self.condition(codes, jnp.zeros_like(keep))
             registers = jnp.concatenate([registers, null], axis=0)
-        noise = jax.random.normal(rng, (b, self.num_patches, self.patch_dim), jnp.float32)
+        shape = (b, self.num_patches, self.patch_dim)
+        if noise is None:
+            noise = jax.random.normal(rng, shape, jnp.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         sigmas = shift_sigma(jnp.linspace(1.0, 0.0, steps + 1), self.time_shift)
 
         # The module's state rides in the loop carry and the body rebuilds the module from it:
@@ -503,23 +627,27 @@ class FlexTok(Tokenizer):
         graphdef, state = nnx.split(self)
 
         def step(i, carry):
-            x, state = carry
+            x, running, state = carry
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             x_in = jnp.concatenate([x, x], axis=0) if guided else x
             model = nnx.merge(graphdef, state)
             v = model.velocity(x_in, jnp.full((x_in.shape[0],), sigma), registers)
             if guided:
                 v_cond, v_null = v[:b], v[b:]
-                if apg:
+                if apg and self.apg_space == "velocity":
+                    running = (v_cond - v_null) + self.apg_momentum * running
+                    v = apg_update(v_cond, running, guidance, apg_eta, apg_norm_threshold)
+                elif apg:
                     v = apg_velocity(
                         x, sigma, v_cond, v_null, guidance, apg_eta, apg_norm_threshold
                     )
                 else:
                     v = v_null + guidance * (v_cond - v_null)
-            return x + (sigma_next - sigma) * v, state
+            return x + (sigma_next - sigma) * v, running, state
 
-        x0, _ = jax.lax.fori_loop(0, steps, step, (noise, state))
-        return self.from_space(x0)
+        x = noise.astype(jnp.float32)
+        x0, _, _ = jax.lax.fori_loop(0, steps, step, (x, jnp.zeros_like(x), state))
+        return x0
 
     def detokenize(
         self, ids: jax.Array, rng: jax.Array, *, steps: int = 25, guidance: float = 1.0, **kw
@@ -542,8 +670,9 @@ class FlexTok(Tokenizer):
         read_dim = self.dec_patch_embed.kernel.shape[0]  # patch_dim, or 4x with windows
         tile_dim = self.dec_out.kernel.shape[-1]  # patch_dim, or 4x with overlapping tiles
         embed = 2 * self.num_patches * (self.patch_dim * we + (read_dim + tile_dim) * wd)
-        encoder = transformer_flops(length, we, enc.depth, enc.mlp_dim)
-        decoder = transformer_flops(length, wd, dec.depth, dec.mlp_dim)
+        per_matmul = self.mlp_matmuls / 2  # SwiGLU's three matmuls against GELU's two
+        encoder = transformer_flops(length, we, enc.depth, int(enc.mlp_dim * per_matmul))
+        decoder = transformer_flops(length, wd, dec.depth, int(dec.mlp_dim * per_matmul))
         modulation = 2 * wd * wd * (6 * dec.depth + 2)
         mixing = 2 * self.num_patches * self.num_registers * (we + wd)
         mixing *= self.enc_register_mix is not None
@@ -632,6 +761,18 @@ def apg_velocity(x, sigma, v_cond, v_null, scale, eta, norm_threshold):
     x0 = x0_cond + (scale - 1.0) * update
     # v = (x - x0) / sigma; at sigma = 0 the step length is zero anyway.
     return (x - x0) / jnp.maximum(sigma, 1e-6)
+
+
+def apg_update(pred, diff, scale, eta, norm_threshold):
+    """Adaptive projected guidance on a prediction itself (FlexTok's release: the velocity),
+    per image: the guidance difference ``diff`` [B, ...] clipped to ``norm_threshold``, its
+    component parallel to ``pred`` scaled by ``eta``, added (scale - 1) times."""
+    axes = tuple(range(1, pred.ndim))
+    norm = jnp.sqrt(jnp.sum(diff**2, axis=axes, keepdims=True))
+    diff = diff * jnp.minimum(1.0, norm_threshold / jnp.maximum(norm, 1e-12))
+    unit = pred / jnp.maximum(jnp.sqrt(jnp.sum(pred**2, axis=axes, keepdims=True)), 1e-12)
+    parallel = jnp.sum(diff * unit, axis=axes, keepdims=True) * unit
+    return pred + (scale - 1.0) * ((diff - parallel) + eta * parallel)
 
 
 def keep_mask(counts: jax.Array, num_registers: int) -> jax.Array:

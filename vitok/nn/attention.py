@@ -301,8 +301,17 @@ class KVCache:
         return masked_attention(q, self.k[layer], self.v[layer], self.allowed)
 
 
+def plain_layer_norm(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
+    """LayerNorm over the last axis without scale or bias, in float32 (QK-norm)."""
+    y = x.astype(jnp.float32)
+    y = y - y.mean(-1, keepdims=True)
+    return (y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + epsilon)).astype(x.dtype)
+
+
 class MultiHeadAttention(nnx.Module):
-    """Self-attention with head-sharded projections: W_qkv [D, 3, H, Dh], W_out [H, Dh, D]."""
+    """Self-attention with head-sharded projections: W_qkv [D, 3, H, Dh], W_out [H, Dh, D].
+    ``qk_norm``: queries and keys are layer-normalised per head (no scale or bias, eps 1e-5;
+    FlexTok's)."""
 
     def __init__(
         self,
@@ -313,6 +322,7 @@ class MultiHeadAttention(nnx.Module):
         backend: str = "dense",
         dropout: float = 0.0,
         use_bias: bool = True,
+        qk_norm: bool = False,
         dtype: jnp.dtype = jnp.float32,
     ):
         if width % num_heads:
@@ -333,6 +343,7 @@ class MultiHeadAttention(nnx.Module):
         self.out_bias = param(rngs, zeros, (width,), ("embed",)) if use_bias else None
         self.backend = backend
         self.dropout = dropout
+        self.qk_norm = qk_norm
         self.dtype = dtype
 
     def __call__(
@@ -350,6 +361,8 @@ class MultiHeadAttention(nnx.Module):
         (``mask`` unused: the cache's ``allowed`` masks). ``rope`` [L, Dh / 2, 2]: rotary
         (cos, sin) of the L positions, applied to queries and keys (``vitok.nn.rope``)."""
         q, k, v = self.project(x)
+        if self.qk_norm:
+            q, k = plain_layer_norm(q), plain_layer_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:

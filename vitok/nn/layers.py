@@ -111,13 +111,26 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...]).astype(self.dtype)
 
 
+NORMS = ("layer", "plain", "rms")
+
+
 def make_norm(kind: str, features: int, *, rngs: nnx.Rngs, epsilon: float | None, dtype):
-    """``kind`` "layer" (LayerNorm, eps 1e-6 by default) or "rms" (RMSNorm, eps 1e-5)."""
+    """``kind`` "layer" (LayerNorm, eps 1e-6 by default), "plain" (LayerNorm without scale or
+    bias, eps 1e-5: FlexTok's) or "rms" (RMSNorm, eps 1e-5)."""
     if kind == "layer":
         return LayerNorm(features, rngs=rngs, epsilon=epsilon or 1e-6, dtype=dtype)
+    if kind == "plain":
+        return LayerNorm(
+            features,
+            rngs=rngs,
+            epsilon=epsilon or 1e-5,
+            use_scale=False,
+            use_bias=False,
+            dtype=dtype,
+        )
     if kind == "rms":
         return RMSNorm(features, rngs=rngs, epsilon=epsilon or 1e-5, dtype=dtype)
-    raise ValueError(f"unknown norm {kind!r}, known: 'layer', 'rms'")
+    raise ValueError(f"unknown norm {kind!r}, known: {', '.join(map(repr, NORMS))}")
 
 
 class MLP(nnx.Module):

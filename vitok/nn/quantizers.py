@@ -23,30 +23,56 @@ from vitok.nn.layers import param
 
 
 class FSQ:
-    """A parameter-free quantizer over the last axis, of size ``len(levels)``."""
+    """A parameter-free quantizer over the last axis, of size ``len(levels)``.
 
-    def __init__(self, levels: Sequence[int]):
+    ``bound="tanh"`` (vitok's): digit u = (tanh(z) + 1) / 2 (L - 1), code 2 u / (L - 1) - 1,
+    codes spread evenly over [-1, 1]. ``bound="release"`` (Mentzer et al.'s, in FlexTok's
+    release): b = tanh(z + atanh(o / h)) h - o with h = (L - 1)(1 + 1e-3) / 2 and o = 1/2 for
+    even L (0 for odd), digit round(b) + L // 2, code round(b) / (L // 2): for even L the codes
+    are -1 .. 1 - 2 / L, not symmetric. The ids are sum(digit_i * prod(L_j, j < i)) in both.
+    """
+
+    BOUNDS = ("tanh", "release")
+
+    def __init__(self, levels: Sequence[int], bound: str = "tanh"):
         levels = tuple(int(level) for level in levels)
         if not levels or min(levels) < 2:
             raise ValueError(f"FSQ levels must be integers >= 2, got {levels}")
+        if bound not in self.BOUNDS:
+            raise ValueError(f"FSQ bound must be 'tanh' or 'release', got {bound!r}")
         self.levels = levels
+        self.bound = bound
         self.dim = len(levels)
         self.codebook_size = int(np.prod(levels))
         if self.codebook_size > np.iinfo(np.int32).max:
             raise ValueError(f"FSQ codebook of {self.codebook_size} codes does not fit in int32")
         self._levels = np.asarray(levels, np.float32)
+        self._half = np.asarray([level // 2 for level in levels], np.float32)
         self._basis = np.cumprod((1,) + levels[:-1]).astype(np.int32)
 
     def digits(self, z: jax.Array) -> jax.Array:
         """z: [..., d] real -> digits [..., d] float32 in {0, ..., L_i - 1}, straight-through."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"FSQ with {self.dim} levels got inputs with last axis {z.shape[-1]}")
-        u = (jnp.tanh(z.astype(jnp.float32)) + 1) / 2 * (self._levels - 1)
+        z = z.astype(jnp.float32)
+        if self.bound == "tanh":
+            u = (jnp.tanh(z) + 1) / 2 * (self._levels - 1)
+        else:
+            half_l = (self._levels - 1) * (1 + 1e-3) / 2
+            offset = np.where(self.levels_even, 0.5, 0.0).astype(np.float32)
+            shift = np.arctanh(offset / half_l).astype(np.float32)
+            u = jnp.tanh(z + shift) * half_l - offset + self._half
         return u + jax.lax.stop_gradient(jnp.round(u) - u)
+
+    @property
+    def levels_even(self) -> np.ndarray:
+        return np.asarray([level % 2 == 0 for level in self.levels])
 
     def digits_to_codes(self, digits: jax.Array) -> jax.Array:
         """digits [..., d] -> the codes a decoder sees, [..., d] in [-1, 1]."""
-        return digits / (self._levels - 1) * 2 - 1
+        if self.bound == "tanh":
+            return digits / (self._levels - 1) * 2 - 1
+        return (digits - self._half) / self._half
 
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         """z: [..., d] -> (codes [..., d] float32 in [-1, 1], ids [...] int32)."""

@@ -33,8 +33,9 @@ class Block(nnx.Module):
     """x + Attn(Norm(x)); x + MLP(Norm(x)), each branch optionally dropped per example.
 
     The ViT block by default (LayerNorm, GELU MLP, biases); ``norm="rms"``, ``mlp="swiglu"``,
-    ``use_bias=False`` give the LLaMA block of LlamaGen's and NAR's GPTs. ``norm_eps`` None is
-    the norm's own default (LayerNorm 1e-6, RMSNorm 1e-5).
+    ``use_bias=False`` give the LLaMA block of LlamaGen's and NAR's GPTs, ``norm="plain"``,
+    ``mlp="swiglu"``, ``use_bias=False``, ``qk_norm=True`` FlexTok's. ``norm_eps`` None is the
+    norm's own default (``vitok.nn.layers.make_norm``).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class Block(nnx.Module):
         norm_eps: float | None = None,
         mlp: str = "gelu",
         use_bias: bool = True,
+        qk_norm: bool = False,
         dtype: jnp.dtype = jnp.float32,
     ):
         if mlp not in MLPS:
@@ -62,6 +64,7 @@ class Block(nnx.Module):
             backend=attention_backend,
             dropout=dropout,
             use_bias=use_bias,
+            qk_norm=qk_norm,
             dtype=dtype,
         )
         self.norm2 = make_norm(norm, width, rngs=rngs, epsilon=norm_eps, dtype=dtype)
@@ -167,7 +170,8 @@ def run_stack(
 
 
 class Encoder(nnx.Module):
-    """A stack of ``depth`` blocks followed by a final LayerNorm.
+    """A stack of ``depth`` blocks followed by a final LayerNorm (``final_norm=False``: none;
+    ``block_options``: the blocks' layer choices, see ``Block``).
 
     ``scan_layers=True`` stores the blocks' parameters stacked on a leading ``layers`` axis and
     applies them with ``nnx.scan``: one compiled block instead of ``depth`` copies, which compiles
@@ -190,6 +194,8 @@ class Encoder(nnx.Module):
         remat: bool = False,
         scan_layers: bool = False,
         drop_path_rate: float = 0.0,
+        final_norm: bool = True,
+        block_options: dict | None = None,
         dtype: jnp.dtype = jnp.float32,
     ):
         if not 0.0 <= drop_path_rate < 1.0:
@@ -204,10 +210,11 @@ class Encoder(nnx.Module):
                 attention_backend=attention_backend,
                 dropout=dropout,
                 dtype=dtype,
+                **(block_options or {}),
             )
 
         self.blocks = make_stack(make_block, depth, rngs, scan_layers)
-        self.norm = LayerNorm(width, rngs=rngs, dtype=dtype)
+        self.norm = LayerNorm(width, rngs=rngs, dtype=dtype) if final_norm else None
         self.depth = depth
         self.mlp_dim = mlp_dim
         self.remat = remat
@@ -235,4 +242,4 @@ class Encoder(nnx.Module):
             dropout_rng=dropout_rng,
             per_layer=rates,
         )
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x

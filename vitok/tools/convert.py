@@ -14,6 +14,7 @@ nothing is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -30,7 +31,12 @@ from vitok.tools import parse_with_config_overrides
 def as_model_params(handle: ModelHandle, params: dict, where: str) -> dict:
     """A converter's nested dict -> params with the model's exact structure and dtypes;
     ConversionError naming the first leaves that are missing, extra or of another shape."""
-    wanted = flatten_params(handle.abstract_params())
+    return as_tree_like(handle.abstract_params(), params, where)
+
+
+def as_tree_like(abstract: dict, params: dict, where: str) -> dict:
+    """``params`` with the structure and dtypes of ``abstract`` (ShapeDtypeStructs)."""
+    wanted = flatten_params(abstract)
     given = flatten_params(params)
     check_layout(
         {"/".join(p): np.asarray(v) for p, v in given.items()},
@@ -38,7 +44,7 @@ def as_model_params(handle: ModelHandle, params: dict, where: str) -> dict:
         f"the model converted from {where}",
     )
     leaves = {p: np.asarray(given[p], dtype=wanted[p].dtype) for p in wanted}
-    return unflatten_like(handle.abstract_params(), leaves)
+    return unflatten_like(abstract, leaves)
 
 
 def initial_extra(model_config, seed: int) -> dict:
@@ -52,10 +58,23 @@ def convert(name: str, checkpoint: str, workdir: str, config_spec: str = "", ove
     converter = CONVERTERS.lookup(name)
     preset = getattr(converter, "default_preset", sys.modules[converter.__module__].DEFAULT_PRESET)
     config = load_preset(config_spec or preset, tuple(overrides))
-    config, params = converter(checkpoint, config)
+    config, params, *rest = converter(checkpoint, config)
+    subruns = rest[0] if rest else {}
+    # Frozen sub-models (FlexTok's VAE) become runs of their own inside the run directory,
+    # which the model's section points to; their weights are also the run's own.
+    sub_params = {}
+    for attribute, (sub_config, weights) in subruns.items():
+        sub_handle = ModelHandle.abstract(sub_config.model, int(sub_config.get("seed", 0)))
+        sub_params[attribute] = (sub_config, as_model_params(sub_handle, weights, checkpoint))
+        config.model[attribute].checkpoint = os.path.join(os.path.abspath(workdir), attribute)
     handle = ModelHandle.abstract(config.model, int(config.get("seed", 0)))
     params = as_model_params(handle, params, checkpoint)
     extra = initial_extra(config.model, int(config.get("seed", 0)))
+    for attribute, (_, weights) in sub_params.items():
+        extra[attribute] = as_tree_like(handle.abstract_extra()[attribute], weights, checkpoint)
+    for attribute, (sub_config, weights) in sub_params.items():
+        sub_extra = initial_extra(sub_config.model, int(sub_config.get("seed", 0)))
+        runs.write_run(os.path.join(workdir, attribute), sub_config, weights, sub_extra)
     runs.write_run(workdir, config, params, extra)
 
 
