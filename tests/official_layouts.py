@@ -348,10 +348,13 @@ def _flextok_tiny_config(vae_path: str = "EPFL-VILAB/flextok_vae_tiny") -> dict:
         "dec_to_patches": {"_target_": m + "postprocessors.heads.ToPatchesLinearHead", "read_key": "dec_patches", "write_key": "vae_latents_reconst_bhwc", "dim": d, "channels_out": channels, "patch_sizes": [2, 2], "use_mup_readout": False, "adaLN_emb_read_key": "dec_temb"},
         "dec_channels_to_first": {"_target_": m + "utils.dict_ops.PerSampleOp", "read_key": "vae_latents_reconst_bhwc", "write_key": "vae_latents_reconst", "per_sample_op": op("channels_last_to_first")},
     }  # fmt: skip
-    wrapper = lambda modules: {
-        "_target_": m + "utils.wrappers.SequentialModuleDictWrapper",
-        "module_dict": modules,
-    }  # noqa: E731
+
+    def wrapper(modules: dict) -> dict:
+        return {
+            "_target_": m + "utils.wrappers.SequentialModuleDictWrapper",
+            "module_dict": modules,
+        }
+
     return {
         "vae": {"_target_": "flextok.vae_wrapper.StableDiffusionVAE", "images_read_key": "rgb", "vae_latents_read_key": "vae_latents_reconst", "vae_latents_write_key": "vae_latents", "images_reconst_write_key": "rgb_reconst", "latent_channels": channels, "scaling_factor": 0.7, "hf_hub_path": vae_path, "sample_posterior": False, "frozen": True},
         "encoder": wrapper(enc),

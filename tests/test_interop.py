@@ -604,3 +604,101 @@ def test_converted_flextok_matches_the_release(flextok_run):
         close(to_nchw(x0), golden[f"sample_{name}"], name)
     images = np.asarray(model.from_space(x0)).transpose(0, 3, 1, 2)
     close(images, golden["images_apg"], "images_apg")
+
+
+def test_a_converted_flextok_serves_the_tools_and_fine_tunes(flextok_run, tmp_path):
+    """The FlexTok half of the official-weights workflow on the random-weight release: its
+    run tokenizes a folder (the ids of ``tokenize``), detokenizes the first k tokens with
+    guidance and APG (the PNGs are ``detokenize``'s images), extracts 1D codes for a generator,
+    and trains from the converted run (init_from), its frozen VAE loaded from DIR/vae and left
+    unchanged."""
+    import jax
+    from helpers import short_run
+    from ml_collections import ConfigDict
+    from PIL import Image
+
+    from vitok import train
+    from vitok.tools import detokenize, extract_codes, tokenize
+
+    golden, workdir = flextok_run
+    run = runs.load_run(workdir)
+    model = run.module()
+    assert run.config.model.vae.checkpoint == os.path.join(os.path.abspath(workdir), "vae")
+    photos = tmp_path / "photos"
+    pixels = np.round((vq_images(7, 6, 32) + 1) * 127.5).astype(np.uint8)
+    for i, image in enumerate(pixels):
+        split, label = ("train", "test")[i // 4], f"class{i % 2}"
+        os.makedirs(photos / split / label, exist_ok=True)
+        Image.fromarray(image).save(photos / split / label / f"{i}.png")
+    tokenize.main([f"--workdir={workdir}", f"--images={photos}", f"--out={tmp_path / 't.npz'}"])
+    tokens = np.load(tmp_path / "t.npz")
+    order = [int(os.path.basename(str(n))[:-4]) for n in tokens["names"]]
+    want = np.asarray(model.tokenize(pixels[order].astype(np.float32) / 127.5 - 1))
+    np.testing.assert_array_equal(tokens["tokens"], want)
+    assert tokens["tokens"].shape == (6, 16)
+
+    detokenize.main([
+        f"--workdir={workdir}", f"--tokens={tmp_path / 't.npz'}", f"--out={tmp_path / 'recon'}",
+        "--k=4", "--steps=3", "--guidance=7.5", "--apg", "--batch_size=8",
+    ])  # fmt: skip
+    name = os.path.splitext(str(tokens["names"][0]))[0].replace(os.sep, "__")
+    png = np.asarray(Image.open(tmp_path / "recon" / f"{name}_k4.png"), np.float32)
+    from vitok.inference import Tokenizer
+
+    images = Tokenizer.from_workdir(workdir).detokenize(
+        want[:, :4], seed=0, steps=3, guidance=7.5, apg=True
+    )
+    assert np.abs(png - images[0].astype(np.float32)).max() <= 1.0
+
+    codes = str(tmp_path / "codes_{split}.npz")
+    extract_codes.main([
+        f"--workdir={workdir}", f"--out={codes}", "--data_source=folder", f"--data_path={photos}",
+    ])  # fmt: skip
+    np.testing.assert_array_equal(np.load(codes.format(split="train"))["codes"].shape, (4, 16))
+
+    c = short_run(ConfigDict(run.config.to_dict()), steps=2, batch_size=4)
+    c.init_from.workdir = workdir
+    c.data = ConfigDict({"source": "folder", "path": str(photos / "train"), "split": "train",
+                         "pp": "decode(channels=3)|value_range(-1, 1)"})  # fmt: skip
+    c.evals = ConfigDict()
+    c.mesh.data, c.mesh.fsdp = 1, 1
+    final = train.train_and_evaluate(c, str(tmp_path / "tuned"), jax.devices()[:1])
+    assert np.isfinite(final["train/loss"])
+    tuned = runs.load_run(str(tmp_path / "tuned"))
+    vae_before = runs.load_run(os.path.join(workdir, "vae")).params
+    after = jax.tree.leaves(tuned.extra["vae"])
+    assert all(
+        np.array_equal(a, b) for a, b in zip(after, jax.tree.leaves(vae_before), strict=True)
+    )
+
+
+def _damaged_config(module, key, value):
+    from tests.official_layouts import FLEXTOK_TINY_CONFIG
+
+    config = json.loads(json.dumps(FLEXTOK_TINY_CONFIG))
+    config["decoder"]["module_dict"][module][key] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "metadata, drop, message",
+    [
+        ("none", (), "carries no FlexTok config for ['vae', 'encoder', 'decoder', 'regularizer', 'pipeline']"),
+        (_damaged_config("dec_to_patches", "_target_", "flextok.model.postprocessors.heads.MLPHead"), (), "decoder module 'dec_to_patches' is a MLPHead, which vitok does not map"),
+        (_damaged_config("dec_transformer", "qk_norm", False), (), "the decoder FlexTransformer has qk_norm=False; vitok maps only qk_norm=True"),
+        (None, ("decoder.module_dict.dec_latent_dropout.nullcond",), "missing decoder.module_dict.dec_latent_dropout.nullcond [128]"),
+    ],
+)  # fmt: skip
+def test_a_flextok_checkpoint_off_the_layout_is_refused(tmp_path, metadata, drop, message):
+    shapes = json.loads(str(np.load(os.path.join(GOLDEN, "flextok_tiny.npz"))["shapes"]))
+    path = tmp_path / "model.safetensors"
+    if metadata == "none":
+        write_safetensors(
+            str(path), {k: np.zeros(v, np.float32) for k, v in shapes.items()}, {"format": "pt"}
+        )
+    else:
+        _write_flextok(path, shapes, metadata, drop)
+    with pytest.raises(SystemExit) as exit:
+        convert.main(["--from=flextok", f"--checkpoint={path}", f"--workdir={tmp_path / 'run'}"])
+    assert message in str(exit.value) and "\n" not in str(exit.value)
+    assert not os.path.exists(tmp_path / "run")

@@ -412,6 +412,18 @@ def fill_config(
     model.scan_layers = False  # the params below are per block
     if "repa_encoder" in model:
         model.repa_encoder.name = ""
+    if "repa_weight" in config.get("flextok", {}):
+        config.flextok.repa_weight = 0.0  # no REPA target in a release
+    size = int(arch["image_size"][0])
+    sizes = f"resize({size})|central_crop({size})"
+    for section in config.get("evals", {}).values():  # evaluate at the model's image size
+        if "data" in section and "pp" in section.data:
+            pp = section.data.pp.replace("resize(256)|central_crop(256)", sizes)
+            section.data.pp = pp
+    if "pp" in config.get("data", {}):
+        config.data.pp = config.data.pp.replace(
+            "resize(256)|random_crop(256)", f"resize({size})|random_crop({size})"
+        )
     vae = ml_collections.ConfigDict(
         {k: v for k, v in dict(vae_model).items() if k != "name"} | {"name": "vae"}
     )

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", default="", help="comma-separated token counts (default: all N)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (FlexTok: 25)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance (FlexTok: 1.0)")
+    parser.add_argument(
+        "--apg", action="store_true", help="adaptive projected guidance (FlexTok's README: 7.5)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             for name, value in (("steps", args.steps), ("guidance", args.guidance))
             if value is not None
         }
+        if args.apg:
+            options["apg"] = True
         if tokenizer.ordered:
             counts = [int(k) for k in args.k.split(",")] if args.k else [tokenizer.num_tokens]
         elif args.k:
