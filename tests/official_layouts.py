@@ -389,3 +389,16 @@ def flextok_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dic
         else:
             out[name] = rng.standard_normal(shape).astype(np.float32)
     return out
+
+
+def write_flextok_release(path: str, seed: int = 0) -> str:
+    """A random-weight FlexTok release file (FLEXTOK_TINY_CONFIG, the layout in
+    golden/flextok_tiny.npz) at ``path``, for the official-weights notebook and tests."""
+    import json
+    import os
+
+    golden = os.path.join(os.path.dirname(__file__), "golden", "flextok_tiny.npz")
+    shapes = json.loads(str(np.load(golden)["shapes"]))
+    metadata = {k: str(v) for k, v in FLEXTOK_TINY_CONFIG.items()}
+    write_safetensors(path, flextok_state_dict(shapes, seed), metadata)
+    return path

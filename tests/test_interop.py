@@ -702,3 +702,22 @@ def test_a_flextok_checkpoint_off_the_layout_is_refused(tmp_path, metadata, drop
         convert.main(["--from=flextok", f"--checkpoint={path}", f"--workdir={tmp_path / 'run'}"])
     assert message in str(exit.value) and "\n" not in str(exit.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_evaluate_takes_keys_an_evaluator_declares_and_refuses_others(flextok_run, capsys):
+    """``--config.evals.recon.inception_weights=...`` on a run whose section has no such key
+    (the converted FlexTok) is the evaluator's declared option, applied; a typo is one line."""
+    from vitok.tools.evaluate import _declared_evaluator_keys
+
+    _, workdir = flextok_run
+    config = runs.load_config(workdir)
+    rest = _declared_evaluator_keys(
+        config, ["--config.evals.recon.inception_weights=/w.pth", "--config.seed=3"]
+    )
+    assert config.evals.recon.inception_weights == "/w.pth" and rest == ["--config.seed=3"]
+    assert config.evals.recon.apg is True and config.evals.recon.guidance == 7.5
+    from vitok.tools import evaluate
+
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main([f"--workdir={workdir}", "--config.evals.recon.inception_weightz=x"])
+    assert str(exit.value) == "vitok.tools.evaluate: unknown config key 'inception_weightz'"

@@ -197,12 +197,13 @@ class ReconstructionEvaluator:
     decode and the linear code) and ``reconstructions.md`` (the table) into the workdir.
     """
 
-    # steps, guidance None: the tokenizer's own decode options.
+    # steps, guidance, apg None: the tokenizer's own decode options.
     OPTIONS = {
         "prefix": "eval",
         "token_counts": "pow2",
         "steps": None,
         "guidance": None,
+        "apg": None,
         "seed": 0,
         "grid_rows": 8,
         "mean_decode": True,
@@ -223,7 +224,7 @@ class ReconstructionEvaluator:
                 f"{context.config.model.name!r}; use the 'autoencoder' evaluator for grids"
             )
         self.counts = token_counts(o["token_counts"], tokenizer.token_shape[0])
-        options = {name: o[name] for name in ("steps", "guidance") if o[name] is not None}
+        options = {name: o[name] for name in ("steps", "guidance", "apg") if o[name] is not None}
         checked_options(
             options,
             tokenizer.decode_options,

@@ -420,6 +420,8 @@ def fill_config(
         if "data" in section and "pp" in section.data:
             pp = section.data.pp.replace("resize(256)|central_crop(256)", sizes)
             section.data.pp = pp
+        if section.get("type") == "reconstruction":  # the release README's sampler
+            section.steps, section.guidance, section.apg = 25, 7.5, True
     if "pp" in config.get("data", {}):
         config.data.pp = config.data.pp.replace(
             "resize(256)|random_crop(256)", f"resize({size})|random_crop({size})"

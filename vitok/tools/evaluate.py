@@ -12,6 +12,7 @@ the workdir.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 
@@ -26,8 +27,34 @@ from vitok.tools import parse_with_config_overrides
 from vitok.train import EvalContext, run_options
 
 
+def _declared_evaluator_keys(config: ml_collections.ConfigDict, overrides: list[str]) -> list[str]:
+    """Applies ``--config.evals.NAME.KEY=V`` where the run's section lacks KEY but its
+    evaluator declares it (``OPTIONS``, e.g. ``inception_weights`` on a run that had none);
+    returns the other overrides, for the flags parser."""
+    rest = []
+    for override in overrides:
+        path, _, value = override.removeprefix("--config.").partition("=")
+        parts = path.split(".")
+        section = (
+            config.get("evals", {}).get(parts[1])
+            if len(parts) == 3 and parts[0] == "evals"
+            else None
+        )
+        if section is not None and parts[2] not in section and "type" in section:
+            options = getattr(EVALUATORS.lookup(section.type), "OPTIONS", {})
+            if parts[2] in options:
+                try:
+                    section[parts[2]] = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    section[parts[2]] = value
+                continue
+        rest.append(override)
+    return rest
+
+
 def _with_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
     config = config_lib.switch_sources(config, overrides)
+    overrides = _declared_evaluator_keys(config, overrides)
     values = flags.FlagValues()
     argv = ["vitok", *overrides]
     config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)
@@ -61,7 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     only = tuple(n for n in args.only.split(",") if n)
     try:
         results = evaluate(args.workdir, overrides, only)
-    except (runs.RunNotFoundError, config_lib.ConfigError, flags.Error, KeyError, ValueError) as e:
+    except AttributeError as e:  # the flags parser's unknown key
+        sys.exit(f"vitok.tools.evaluate: unknown config key {str(e).strip(chr(34) + chr(39))!r}")
+    except (
+        runs.RunNotFoundError, config_lib.ConfigError, flags.Error, FileNotFoundError, KeyError,
+        ValueError,
+    ) as e:  # fmt: skip
         sys.exit(f"vitok.tools.evaluate: {e}")
     line = json.dumps({k: float(v) for k, v in results.items()})
     print(line)
