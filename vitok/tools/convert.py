@@ -17,13 +17,12 @@ import argparse
 import os
 import sys
 
-import jax
 import numpy as np
 
 from vitok import runs
 from vitok.config import load_preset
 from vitok.interop import CONVERTERS, ConversionError, check_layout
-from vitok.models import ModelHandle, init_variables
+from vitok.models import ModelHandle
 from vitok.models.transfer import flatten_params, unflatten_like
 from vitok.tools import parse_with_config_overrides
 
@@ -47,15 +46,20 @@ def as_tree_like(abstract: dict, params: dict, where: str) -> dict:
     return unflatten_like(abstract, leaves)
 
 
-def initial_extra(model_config, seed: int) -> dict:
-    """The model's non-parameter state as a fresh init makes it (buffers, constants such as
-    NAR's head sources), compiled so that XLA drops the unused parameter initialisers."""
-    extra = jax.jit(lambda: init_variables(model_config, jax.random.key(seed))[1])()
-    return jax.tree.map(np.asarray, extra)
+def check_extra(handle: ModelHandle, given, where: str) -> None:
+    """Every non-parameter variable of a converted model comes from the release: a model with
+    state the converter does not give (``given``: the sub-models it gives) is an error."""
+    missing = [name for name in handle.abstract_extra() if name not in given]
+    if missing:
+        raise ConversionError(
+            f"the model converted from {where} has state the release does not give: {missing}"
+        )
 
 
 def convert(name: str, checkpoint: str, workdir: str, config_spec: str = "", overrides=()) -> None:
     converter = CONVERTERS.lookup(name)
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        raise FileExistsError(f"{workdir} already holds a run; give a new --workdir")
     preset = getattr(converter, "default_preset", sys.modules[converter.__module__].DEFAULT_PRESET)
     config = load_preset(config_spec or preset, tuple(overrides))
     config, params, *rest = converter(checkpoint, config)
@@ -65,16 +69,17 @@ def convert(name: str, checkpoint: str, workdir: str, config_spec: str = "", ove
     sub_params = {}
     for attribute, (sub_config, weights) in subruns.items():
         sub_handle = ModelHandle.abstract(sub_config.model, int(sub_config.get("seed", 0)))
+        check_extra(sub_handle, (), checkpoint)
         sub_params[attribute] = (sub_config, as_model_params(sub_handle, weights, checkpoint))
         config.model[attribute].checkpoint = os.path.join(os.path.abspath(workdir), attribute)
     handle = ModelHandle.abstract(config.model, int(config.get("seed", 0)))
     params = as_model_params(handle, params, checkpoint)
-    extra = initial_extra(config.model, int(config.get("seed", 0)))
+    check_extra(handle, sub_params, checkpoint)
+    extra = {}
     for attribute, (_, weights) in sub_params.items():
         extra[attribute] = as_tree_like(handle.abstract_extra()[attribute], weights, checkpoint)
     for attribute, (sub_config, weights) in sub_params.items():
-        sub_extra = initial_extra(sub_config.model, int(sub_config.get("seed", 0)))
-        runs.write_run(os.path.join(workdir, attribute), sub_config, weights, sub_extra)
+        runs.write_run(os.path.join(workdir, attribute), sub_config, weights, {})
     runs.write_run(workdir, config, params, extra)
 
 

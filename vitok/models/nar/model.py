@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vitok import sharding
@@ -129,7 +130,6 @@ class TokenGenerator(Model):
             ]
         )
         self.mask = NeighbourMask(self.decode_grid, prefix=1)
-        self.sources = head_sources(self.decode_grid)
         self.schedule = make_schedule(self.decode_grid)
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -159,6 +159,12 @@ class TokenGenerator(Model):
                 f"the generator takes token grids [B, {self.grid}], got {tuple(tokens.shape)}"
             )
         return tokens.reshape(tokens.shape[0], self.num_tokens)
+
+    @property
+    def sources(self) -> np.ndarray:
+        """[T, A] int32: the sequence position each head reads per target (``head_sources``);
+        a constant of the grid, not state."""
+        return head_sources(self.decode_grid)
 
     def _head_logits(self, a: int, h: jax.Array) -> jax.Array:
         return sharding.constrain(
