@@ -21,7 +21,8 @@ generator is a GPT over its 1D tokens: ``num_tokens`` (default all) are sampled 
 with ``decode_steps`` Euler steps. The classifier is a ViT run's workdir
 (e.g. configs/vit.py:tiny on the same images); ``classifier_range`` is the pixel range it was
 trained on. Without ``classifier_workdir`` and ``inception_weights`` only the grid, passes
-and throughput are produced.
+and throughput are produced. ``buckets``: the sampler's loop layout ("exact", True, False;
+``vitok.models.nar.sample``: the same samples, a different compile time and speed).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class GenerationEvaluator:
         "tokenizer_workdir": REQUIRED, "classifier_workdir": "", "classifier_range": (0, 1),
         "num_tokens": 0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0,
         "decode_steps": 10, "inception_weights": "", "fid_reference": "", "is_splits": 10,
+        "buckets": "exact",
     }  # fmt: skip
 
     def __init__(self, config: Any, context: Any):
@@ -124,6 +126,7 @@ class GenerationEvaluator:
             top_p=float(o["top_p"]),
             cfg_scale=float(o["cfg_scale"]),
             num_tokens=num_tokens,
+            buckets=o["buckets"],
         )
         decode_options = {}
         if "steps" in tokenizer.decode_options:
