@@ -316,6 +316,27 @@ def test_inception_score_has_its_known_values_and_reference_files_are_checked(tm
 
 
 @pytest.mark.slow
+def _tokenize_labelled_photos(workdir, model, photos, out, count: int, train: int):
+    """Writes ``count`` 32x32 PNGs as photos/{train,test}/class{0,1}/ (the first ``train`` in
+    train) and runs vitok.tools.tokenize on the folder: its ids must be the model's.
+    Returns (the tokens file, the model's ids in the file's order)."""
+    from PIL import Image
+
+    from vitok.tools import tokenize
+
+    pixels = np.round((vq_images(7, count, 32) + 1) * 127.5).astype(np.uint8)
+    for i, image in enumerate(pixels):
+        split, label = ("train", "test")[i // train], f"class{i % 2}"
+        os.makedirs(photos / split / label, exist_ok=True)
+        Image.fromarray(image).save(photos / split / label / f"{i}.png")
+    tokenize.main([f"--workdir={workdir}", f"--images={photos}", f"--out={out}"])
+    tokens = np.load(out)
+    order = [int(os.path.basename(str(n))[:-4]) for n in tokens["names"]]
+    want = np.asarray(model.tokenize(pixels[order].astype(np.float32) / 127.5 - 1))
+    np.testing.assert_array_equal(tokens["tokens"], want)
+    return tokens, want
+
+
 def test_a_converted_vq_tokenizes_a_folder_and_a_nar_trains_and_samples_over_its_codes(tmp_path):
     """The official-weights workflow end to end on a random-weight VQ in LlamaGen's layout:
     convert, tokenize a folder, detokenize, extract codes of a labelled folder for NAR, train
@@ -326,7 +347,7 @@ def test_a_converted_vq_tokenizes_a_folder_and_a_nar_trains_and_samples_over_its
 
     from configs import nar
     from vitok import train
-    from vitok.tools import detokenize, extract_codes, tokenize
+    from vitok.tools import detokenize, extract_codes
 
     # Three levels (f = 4, 8x8 codes at 32 px) keep NAR small; the layout is the one
     # test_llamagen_vq_layout_is_the_releases checks against LlamaGen's own state_dict.
@@ -336,17 +357,7 @@ def test_a_converted_vq_tokenizes_a_folder_and_a_nar_trains_and_samples_over_its
     vq = _convert_llamagen_vq(tmp_path, llamagen_vq_state_dict(shapes, 0), "vq", pp)
     model = runs.load_run(vq).module()
     photos = tmp_path / "photos"
-    pixels = np.round((vq_images(7, 8, 32) + 1) * 127.5).astype(np.uint8)
-    for i, image in enumerate(pixels):
-        split, label = ("train", "test")[i // 6], f"class{i % 2}"
-        os.makedirs(photos / split / label, exist_ok=True)
-        Image.fromarray(image).save(photos / split / label / f"{i}.png")
-
-    tokenize.main([f"--workdir={vq}", f"--images={photos}", f"--out={tmp_path / 'tokens.npz'}"])
-    tokens = np.load(tmp_path / "tokens.npz")
-    order = [int(os.path.basename(str(n))[:-4]) for n in tokens["names"]]
-    want = np.asarray(model.tokenize(pixels[order].astype(np.float32) / 127.5 - 1))
-    np.testing.assert_array_equal(tokens["tokens"], want)
+    tokens, want = _tokenize_labelled_photos(vq, model, photos, tmp_path / "tokens.npz", 8, 6)
     detokenize.main([f"--workdir={vq}", f"--tokens={tmp_path / 'tokens.npz'}", f"--out={tmp_path / 'recon'}"])  # fmt: skip
     name = os.path.splitext(str(tokens["names"][0]))[0].replace(os.sep, "__")
     png = np.asarray(Image.open(tmp_path / "recon" / f"{name}.png"), np.float32)
@@ -619,23 +630,14 @@ def test_a_converted_flextok_serves_the_tools_and_fine_tunes(flextok_run, tmp_pa
     from PIL import Image
 
     from vitok import train
-    from vitok.tools import detokenize, extract_codes, tokenize
+    from vitok.tools import detokenize, extract_codes
 
     golden, workdir = flextok_run
     run = runs.load_run(workdir)
     model = run.module()
     assert run.config.model.vae.checkpoint == os.path.join(os.path.abspath(workdir), "vae")
     photos = tmp_path / "photos"
-    pixels = np.round((vq_images(7, 6, 32) + 1) * 127.5).astype(np.uint8)
-    for i, image in enumerate(pixels):
-        split, label = ("train", "test")[i // 4], f"class{i % 2}"
-        os.makedirs(photos / split / label, exist_ok=True)
-        Image.fromarray(image).save(photos / split / label / f"{i}.png")
-    tokenize.main([f"--workdir={workdir}", f"--images={photos}", f"--out={tmp_path / 't.npz'}"])
-    tokens = np.load(tmp_path / "t.npz")
-    order = [int(os.path.basename(str(n))[:-4]) for n in tokens["names"]]
-    want = np.asarray(model.tokenize(pixels[order].astype(np.float32) / 127.5 - 1))
-    np.testing.assert_array_equal(tokens["tokens"], want)
+    tokens, want = _tokenize_labelled_photos(workdir, model, photos, tmp_path / "t.npz", 6, 4)
     assert tokens["tokens"].shape == (6, 16)
 
     detokenize.main([

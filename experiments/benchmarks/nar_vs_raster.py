@@ -37,8 +37,14 @@ from vitok.models.nar import TokenGenerator, sample  # noqa: E402
 
 SIZES = {
     "b": dict(
-        width=768, depth=12, num_heads=12, vocab_size=16384,
-        norm="rms", mlp="swiglu", use_bias=False, posemb="rope2d",
+        width=768,
+        depth=12,
+        num_heads=12,
+        vocab_size=16384,
+        norm="rms",
+        mlp="swiglu",
+        use_bias=False,
+        posemb="rope2d",
     ),  # fmt: skip
     "small": dict(width=256, depth=4, num_heads=4, vocab_size=1024),
 }
