@@ -167,3 +167,11 @@ def small_karl_config(**overrides):
     c.peak_flops_per_device = 1e9
     c.optim.warmup_steps = 1
     return override(c, overrides)
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess: ``devices`` CPU devices and the suite's compile flags."""
+    level = (
+        "" if os.environ.get("VITOK_TEST_XLA_OPT") == "1" else " --xla_backend_optimization_level=0"
+    )
+    return f"--xla_force_host_platform_device_count={devices}{level}"

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, small_vit_config, tiny_vit_cli_args
+from helpers import ROOT, small_vit_config, tiny_vit_cli_args, xla_flags
 
 from vitok import checkpoint, train
 
@@ -141,7 +141,7 @@ def _run_cli(workdir, extra=()):
         *tiny_vit_cli_args(eval_every=10, checkpoint_every=5),
         *extra,
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colabs", "*.ipynb")))
 # What each notebook prints once it has run to the end.
@@ -35,7 +35,7 @@ def test_notebook_runs(path, tmp_path):
         VITOK_COLAB_BASELINE_EXAMPLES="64",
         VITOK_COLAB_WORKDIR=str(tmp_path / "work"),
         VITOK_COLAB_RANDOM_FLEXTOK="1",
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla_flags(1),
     )
     proc = subprocess.run(
         [sys.executable, str(script)],

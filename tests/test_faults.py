@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, tiny_vit_cli_args
+from helpers import ROOT, tiny_vit_cli_args, xla_flags
 
 from vitok.train import PREEMPTED_EXIT_CODE
 
@@ -23,7 +23,7 @@ ARGS = tiny_vit_cli_args()  # checkpoint_every 1000: only the last step and the 
 
 
 def _launch(workdir, extra=(), devices=8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     cmd = [sys.executable, "-m", "vitok.train", f"--workdir={workdir}", *ARGS, *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -197,7 +197,7 @@ def cli_outcomes(tmp_path_factory) -> dict[str, tuple[int, str]]:
     forked process (``tests/forked_cli.py``): one interpreter start for all of them."""
     cases = [*sorted(BAD_INPUTS), "unknown_op+debug"]
     argvs = [_cli_argv(c, str(tmp_path_factory.mktemp(c.replace("+", "_")))) for c in cases]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "forked_cli.py"), json.dumps(argvs)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -262,7 +262,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoin
 
     try:
         workdir = str(small / "run")
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        env = dict(os.environ, XLA_FLAGS=xla_flags(8))
         cmd = [sys.executable, "-m", "vitok.train", f"--workdir={workdir}", *ARGS, *flags]
         done = subprocess.run(
             cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec

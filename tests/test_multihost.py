@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 
 ARGS = [
     "--config=configs/vit.py:tiny",
@@ -37,7 +37,7 @@ def _free_port():
 
 
 def _launch(workdir, devices, extra=()):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     cmd = [sys.executable, "-m", "vitok.train", f"--workdir={workdir}", *ARGS, *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

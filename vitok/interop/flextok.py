@@ -115,6 +115,32 @@ def _one(roles: dict, role: str, part: str, where: str) -> tuple[str, dict]:
     return found[0]
 
 
+# Arguments that change the maths away from what vitok maps: (class, key) -> the only value
+# vitok maps (``None``: the argument must be absent, i.e. its default).
+FIXED = {
+    ("FlexTransformer", "act_layer"): None, ("FlexTransformer", "norm_layer"): None,
+    ("FlexTransformer", "score_mod_read_key"): None, ("FlexTransformer", "mlp_ratio"): 4.0,
+    ("LinearHead", "norm_layer"): None, ("LinearHead", "use_mup_readout"): False,
+    ("ToPatchesLinearHead", "norm_layer"): None, ("ToPatchesLinearHead", "use_mup_readout"): False,
+    ("LearnedNullCond", "replace_with_single_token"): False,
+    ("TimestepEmbedder", "temb_as_tokens"): False,
+    ("TimestepEmbedder", "frequency_embedding_size"): 256,
+    ("PositionalEmbeddingAdder", "posemb_scaling"): "absolute",
+}  # fmt: skip
+
+
+def _check_fixed(config: dict, where: str) -> None:
+    """Refuses, by name, a module argument that vitok does not map (``FIXED``)."""
+    for part in ("encoder", "decoder"):
+        for name, spec in config[part]["module_dict"].items():
+            for (cls, key), value in FIXED.items():
+                if _class(spec) == cls and key in spec and spec[key] != value:
+                    raise ConversionError(
+                        f"{where}: {part} module {name!r} ({cls}) has {key}={spec[key]!r}; "
+                        f"vitok maps only {'its default' if value is None else repr(value)}"
+                    )
+
+
 def _check_transformer(spec: dict, part: str, where: str, adaln: bool) -> None:
     for key, value in BLOCK_DEFAULTS.items():
         if spec.get(key, value) != value:
@@ -135,6 +161,15 @@ def _check_transformer(spec: dict, part: str, where: str, adaln: bool) -> None:
 def read_architecture(config: dict, state: dict, where: str) -> dict:
     """Every size and definition the converted model needs, from the config and shapes."""
     enc, dec = (modules_by_role(config, p, where) for p in ("encoder", "decoder"))
+    _check_fixed(config, where)
+    order = [MODULES["decoder"][_class(s)] for s in config["decoder"]["module_dict"].values()]
+    if order.index("dropout") < order.index("posemb") or order.index("null") < order.index(
+        "dropout"
+    ):
+        raise ConversionError(
+            f"{where}: vitok maps a decoder that adds the register posemb, then drops tokens, "
+            "then applies the null condition (in that order)"
+        )
     e_name, e_patch = _one(enc, "patches", "encoder", where)
     _, registers = _one(enc, "registers", "encoder", where)
     _, e_packer = _one(enc, "packer", "encoder", where)
@@ -200,7 +235,7 @@ def read_architecture(config: dict, state: dict, where: str) -> dict:
         grid=tuple(int(g) for g in grid), adaln_parts=parts,
         null_condition="learned" if _class(null) == "LearnedNullCond" else "zeros",
         time_scale=1000.0 / float(time.get("max_timestep", 1000.0)),
-        frequency_dim=int(time.get("frequency_embedding_size", 256)),
+        frequency_dim=256,
         head_adaln=bool(_one(dec, "head", "decoder", where)[1].get("adaLN_emb_read_key")),
         scaling_factor=vae.get("scaling_factor"),
     )  # fmt: skip

@@ -31,8 +31,8 @@ from vitok import sharding
 from vitok.models.base import PAD_ID, Tokenizer, check_image_shape, pad_ids
 from vitok.models.vit import overlap_patchify, overlap_unpatchify, patchify, unpatchify
 from vitok.nn.adaln import AdaLNTransformer, TimeEmbedder
-from vitok.nn.attention import RegisterCausalMask, plain_layer_norm
-from vitok.nn.layers import Dense, param
+from vitok.nn.attention import RegisterCausalMask
+from vitok.nn.layers import Dense, param, plain_layer_norm
 from vitok.nn.posemb import sincos_2d
 from vitok.nn.quantizers import FSQ
 from vitok.nn.transformer import Encoder
@@ -112,6 +112,8 @@ class FlowOptions:
             raise ValueError(f"time_shift must be >= 1, got {self.time_shift}")
         if self.adaln_parts not in (1, 2):
             raise ValueError(f"adaln_parts must be 1 or 2, got {self.adaln_parts}")
+        if self.apg_momentum and self.apg_space != "velocity":
+            raise ValueError("apg_momentum needs apg_space='velocity' (x0-space APG has none)")
 
     def block_options(self) -> dict:
         """The encoder's ``Block`` options: FlexTok's release has LayerNorms without scale or
@@ -673,7 +675,7 @@ class FlexTok(Tokenizer):
         per_matmul = self.mlp_matmuls / 2  # SwiGLU's three matmuls against GELU's two
         encoder = transformer_flops(length, we, enc.depth, int(enc.mlp_dim * per_matmul))
         decoder = transformer_flops(length, wd, dec.depth, int(dec.mlp_dim * per_matmul))
-        modulation = 2 * wd * wd * (6 * dec.depth + 2)
+        modulation = 2 * wd * wd * (6 * self.adaln_parts * dec.depth + 2)
         mixing = 2 * self.num_patches * self.num_registers * (we + wd)
         mixing *= self.enc_register_mix is not None
         return float(embed + encoder + decoder + modulation + mixing)

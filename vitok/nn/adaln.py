@@ -127,8 +127,10 @@ class AdaLNBlock(nnx.Module):
             dtype=dtype,
         )
         self.norm2 = make_norm("plain", width, rngs=rngs, epsilon=norm_eps or 1e-6, dtype=dtype)
-        mlp_cls = SwiGLU if mlp == "swiglu" else MLP
-        self.mlp = mlp_cls(width, mlp_dim, rngs=rngs, use_bias=use_bias, dtype=dtype)
+        mlps = {"gelu": MLP, "swiglu": SwiGLU}
+        if mlp not in mlps:
+            raise ValueError(f"unknown mlp {mlp!r}, known: {sorted(mlps)}")
+        self.mlp = mlps[mlp](width, mlp_dim, rngs=rngs, use_bias=use_bias, dtype=dtype)
         self.modulation = Modulation(width, 6 * parts, rngs=rngs, dtype=dtype)
         self.parts = parts
 
@@ -142,6 +144,11 @@ class AdaLNBlock(nnx.Module):
         """x: [B, L, D], cond: [B, D] -> [B, L, D]; ``part_sizes`` (summing to L) with parts."""
         vectors = self.modulation(cond)
         if self.parts > 1:
+            if part_sizes is None or len(part_sizes) != self.parts or sum(part_sizes) != x.shape[1]:
+                raise ValueError(
+                    f"a block with {self.parts} parts needs part_sizes summing to the length "
+                    f"{x.shape[1]}, got {part_sizes}"
+                )
             vectors = per_part(vectors, 6, part_sizes)
         shift1, scale1, gate1, shift2, scale2, gate2 = (
             v[:, None] if v.ndim == 2 else v for v in vectors

@@ -17,7 +17,7 @@ from flax import nnx
 
 from vitok import sharding
 from vitok.nn.flash import chunked_attention, default_chunk
-from vitok.nn.layers import dropout, param
+from vitok.nn.layers import dropout, param, plain_layer_norm
 from vitok.nn.rope import apply_rope
 from vitok.registry import Registry
 
@@ -299,13 +299,6 @@ class KVCache:
         self.k = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype)[None], at)
         self.v = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype)[None], at)
         return masked_attention(q, self.k[layer], self.v[layer], self.allowed)
-
-
-def plain_layer_norm(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
-    """LayerNorm over the last axis without scale or bias, in float32 (QK-norm)."""
-    y = x.astype(jnp.float32)
-    y = y - y.mean(-1, keepdims=True)
-    return (y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + epsilon)).astype(x.dtype)
 
 
 class MultiHeadAttention(nnx.Module):

@@ -57,6 +57,14 @@ class Dense(nnx.Module):
         return y
 
 
+def plain_layer_norm(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
+    """LayerNorm over the last axis without scale or bias, computed in float32, returned in
+    x's dtype (FlexTok's QK-norm and its norm before the FSQ projection)."""
+    y = x.astype(jnp.float32)
+    y = y - y.mean(-1, keepdims=True)
+    return (y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + epsilon)).astype(x.dtype)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, computed in float32, returned in the compute dtype."""
 

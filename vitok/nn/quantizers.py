@@ -48,6 +48,10 @@ class FSQ:
             raise ValueError(f"FSQ codebook of {self.codebook_size} codes does not fit in int32")
         self._levels = np.asarray(levels, np.float32)
         self._half = np.asarray([level // 2 for level in levels], np.float32)
+        # The release's bound: tanh(z + shift) * half_l - offset.
+        self._half_l = ((self._levels - 1) * (1 + 1e-3) / 2).astype(np.float32)
+        self._offset = np.asarray([0.5 if level % 2 == 0 else 0.0 for level in levels], np.float32)
+        self._shift = np.arctanh(self._offset / self._half_l).astype(np.float32)
         self._basis = np.cumprod((1,) + levels[:-1]).astype(np.int32)
 
     def digits(self, z: jax.Array) -> jax.Array:
@@ -58,15 +62,8 @@ class FSQ:
         if self.bound == "tanh":
             u = (jnp.tanh(z) + 1) / 2 * (self._levels - 1)
         else:
-            half_l = (self._levels - 1) * (1 + 1e-3) / 2
-            offset = np.where(self.levels_even, 0.5, 0.0).astype(np.float32)
-            shift = np.arctanh(offset / half_l).astype(np.float32)
-            u = jnp.tanh(z + shift) * half_l - offset + self._half
+            u = jnp.tanh(z + self._shift) * self._half_l - self._offset + self._half
         return u + jax.lax.stop_gradient(jnp.round(u) - u)
-
-    @property
-    def levels_even(self) -> np.ndarray:
-        return np.asarray([level % 2 == 0 for level in self.levels])
 
     def digits_to_codes(self, digits: jax.Array) -> jax.Array:
         """digits [..., d] -> the codes a decoder sees, [..., d] in [-1, 1]."""

@@ -57,9 +57,13 @@ def _with_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
     overrides = _declared_evaluator_keys(config, overrides)
     values = flags.FlagValues()
     argv = ["vitok", *overrides]
-    config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)
-    values(argv)
-    return values.config
+    try:
+        config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)
+        values(argv)
+        return values.config
+    except AttributeError as e:  # how the flags parser reports a key the config lacks
+        key = str(e).splitlines()[0].strip("'\"")
+        raise config_lib.ConfigError(f"unknown config key {key!r}") from None
 
 
 def evaluate(workdir: str, overrides: list[str] = (), only: tuple[str, ...] = ()) -> dict:
@@ -88,8 +92,6 @@ def main(argv: list[str] | None = None) -> None:
     only = tuple(n for n in args.only.split(",") if n)
     try:
         results = evaluate(args.workdir, overrides, only)
-    except AttributeError as e:  # the flags parser's unknown key
-        sys.exit(f"vitok.tools.evaluate: unknown config key {str(e).strip(chr(34) + chr(39))!r}")
     except (
         runs.RunNotFoundError, config_lib.ConfigError, flags.Error, FileNotFoundError, KeyError,
         ValueError,
