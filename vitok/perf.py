@@ -28,13 +28,16 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float) -> fl
     return flops_per_step / seconds_per_step / peak_flops
 
 
-def transformer_flops(length: int, width: int, depth: int, mlp_dim: int, kv_length=None) -> float:
+def transformer_flops(
+    length: int, width: int, depth: int, mlp_dim: int, kv_length=None, mlp_matmuls: int = 2
+) -> float:
     """Matmul FLOPs of ``depth`` pre-norm blocks over ``length`` tokens (2 per multiply-add):
-    QKV and output projections, QK^T and AV over ``kv_length`` keys, and the two MLP layers."""
+    QKV and output projections, QK^T and AV over ``kv_length`` keys, and the MLP's
+    ``mlp_matmuls`` width x mlp_dim layers (2; SwiGLU's gate, up and down: 3)."""
     kv_length = length if kv_length is None else kv_length
     projections = 2 * length * width * 4 * width
     scores = 2 * 2 * length * kv_length * width
-    mlp = 2 * 2 * length * width * mlp_dim
+    mlp = mlp_matmuls * 2 * length * width * mlp_dim
     return float(depth * (projections + scores + mlp))
 
 

@@ -208,16 +208,12 @@ def read_architecture(config: dict, state: dict, where: str) -> dict:
         raise ConversionError(
             f"{where}: AdaLN expansion {parts} with per_subseq_embs={d_packer.get('per_subseq_embs')}"
         )
-    mlp_ratio = float(e_trunk.get("mlp_ratio", 4.0)), float(d_trunk.get("mlp_ratio", 4.0))
     dims = {}
-    for key, trunk, ratio in (
-        ("encoder", e_trunk, mlp_ratio[0]),
-        ("decoder", d_trunk, mlp_ratio[1]),
-    ):
+    for key, trunk in (("encoder", e_trunk), ("decoder", d_trunk)):  # mlp_ratio 4 (FIXED)
         width = int(trunk.get("dim", 768))
         dims[key] = dict(
             width=width, depth=int(trunk.get("depth", 12)), num_heads=width // 64,
-            mlp_dim=int(2 * int(width * ratio) / 3),
+            mlp_dim=int(2 * int(width * 4.0) / 3),
         )  # fmt: skip
     if _class(config["pipeline"]) != "MinRFPipeline":
         raise ConversionError(

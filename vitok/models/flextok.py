@@ -672,9 +672,9 @@ class FlexTok(Tokenizer):
         read_dim = self.dec_patch_embed.kernel.shape[0]  # patch_dim, or 4x with windows
         tile_dim = self.dec_out.kernel.shape[-1]  # patch_dim, or 4x with overlapping tiles
         embed = 2 * self.num_patches * (self.patch_dim * we + (read_dim + tile_dim) * wd)
-        per_matmul = self.mlp_matmuls / 2  # SwiGLU's three matmuls against GELU's two
-        encoder = transformer_flops(length, we, enc.depth, int(enc.mlp_dim * per_matmul))
-        decoder = transformer_flops(length, wd, dec.depth, int(dec.mlp_dim * per_matmul))
+        matmuls = dict(mlp_matmuls=self.mlp_matmuls)
+        encoder = transformer_flops(length, we, enc.depth, enc.mlp_dim, **matmuls)
+        decoder = transformer_flops(length, wd, dec.depth, dec.mlp_dim, **matmuls)
         modulation = 2 * wd * wd * (6 * self.adaln_parts * dec.depth + 2)
         mixing = 2 * self.num_patches * self.num_registers * (we + wd)
         mixing *= self.enc_register_mix is not None

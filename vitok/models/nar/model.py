@@ -276,12 +276,12 @@ class TokenGenerator(Model):
     def forward_flops(self) -> float:
         """Matmul FLOPs of one training forward pass (blocks, extra blocks and heads)."""
         length = 1 + self.num_tokens
-        mlp_matmuls = 3 if self.mlp_kind == "swiglu" else 2
         blocks = transformer_flops(
             length,
             self.width,
             self.depth + len(self.extra_blocks),
-            self.mlp_dim * mlp_matmuls // 2,  # the same FLOPs as two matmuls of this width
+            self.mlp_dim,
+            mlp_matmuls=3 if self.mlp_kind == "swiglu" else 2,
         )
         heads = 2 * length * self.width * self.vocab_size * self.num_heads_out
         return float(blocks + heads)
