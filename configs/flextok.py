@@ -89,6 +89,7 @@ def base() -> ml_collections.ConfigDict:
     c.flextok.cfg_dropout = 0.1
     c.flextok.loss_space = "x0"
     c.flextok.repa_weight = 0.0
+    c.flextok.uniform_sigma = 0.0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "photo_crops"

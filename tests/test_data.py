@@ -84,6 +84,25 @@ def test_photo_crops_take_a_chosen_photo_list_and_name_a_missing_photo():
         sources.PhotoCropsSource(split="train", photos="rocket.jpg,nope.png")
 
 
+def test_photo_crops_read_the_photos_other_wheels_ship():
+    import matplotlib
+    import sklearn
+
+    expected = {
+        "china.jpg": os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images"),
+        "grace_hopper.jpg": os.path.join(
+            os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data"
+        ),
+    }
+    for name, folder in expected.items():
+        assert os.path.samefile(str(sources.photo_path(name)), os.path.join(folder, name))
+    src = sources.PhotoCropsSource(split="train", crop_size=32, photos=",".join(expected))
+    crops = [src[i] for i in range(2)]
+    assert [c["path"].split("#")[0] for c in crops] == list(expected)
+    for crop in crops:
+        assert crop["image"].shape == (32, 32, 3) and crop["image"].std() > 5  # textured
+
+
 # --- decoding and bad input --------------------------------------------------------------------------
 
 

