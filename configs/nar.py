@@ -9,7 +9,7 @@ Presets:
         ViT classifier that judges the samples.
   photos_flextok_gpt
         a GPT (raster AR on a 1D grid) over the 32 coarse-to-fine tokens of FlexTok tiny
-        (configs/flextok.py:tiny), conditioned on which of the 8 training photos a crop comes
+        (configs/flextok.py:tiny), conditioned on which of its 11 training photos a crop comes
         from; samples any first k tokens and decodes them with FlexTok's flow decoder.
   imagenet256_flextok_gpt_{b,l}
         the same over the 256 tokens of configs/flextok.py:imagenet256_d18 (64,000 codes).
@@ -39,6 +39,7 @@ from vitok.config import (
     sharding_section,
     unknown_preset,
 )
+from vitok.data.sources import PHOTO_SPLITS
 from vitok.nn.layers import swiglu_hidden
 
 DIGITS_ROOT = "workdirs/nar_digits"
@@ -118,12 +119,19 @@ def digits_raster() -> ml_collections.ConfigDict:
     return c
 
 
+def flextok_tiny_split() -> str:
+    """The photo_crops split configs/flextok.py:tiny trains on (its codes' labels index it)."""
+    from configs import flextok
+
+    return flextok.get_config("tiny").data.split
+
+
 def photos_flextok_gpt() -> ml_collections.ConfigDict:
     c = base()
     c.model.name = "ar"
     c.model.grid = (32,)
     c.model.vocab_size = 8 * 5 * 5 * 5  # FlexTok tiny's FSQ levels (8, 5, 5, 5)
-    c.model.num_classes = 8
+    c.model.num_classes = len(PHOTO_SPLITS[flextok_tiny_split()])  # the label: a crop's photo
     c.data.path = "workdirs/flextok_gpt/codes/photos_{split}.npz"
     s = c.evals.samples
     s.tokenizer_workdir = "workdirs/flextok_tiny"

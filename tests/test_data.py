@@ -69,7 +69,14 @@ def test_mnist5k_splits_are_disjoint_and_balanced():
 
 
 def test_photo_crops_never_share_a_source_photo():
-    assert not set(sources.PHOTO_SPLITS["train"]) & set(sources.PHOTO_SPLITS["test"])
+    for train_split in ("train", "train_extended"):
+        assert not set(sources.PHOTO_SPLITS[train_split]) & set(sources.PHOTO_SPLITS["test"])
+    extended = sources.PhotoCropsSource(split="train_extended", num_examples=11)
+    plain = sources.PhotoCropsSource(split="train", num_examples=8)
+    # The extended split is the eight plus three: the same crops of the shared photos.
+    for i in range(8):
+        np.testing.assert_array_equal(extended[i]["image"], plain[i]["image"])
+    assert extended[10]["path"].startswith("grace_hopper.jpg")
     src = sources.PhotoCropsSource(split="test", crop_size=32, num_examples=10)
     a, b = src[3], src[3]
     np.testing.assert_array_equal(a["image"], b["image"])  # deterministic by index

@@ -8,7 +8,13 @@ import skimage.metrics
 
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats, frechet_distance
 from vitok.evaluators.linear_code import fit_linear_code
-from vitok.evaluators.reconstruction import neighbour_statistics, psnr, ssim, token_counts
+from vitok.evaluators.reconstruction import (
+    neighbour_statistics,
+    psnr,
+    ssim,
+    token_counts,
+    training_images,
+)
 from vitok.plots import metric_panels
 
 
@@ -158,6 +164,20 @@ def test_linear_code_matches_an_svd_pca_with_hand_quantization():
             expected += nearest[:, None] * vt[i][None] * signs[i]
         ours = code.reconstruct(held_out, k).reshape(len(held_out), -1)
         np.testing.assert_allclose(ours, expected + mean, atol=1e-5)
+
+
+def test_the_linear_code_is_fit_on_the_runs_own_training_split():
+    from vitok.data.sources import PhotoCropsSource
+
+    data = ml_collections.ConfigDict(
+        {"source": "photo_crops", "split": "train_extended", "crop_size": 16, "photos": "",
+         "pp": "decode(channels=3)|value_range(0, 1)"}
+    )  # fmt: skip
+    images = training_images(data, 11)
+    crops = PhotoCropsSource(split="train_extended", crop_size=16)
+    assert images.shape == (11, 16, 16, 3)
+    # The eleventh crop is of grace_hopper.jpg, which only the extended split has.
+    np.testing.assert_allclose(images[10], crops[10]["image"] / 255.0, atol=1e-6)
 
 
 def test_linear_code_without_quantization_loses_the_discarded_variance():

@@ -90,6 +90,7 @@ def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(trained, tmp_
     """FlexTok run -> its 1D codes on disk -> a class-conditional GPT (raster AR on a line)
     -> k sampled tokens decoded by FlexTok's flow decoder."""
     from configs import nar
+    from vitok.data import sources
     from vitok.data.sources import CodesSource
     from vitok.tools import extract_codes
 
@@ -98,7 +99,8 @@ def test_gpt_over_flextok_tokens_samples_k_tokens_and_decodes_them(trained, tmp_
     extract_codes.main(["--workdir", flextok, "--out", codes, "--num_examples", "64"])
     train_codes = CodesSource(path=codes, split="train")
     assert train_codes[0]["codes"].shape == (4,) and len(train_codes) == 64
-    assert {int(train_codes[i]["label"]) for i in range(16)} == set(range(8))  # photo index
+    photos = len(sources.PHOTO_SPLITS[nar.flextok_tiny_split()])
+    assert {int(train_codes[i]["label"]) for i in range(16)} == set(range(photos))  # photo index
 
     c = nar.get_config("photos_flextok_gpt")
     c.total_steps = c.eval_every = c.checkpoint_every = 2

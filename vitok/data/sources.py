@@ -257,6 +257,13 @@ PHOTO_SPLITS = {
     ),
     "test": ("chelsea.png", "coffee.png"),
 }
+# The eight and the colour photos that scikit-learn and matplotlib ship (a pagoda among trees, a
+# dahlia, a portrait): FlexTok tiny's training photos.
+PHOTO_SPLITS["train_extended"] = PHOTO_SPLITS["train"] + (
+    "china.jpg",
+    "flower.jpg",
+    "grace_hopper.jpg",
+)
 
 # Colour photos that other required wheels ship, by file name: (package, folder in it). Every
 # other name is a file in ``skimage/data``.
@@ -319,7 +326,7 @@ class PhotoCropsSource:
         self.crop_size = crop_size
         self.num_examples = num_examples
         self.min_scale = min_scale
-        self.salt = 0 if split == "train" else 1
+        self.salt = 1 if split == "test" else 0
 
     def __len__(self) -> int:
         return self.num_examples

@@ -264,14 +264,8 @@ class ReconstructionEvaluator:
         """PCA of the run's training images as the tokenizer saw them, augmentation included
         (flipped crops make a better linear code: the stronger baseline); every process fits
         the same code by itself."""
-        data = self.context.config.data
-        images = [
-            batch["image"][batch["mask"] > 0]
-            for batch in pipeline.eval_batches(
-                data, global_batch_size=256, max_examples=num_examples, split="train"
-            )
-        ]
-        return fit_linear_code(np.concatenate(images), max(self.counts), self.codebook_size)
+        images = training_images(self.context.config.data, num_examples)
+        return fit_linear_code(images, max(self.counts), self.codebook_size)
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
         methods = ["sample"] + ["mean"] * self.mean_decode + ["linear"] * bool(self.linear_code)
@@ -359,6 +353,15 @@ class ReconstructionEvaluator:
     def _gather_features(self, name: str, unit_images: jax.Array, keep: np.ndarray) -> np.ndarray:
         features = multihost_utils.process_allgather(self.features[name](unit_images), tiled=True)
         return np.asarray(features)[keep]
+
+
+def training_images(data: Any, num_examples: int) -> np.ndarray:
+    """The first ``num_examples`` images [n, H, W, C] of the run's training data (``data``: its
+    config.data, split and preprocessing as trained), in one deterministic pass."""
+    batches = pipeline.eval_batches(
+        data, global_batch_size=256, max_examples=num_examples, split=data.get("split") or "train"
+    )
+    return np.concatenate([batch["image"][batch["mask"] > 0] for batch in batches])
 
 
 def _first_rows(columns: list[jax.Array], rows: int) -> np.ndarray:
