@@ -15,6 +15,11 @@ Presets:
                       that starts as the coarse-to-fine 2D DCT basis;
                     - decoder_patches overlap_out: each decoder token writes a 2p x 2p tile,
                       blended with its neighbours' (the 4x4 mosaic's seam ratio 3 -> 0.85);
+                    - linear_route: a linear code (PCA of the training crops, each token d
+                      principal coefficients on the FSQ's levels) beside the encoder and the
+                      decoder, fitted when the run starts and fixed; the transformers learn
+                      around it (the mean decode of the model without it stayed at the
+                      linear-code baseline's PSNR);
                     - uniform_sigma: a quarter of the training noise levels uniform in [0, 1],
                       so the decoder also learns the low noise levels where the sampler draws
                       detail (the shifted logit-normal puts 1.3% of draws below sigma 0.3);
@@ -82,6 +87,11 @@ def base() -> ml_collections.ConfigDict:
     c.model.register_mixing = True
     c.model.mixing_init = "dct"  # the linear route starts as the coarse-to-fine DCT basis
     c.model.decoder_patches = "overlap_out"  # tiles blended across patch borders
+    # A linear transform code fitted to the training crops at the start (PCA on the FSQ's levels),
+    # fixed, beside the transformers (held-out mean decode +0.7 to +1.4 dB over the linear-code
+    # baseline; the sampler's SSIM at k = 32 0.29 -> 0.52).
+    c.model.linear_route = True
+    c.model.linear_fit_examples = 8192
     c.model.repa_layer = 0
     c.model.repa_dim = 0
     c.model.vae = ml_collections.ConfigDict({"name": ""})  # "" = pixel space
@@ -116,9 +126,9 @@ def base() -> ml_collections.ConfigDict:
     c.evals.recon.max_examples = 256
     c.evals.recon.token_counts = "pow2"
     c.evals.recon.steps = 10
-    # Mild guidance: on held-out crops of two runs of this recipe (with and without hue
-    # rotations), +0.1 dB at k = 32 over 1.0 with the same detail (2.0: no further gain).
-    c.evals.recon.guidance = 1.5
+    # No guidance: with the linear route, guidance 1.5 cost 0.5 dB at k = 32 (held-out crops,
+    # 18.09 against 18.57) and saturated the colours; 1.0 keeps 0.87 of the originals' detail.
+    c.evals.recon.guidance = 1.0
     c.evals.recon.seed = 0
     c.evals.recon.grid_rows = 8
     c.evals.recon.mean_decode = True  # also the 1-step (clean estimate) decode
@@ -161,6 +171,7 @@ def _imagenet256(encoder_depth: int, decoder_depth: int) -> ml_collections.Confi
     c.model.time_shift = 1.0
     c.model.prediction = "velocity"
     c.model.register_mixing = False
+    c.model.linear_route = False
     c.model.attention_backend = "dense"
     c.model.scan_layers = True
     c.model.dtype = "bfloat16"

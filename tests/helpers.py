@@ -92,6 +92,7 @@ def small_flextok_config(**overrides):
     c.evals.recon.steps = 2
     c.evals.recon.grid_rows = 2
     c.evals.recon.baseline_examples = 64
+    c.model.linear_fit_examples = 64
     c.peak_flops_per_device = 1e9
     c.optim.warmup_steps = 1
     return override(c, overrides)

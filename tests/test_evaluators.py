@@ -7,13 +7,12 @@ import pytest
 import skimage.metrics
 
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats, frechet_distance
-from vitok.evaluators.linear_code import fit_linear_code
+from vitok.evaluators.linear_code import fit_linear_code, fit_spread_linear_code
 from vitok.evaluators.reconstruction import (
     neighbour_statistics,
     psnr,
     ssim,
     token_counts,
-    training_images,
 )
 from vitok.plots import metric_panels
 
@@ -166,7 +165,31 @@ def test_linear_code_matches_an_svd_pca_with_hand_quantization():
         np.testing.assert_allclose(ours, expected + mean, atol=1e-5)
 
 
+def test_spread_linear_code_puts_each_tokens_bits_on_d_coefficients():
+    """fit_spread_linear_code against a hand computation: k tokens of FSQ levels (4, 3) are
+    2k PCA coefficients (SVD), coefficient i on levels[i % 2] values over +-1.5 std, found by a
+    direct nearest-level search."""
+    train, held_out = _correlated_images(500), _correlated_images(40, seed=1)
+    code = fit_spread_linear_code(train, num_tokens=3, levels=(4, 3))
+    x = train.reshape(len(train), -1).astype(np.float64)
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    y = held_out.reshape(len(held_out), -1).astype(np.float64) - mean
+    for k in (1, 3):
+        expected = np.zeros_like(y)
+        for i in range(2 * k):
+            spread = 1.5 * ((x - mean) @ vt[i]).std()
+            grid = np.linspace(-spread, spread, (4, 3)[i % 2])
+            c = y @ vt[i]  # the sign of a direction flips its grid too: nothing changes
+            expected += grid[np.abs(c[:, None] - grid[None]).argmin(axis=1)][:, None] * vt[i]
+        ours = code.reconstruct(held_out, k).reshape(len(held_out), -1)
+        np.testing.assert_allclose(ours, expected + mean, atol=1e-5)
+    with pytest.raises(ValueError, match="1..3 tokens"):
+        code.reconstruct(held_out, 4)
+
+
 def test_the_linear_code_is_fit_on_the_runs_own_training_split():
+    from vitok.data.pipeline import training_images
     from vitok.data.sources import PhotoCropsSource
 
     data = ml_collections.ConfigDict(
@@ -192,7 +215,7 @@ def test_linear_code_without_quantization_loses_the_discarded_variance():
         err = np.sum((code.reconstruct(train, k).reshape(len(x), -1) - x) ** 2, axis=1).mean()
         assert err == pytest.approx(eigenvalues[k:].sum(), rel=1e-3)
     np.testing.assert_allclose(code.reconstruct(train, d), train, atol=1e-4)
-    with pytest.raises(ValueError, match="coefficients"):
+    with pytest.raises(ValueError, match="1..90 tokens"):
         code.reconstruct(train, d + 1)
 
 

@@ -137,10 +137,16 @@ def test_nested_dropout_keeps_exactly_k_registers(register_mixing):
     # The decoder sees nothing of the dropped codes: changing them changes no velocity.
     x_t, sigma = jnp.ones((3, model.num_patches, model.patch_dim)), jnp.full((3,), 0.5)
     other = codes.at[:, 1:].set(-codes[:, 1:])
-    v1 = model.velocity(x_t, sigma, model.condition(codes, keep_mask(counts * 0 + 1, 4)))
-    v2 = model.velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 1, 4)))
+
+    def velocity(codes, k):
+        keep = keep_mask(counts * 0 + k, 4)
+        return model.velocity(
+            x_t, sigma, model.condition(codes, keep), model.linear_estimate(codes, keep)
+        )
+
+    v1, v2 = velocity(codes, 1), velocity(other, 1)
     np.testing.assert_allclose(v1, v2, atol=1e-6)
-    v3 = model.velocity(x_t, sigma, model.condition(other, keep_mask(counts * 0 + 2, 4)))
+    v3 = velocity(other, 2)
     assert float(jnp.abs(v3 - v1).max()) > 1e-4
 
 
@@ -192,25 +198,27 @@ def test_repa_alignment_reads_the_decoder_at_its_layer_in_the_same_pass():
     out[...] = 0.1 * jax.random.normal(jax.random.key(3), out.shape)
     images = _photos(2)
     codes, _ = model.encode(images)
-    registers = model.condition(codes, keep_mask(jnp.asarray([2, 4]), 4))
+    keep = keep_mask(jnp.asarray([2, 4]), 4)
+    registers, linear = model.condition(codes, keep), model.linear_estimate(codes, keep)
     x0 = model.to_space(images)
     x_t = noise_images(x0, jax.random.normal(jax.random.key(1), x0.shape), jnp.asarray([0.4, 0.7]))
     sigma = jnp.asarray([0.4, 0.7])
-    v, aligned = model.velocity_and_alignment(x_t, sigma, registers)
+    v, aligned = model.velocity_and_alignment(x_t, sigma, registers, linear)
     assert aligned.shape == (2, model.num_patches, 8)
-    np.testing.assert_allclose(v, model.velocity(x_t, sigma, registers), rtol=1e-6, atol=1e-6)
+    v_plain = model.velocity(x_t, sigma, registers, linear)
+    np.testing.assert_allclose(v, v_plain, rtol=1e-6, atol=1e-6)
     last = model.decoder.blocks[1]  # every weight, its adaLN-zero gates included
     nnx.update(last, jax.tree.map(lambda p: p + 0.1, nnx.state(last, nnx.Param)))
-    v2, aligned2 = model.velocity_and_alignment(x_t, sigma, registers)
+    v2, aligned2 = model.velocity_and_alignment(x_t, sigma, registers, linear)
     np.testing.assert_array_equal(aligned2, aligned)
     assert float(jnp.abs(v2 - v).max()) > 1e-3
     first = model.decoder.blocks[0]  # and block 1 is what it reads
     nnx.update(first, jax.tree.map(lambda p: p + 0.1, nnx.state(first, nnx.Param)))
-    _, aligned3 = model.velocity_and_alignment(x_t, sigma, registers)
+    _, aligned3 = model.velocity_and_alignment(x_t, sigma, registers, linear)
     assert float(jnp.abs(aligned3 - aligned).max()) > 1e-3
     with pytest.raises(ValueError, match="repa_dim > 0"):
         FlexTok.from_config(kwargs | {"repa_dim": 0}, rngs=nnx.Rngs(0)).velocity_and_alignment(
-            x_t, sigma, registers
+            x_t, sigma, registers, linear
         )
 
 
@@ -220,6 +228,7 @@ def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
     config = small_flextok_config()
     kwargs = {k: v for k, v in dict(config.model).items() if k not in ("name", "vae")}
     kwargs.pop("prediction", None)
+    kwargs["linear_route"] = False  # it needs x0 prediction (checked below)
     as_velocity = FlexTok.from_config(kwargs | {"prediction": "velocity"}, rngs=nnx.Rngs(0))
     as_x0 = FlexTok.from_config(kwargs | {"prediction": "x0"}, rngs=nnx.Rngs(0))
     out = as_velocity.dec_out
@@ -244,6 +253,8 @@ def test_x0_prediction_turns_the_same_network_output_into_a_velocity():
         loss_weight(sigma, "eps")
     with pytest.raises(ValueError, match="prediction"):
         FlexTok.from_config(kwargs | {"prediction": "eps"}, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="linear_route adds to the clean estimate"):
+        FlexTok.from_config(kwargs | {"linear_route": True}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="mixing_init must be 'normal' or 'dct'"):
         FlexTok.from_config(kwargs | {"mixing_init": "pca"}, rngs=nnx.Rngs(0))
 
@@ -253,7 +264,7 @@ class _PointMassFlow(FlexTok):
 
     target = None
 
-    def velocity(self, x_t, sigma, registers):
+    def velocity(self, x_t, sigma, registers, linear=None):
         target = jnp.tile(self.target, (x_t.shape[0] // self.target.shape[0], 1, 1))
         return (x_t - target) / sigma[:, None, None]
 
@@ -441,3 +452,56 @@ def test_skip_coefficients_are_the_gaussian_mmse_split():
         assert c_skip == pytest.approx(best, abs=5e-3)
         assert c_out == pytest.approx(np.std(x0 - c_skip * x_t), abs=5e-3)
     assert skip[0] == pytest.approx(1.0) and scale[0] == 0 and skip[-1] == 0
+
+
+def _hand_linear_code(train: np.ndarray, test: np.ndarray, levels, registers: int, k: int):
+    """The linear route's start, computed by hand: PCA by SVD, FSQ's tanh digits, the codes read
+    back through atanh(0.9 code), least squares by np.linalg.lstsq; ``test`` [B, D] decoded from
+    its first k registers (the later ones read as 0)."""
+    d = len(levels)
+    n = registers * d
+    mean = train.mean(axis=0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    components = vt[:n].T  # [D, n]
+    std = ((train - mean) @ components).std(axis=0)
+    lv = np.tile(np.asarray(levels, np.float64), registers)
+
+    def read(x):
+        z = (x - mean) @ components / (1.5 * std)
+        digits = np.round((np.tanh(z) + 1) / 2 * (lv - 1))
+        return np.arctanh(0.9 * (digits / (lv - 1) * 2 - 1))
+
+    design = np.concatenate([read(train), np.ones((len(train), 1))], axis=1)
+    fit = np.linalg.lstsq(design, train, rcond=None)[0]
+    features = read(test)
+    features[:, k * d :] = 0.0
+    return np.concatenate([features, np.ones((len(test), 1))], axis=1) @ fit
+
+
+def test_linear_route_starts_as_the_pca_code_on_the_fsq_levels():
+    """After ``data_init`` the model is the linear code (a hand computation): its one-step
+    decode from the first k tokens is the PCA read-out of those k tokens' codes, and the
+    transformers add nothing yet."""
+    model = _model(**{"model.linear_route": True, "model.fsq_levels": (8, 5)})
+    train_images = np.asarray(_photos(256))
+    for (module, name), value in model.data_init(train_images).items():
+        getattr(getattr(model, module), name)[...] = jnp.asarray(value)
+    source = sources.PhotoCropsSource(split="test", crop_size=16, num_examples=6)
+    test_images = np.stack([source[i]["image"] for i in range(6)]).astype(np.float32) / 127.5 - 1
+    codes, _ = model.encode(jnp.asarray(test_images))
+    flat = lambda x: np.asarray(model.to_space(jnp.asarray(x))).reshape(len(x), -1)  # noqa: E731
+    for k in (1, 2, 4):
+        keep = keep_mask(jnp.full((6,), k), model.num_registers)
+        decoded = model.sample_space(codes, keep, jax.random.key(0), steps=1)
+        expected = _hand_linear_code(
+            flat(train_images).astype(np.float64), flat(test_images), (8, 5), 4, k
+        )
+        np.testing.assert_allclose(np.asarray(decoded).reshape(6, -1), expected, atol=2e-3)
+    # Only the kept tokens inform the linear route: changing the others changes nothing.
+    keep = keep_mask(jnp.full((6,), 2), model.num_registers)
+    other = codes.at[:, 2:].set(-codes[:, 2:])
+    np.testing.assert_array_equal(
+        model.linear_estimate(codes, keep), model.linear_estimate(other, keep)
+    )
+    with pytest.raises(ValueError, match="linear_estimate"):
+        model.velocity(jnp.zeros((1, 16, 48)), jnp.ones((1,)), model.condition(codes, keep)[:1])

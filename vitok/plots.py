@@ -17,14 +17,19 @@ def metric_panels(rows: list[dict]) -> dict[str, dict[str, tuple[list, list, str
     per token count k); ``train/loss`` and ``eval/accuracy`` are panels of one line. Two kinds of
     reference are drawn dotted inside the panels they belong to instead of in a panel of their own:
     ``eval/baseline_X@k`` in every panel ``eval/..._X`` or ``eval/X`` (the linear code beside the
-    decoder's PSNR), and ``eval/X_original`` in ``eval/X`` (the originals' seam ratio).
+    decoder's PSNR), and ``eval/X_original`` in ``eval/X`` (the originals' seam ratio). The
+    second linear reference, ``eval/linear_fsq_X@k``, is left to the table (reconstructions.md):
+    constant lines for two references per k would bury the curves.
 
     Returns {panel: {line label: (steps, values, style)}}, style "-" or ":".
     """
     series: dict[str, tuple[list, list]] = {}
     for row in rows:
         for key, value in row.items():
-            if (key == "train/loss" or key.startswith("eval/")) and isinstance(value, float):
+            plotted = key == "train/loss" or (
+                key.startswith("eval/") and not key.split("/")[-1].startswith("linear_fsq_")
+            )
+            if plotted and isinstance(value, float):
                 steps, values = series.setdefault(key, ([], []))
                 steps.append(row["step"])
                 values.append(value)

@@ -35,7 +35,7 @@ from vitok.data import pipeline
 from vitok.evaluators import EVAL_KEYS, evaluator_options
 from vitok.models import ModelHandle, init_variables
 from vitok.models.frozen import load_pretrained, pretrained_workdirs
-from vitok.models.transfer import INIT_FROM_KEYS, init_from_run, source_run
+from vitok.models.transfer import INIT_FROM_KEYS, data_init, init_from_run, source_run
 from vitok.optim import make_optimizer, optim_options
 from vitok.plots import plot_curves
 from vitok.registry import EVALUATORS, TASKS
@@ -279,6 +279,8 @@ def _train(config, run: dict[str, Any], workdir: str, devices, lock) -> dict[str
         source = source_run(config)  # likewise a missing init_from run
         state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_rng)
         state["extra"] = load_pretrained(model, state["extra"], mesh)
+        if source is None:
+            state = data_init(model, state, config.data)
         state["params"] = init_from_run(source, model, state["params"], mesh)
         if ema_decay:  # a copy: the step donates both trees
             state["ema"] = jax.tree.map(jnp.copy, state["params"])

@@ -245,3 +245,16 @@ def _pad(batch: dict, size: int) -> dict:
 def _empty_like_first(source, transform) -> dict:
     example = transform(source[0], np.random.default_rng(0))
     return {k: np.asarray(v)[None][:0] for k, v in example.items()}
+
+
+def training_images(config: Mapping[str, Any], num_examples: int) -> np.ndarray:
+    """The first ``num_examples`` images [n, H, W, C] of a run's training data (``config``: its
+    config.data, split and preprocessing as trained, random ops seeded per example), in one
+    deterministic pass, the same in every process."""
+    batches = eval_batches(
+        config,
+        global_batch_size=256,
+        max_examples=num_examples,
+        split=config.get("split") or "train",
+    )
+    return np.concatenate([batch["image"][batch["mask"] > 0] for batch in batches])

@@ -6,6 +6,12 @@ quantized uniformly to ``levels`` values between that coefficient's training min
 decoded as mean + sum of the quantized coefficients times their components. With nested dropout a
 linear autoencoder learns exactly this ordering, so a tokenizer that does not beat it has learned
 no more than the images' low frequencies.
+
+``fit_spread_linear_code`` spends the same bits the way an FSQ tokenizer does: d coefficients per
+token, coefficient i on ``levels[i % d]`` uniform values over +-``clip_std`` training standard
+deviations. A few levels on many coefficients beat many levels on few (a Gaussian source's
+reverse water-filling), so this is the stronger linear reference: on FlexTok tiny's crops 1.0
+to 1.4 dB above the first at every k.
 """
 
 from __future__ import annotations
@@ -18,28 +24,33 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class LinearCode:
     """mean [D], components [K, D] (orthonormal rows, by decreasing variance), lo/hi [K]: the
-    training range of each coefficient, levels: quantization levels per coefficient."""
+    range each coefficient is quantized over, levels: quantization levels per coefficient (an
+    int, or [K]), per_token: coefficients per token."""
 
     mean: np.ndarray
     components: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
-    levels: int
+    levels: int | np.ndarray
+    per_token: int = 1
 
     def quantize(self, coefficients: np.ndarray) -> np.ndarray:
         """[B, k] -> the nearest of ``levels`` uniform values in [lo, hi] per coefficient."""
         k = coefficients.shape[-1]
         lo, hi = self.lo[:k], self.hi[:k]
-        step = (hi - lo) / max(self.levels - 1, 1)
-        index = np.clip(np.round((coefficients - lo) / np.maximum(step, 1e-12)), 0, self.levels - 1)
+        levels = np.broadcast_to(np.asarray(self.levels), self.lo.shape)[:k]
+        step = (hi - lo) / np.maximum(levels - 1, 1)
+        index = np.clip(np.round((coefficients - lo) / np.maximum(step, 1e-12)), 0, levels - 1)
         return lo + index * step
 
     def reconstruct(self, images: np.ndarray, k: int) -> np.ndarray:
-        """images [B, ...] -> their reconstructions from k quantized coefficients, same shape."""
-        if not 1 <= k <= len(self.components):
-            raise ValueError(f"the linear code has 1..{len(self.components)} coefficients, got {k}")
+        """images [B, ...] -> their reconstructions from k tokens (k * per_token quantized
+        coefficients), same shape."""
+        tokens = len(self.components) // self.per_token
+        if not 1 <= k <= tokens:
+            raise ValueError(f"the linear code has 1..{tokens} tokens, got {k}")
         x = images.reshape(len(images), -1).astype(np.float64) - self.mean
-        comps = self.components[:k]
+        comps = self.components[: k * self.per_token]
         q = self.quantize(x @ comps.T)
         return (self.mean + q @ comps).reshape(images.shape).astype(np.float32)
 
@@ -67,4 +78,24 @@ def fit_linear_code(images: np.ndarray, num_components: int, levels: int) -> Lin
         lo=coefficients.min(axis=0),
         hi=coefficients.max(axis=0),
         levels=int(levels),
+    )
+
+
+def fit_spread_linear_code(
+    images: np.ndarray, num_tokens: int, levels: tuple[int, ...], clip_std: float = 1.5
+) -> LinearCode:
+    """images [M, ...] -> the PCA code of ``num_tokens`` tokens of len(levels) coefficients,
+    coefficient i on levels[i % d] values over mean +- clip_std std (the bits of num_tokens FSQ
+    tokens with these levels)."""
+    d = len(levels)
+    code = fit_linear_code(images, num_tokens * d, 2)
+    x = images.reshape(len(images), -1).astype(np.float64) - code.mean
+    spread = clip_std * (x @ code.components.T).std(axis=0)
+    return LinearCode(
+        mean=code.mean,
+        components=code.components,
+        lo=-spread,
+        hi=spread,
+        levels=np.tile(np.asarray(levels, np.int64), num_tokens),
+        per_token=d,
     )

@@ -20,7 +20,7 @@ from vitok.data import pipeline
 from vitok.evaluators import evaluator_options
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
 from vitok.evaluators.inception import InceptionFID
-from vitok.evaluators.linear_code import LinearCode, fit_linear_code
+from vitok.evaluators.linear_code import LinearCode, fit_linear_code, fit_spread_linear_code
 from vitok.models.base import Tokenizer, checked_options
 from vitok.registry import EVALUATORS
 
@@ -147,6 +147,7 @@ def write_table(path: str, rows: list[dict], original_seam_ratio: float | None =
         ("mean_detail_ratio", "mean decode detail", "{:.3f}"),
         ("baseline_psnr", "linear code PSNR", "{:.2f}"),
         ("baseline_detail_ratio", "linear code detail", "{:.3f}"),
+        ("linear_fsq_psnr", "linear FSQ code PSNR", "{:.2f}"),
     ]
     columns = [c for c in columns if c[0] in rows[0]]
     with open(path, "w") as f:
@@ -158,7 +159,9 @@ def write_table(path: str, rows: list[dict], original_seam_ratio: float | None =
             f.write(
                 f"\nSampler: the evaluator's Euler steps; mean decode: one step (the decoder's "
                 f"clean estimate from pure noise); linear code: PCA of training images with k "
-                f"coefficients, each quantized to the codebook size. Seam ratio: neighbour "
+                f"coefficients, each quantized to the codebook size; linear FSQ code (where the "
+                f"tokenizer quantizes with FSQ): PCA with d coefficients per token on the FSQ's "
+                f"levels over +-1.5 std, the same bits spread as FSQ spreads them. Seam ratio: neighbour "
                 f"differences across patch borders over those inside patches (originals: "
                 f"{original_seam_ratio:.3f}); detail ratio: mean neighbour difference over the "
                 f"originals'.\n"
@@ -180,7 +183,10 @@ class ReconstructionEvaluator:
       MMSE-style reconstruction) (``mean_decode``, default on where the tokenizer has one);
     * ``{prefix}/baseline_psnr@k``: the linear code at the same bit budget (PCA with k
       coefficients, each quantized to the codebook size; ``vitok.evaluators.linear_code``),
-      fitted once on ``baseline_examples`` images of the run's training data (0: off).
+      fitted once on ``baseline_examples`` images of the run's training data (0: off);
+      ``{prefix}/linear_fsq_psnr@k``, where the tokenizer quantizes with FSQ: the same bits
+      spread over d coefficients per token on the FSQ's levels (``fit_spread_linear_code``),
+      the stronger linear reference;
 
     Any ``vitok.models.Tokenizer`` with ordered 1D tokens, through ``reconstruct_at_budget``:
     FlexTok decodes its first k ids, KARL encodes at the budget k (lowest quality bin).
@@ -247,10 +253,11 @@ class ReconstructionEvaluator:
         self._sample = jax.jit(functools.partial(reconstruct, options=options))
         self._mean = jax.jit(functools.partial(reconstruct, options=dict(mean_options or {})))
         self._scores = jax.jit(scores)
-        self.linear_code = None
+        self.linear_codes: dict[str, LinearCode] = {}
         baseline_examples = int(o["baseline_examples"])
         if baseline_examples:
-            self.linear_code = self._fit_linear_code(baseline_examples)
+            fsq = getattr(tokenizer, "fsq", None)
+            self.linear_codes = self._fit_linear_codes(baseline_examples, fsq)
         self.features = {}  # metric name -> jitted unit images [B, H, W, C] -> features
         if o["inception_weights"]:
             inception = InceptionFID.from_file(o["inception_weights"])
@@ -260,15 +267,19 @@ class ReconstructionEvaluator:
             net = FeatureNet(net_config)
             self.features["feature_fid"] = jax.jit(lambda unit: net(unit * 2 - 1))
 
-    def _fit_linear_code(self, num_examples: int) -> LinearCode:
+    def _fit_linear_codes(self, num_examples: int, fsq: Any) -> dict[str, LinearCode]:
         """PCA of the run's training images as the tokenizer saw them, augmentation included
-        (flipped crops make a better linear code: the stronger baseline); every process fits
-        the same code by itself."""
-        images = training_images(self.context.config.data, num_examples)
-        return fit_linear_code(images, max(self.counts), self.codebook_size)
+        (flipped crops make a better linear code: the stronger baseline): {"linear": k
+        coefficients at the codebook size, "linear_fsq": the same bits on ``fsq``'s levels
+        (where the tokenizer has an FSQ)}; every process fits the same codes by itself."""
+        images = pipeline.training_images(self.context.config.data, num_examples)
+        codes = {"linear": fit_linear_code(images, max(self.counts), self.codebook_size)}
+        if fsq is not None:
+            codes["linear_fsq"] = fit_spread_linear_code(images, max(self.counts), fsq.levels)
+        return codes
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
-        methods = ["sample"] + ["mean"] * self.mean_decode + ["linear"] * bool(self.linear_code)
+        methods = ["sample"] + ["mean"] * self.mean_decode + list(self.linear_codes)
         totals = {m: np.zeros((len(self.counts), len(SCORES))) for m in methods}
         original = np.zeros(len(SCORES))
         count = 0.0
@@ -287,7 +298,7 @@ class ReconstructionEvaluator:
                 stats[name][-1].add(self._gather_features(name, target, keep))
             first = batch_index == 0 and self.grid_rows
             host_images = None
-            if self.linear_code is not None:
+            if self.linear_codes:
                 host_images = np.asarray(
                     multihost_utils.process_allgather(batch["image"], tiled=True)
                 )
@@ -297,12 +308,12 @@ class ReconstructionEvaluator:
                 recons = {"sample": self._sample(params, extra, batch["image"], k, rng)}
                 if self.mean_decode:
                     recons["mean"] = self._mean(params, extra, batch["image"], k, rng)
-                if self.linear_code is not None:
-                    linear = self.linear_code.reconstruct(host_images, k)
-                    recons["linear"] = to_unit_range(linear)
+                for name, code in self.linear_codes.items():
+                    recons[name] = to_unit_range(code.reconstruct(host_images, k))
                 for method, recon in recons.items():
-                    mask = batch["mask"] if method != "linear" else keep.astype(np.float32)
-                    images = batch["image"] if method != "linear" else host_images
+                    on_host = method in self.linear_codes
+                    mask = keep.astype(np.float32) if on_host else batch["mask"]
+                    images = host_images if on_host else batch["image"]
                     totals[method][i] += np.asarray(self._scores(recon, images, mask))
                     if first:
                         grids.setdefault(method, []).append(recon)
@@ -336,6 +347,11 @@ class ReconstructionEvaluator:
             if "linear" in means:
                 row["baseline_psnr"] = float(means["linear"][i][col["psnr"]])
                 row["baseline_detail_ratio"] = float(means["linear"][i][col["detail"]] / detail)
+            if "linear_fsq" in means:
+                row["linear_fsq_psnr"] = float(means["linear_fsq"][i][col["psnr"]])
+                row["linear_fsq_detail_ratio"] = float(
+                    means["linear_fsq"][i][col["detail"]] / detail
+                )
             rows.append(row)
             results.update({f"{self.prefix}/{key}@{k}": v for key, v in row.items() if key != "k"})
         for name, per_count in stats.items():
@@ -345,7 +361,12 @@ class ReconstructionEvaluator:
             workdir = self.context.workdir
             os.makedirs(workdir, exist_ok=True)
             write_table(os.path.join(workdir, "reconstructions.md"), rows, float(original_seam))
-            names = {"sample": "", "mean": "_mean", "linear": "_linear"}
+            names = {
+                "sample": "",
+                "mean": "_mean",
+                "linear": "_linear",
+                "linear_fsq": "_linear_fsq",
+            }
             for method, grid in grids.items():
                 save_grid(os.path.join(workdir, f"reconstructions{names[method]}.png"), grid)
         return results
@@ -353,15 +374,6 @@ class ReconstructionEvaluator:
     def _gather_features(self, name: str, unit_images: jax.Array, keep: np.ndarray) -> np.ndarray:
         features = multihost_utils.process_allgather(self.features[name](unit_images), tiled=True)
         return np.asarray(features)[keep]
-
-
-def training_images(data: Any, num_examples: int) -> np.ndarray:
-    """The first ``num_examples`` images [n, H, W, C] of the run's training data (``data``: its
-    config.data, split and preprocessing as trained), in one deterministic pass."""
-    batches = pipeline.eval_batches(
-        data, global_batch_size=256, max_examples=num_examples, split=data.get("split") or "train"
-    )
-    return np.concatenate([batch["image"][batch["mask"] > 0] for batch in batches])
 
 
 def _first_rows(columns: list[jax.Array], rows: int) -> np.ndarray:

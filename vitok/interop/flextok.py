@@ -436,7 +436,8 @@ def fill_config(
         null_condition=arch["null_condition"], time_max_period=256.0,
         time_scale=arch["time_scale"], apg_space="velocity", apg_momentum=-0.5,
         prediction="velocity", time_shift=1.0, decoder_patches="disjoint",
-        adaln_registers=False, register_mixing=False, repa_dim=0, repa_layer=0,
+        adaln_registers=False, register_mixing=False, linear_route=False, repa_dim=0,
+        repa_layer=0,
     )  # fmt: skip
     for key, value in release.items():
         model[key] = value

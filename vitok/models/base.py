@@ -38,7 +38,7 @@ class Model(nnx.Module):
 
     Required: ``forward_flops()``. Optional (defaults here): ``pretrained_workdirs()`` for
     frozen sub-models the trainer loads at the start of a run, ``adapt_pretrained`` for
-    ``init_from`` weights of another shape.
+    ``init_from`` weights of another shape, ``data_init`` for a start fitted to training data.
     """
 
     def forward_flops(self) -> float:
@@ -47,6 +47,14 @@ class Model(nnx.Module):
 
     def pretrained_workdirs(self) -> dict[str, str]:
         """{attribute: workdir of a training run} of frozen sub-models to load (none)."""
+        return {}
+
+    # A data-dependent start: when a run starts from scratch (no checkpoint, no init_from), the
+    # trainer reads the first ``data_init_examples`` training images (the run's preprocessing)
+    # and sets the params ``data_init(images)`` returns, {path: value} (none by default).
+    data_init_examples = 0
+
+    def data_init(self, images: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:
         return {}
 
     def adapt_pretrained(self, path: tuple[str, ...], value: jax.Array, source: Any) -> Any:

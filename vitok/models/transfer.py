@@ -148,3 +148,33 @@ def init_from_run(source: SourceRun | None, model: ModelHandle, params: dict, me
             f"({counts}){adapted}"
         )
     return jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, params)
+
+
+def data_init(model: ModelHandle, state: dict, data_config: Any) -> dict:
+    """The trainer's hook for a model's data-dependent start (``Model.data_init``): the train
+    ``state`` with the values (params or ``extra`` variables, fresh and sharded) that the model
+    fits to its first ``data_init_examples`` training images; unchanged when it asks for none.
+    Every process reads the same images and fits the same values."""
+    count = int(model.module().data_init_examples)
+    if not count:
+        return state
+    from vitok.data import pipeline
+
+    module = model.merge(state["params"], state["extra"])  # a frozen VAE's weights included
+    values = module.data_init(pipeline.training_images(data_config, count))
+    trees = {name: flatten_params(state[name]) for name in ("params", "extra")}
+    for path, value in values.items():
+        key = tuple(map(str, path))
+        owner = next((name for name, flat in trees.items() if key in flat), None)
+        if owner is None:
+            raise ValueError(f"data_init set {'/'.join(key)}, which the model does not have")
+        old = trees[owner][key]
+        if tuple(value.shape) != tuple(old.shape):
+            raise ValueError(f"data_init gave {key} shape {value.shape}, the model has {old.shape}")
+        trees[owner][key] = jax.make_array_from_callback(
+            old.shape, old.sharding, lambda index, v=value.astype(old.dtype): v[index]
+        )
+    if jax.process_index() == 0:
+        names = ", ".join("/".join(map(str, p)) for p in values)
+        print(f"vitok: fitted {names} to {count} training images (data_init)")
+    return state | {name: unflatten_like(state[name], flat) for name, flat in trees.items()}

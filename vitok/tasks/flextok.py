@@ -108,7 +108,9 @@ class FlexTokTask:
         k_rng, noise_rng, sigma_rng = jax.random.split(rng, 3)
         codes, _ = model.encode(images)
         counts = sample_keep_counts(k_rng, b, self.choices, self.cfg_dropout)
-        registers = model.condition(codes, keep_mask(counts, self.num_registers))
+        keep = keep_mask(counts, self.num_registers)
+        registers = model.condition(codes, keep)
+        linear = model.linear_estimate(codes, keep)
 
         x0 = model.to_space(images)
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
@@ -116,9 +118,9 @@ class FlexTokTask:
         x_t = noise_images(x0, noise, sigma)
         aligned = None
         if self.repa_weight:  # __init__ checked that the model has REPA's projection
-            v_pred, aligned = model.velocity_and_alignment(x_t, sigma, registers)
+            v_pred, aligned = model.velocity_and_alignment(x_t, sigma, registers, linear)
         else:
-            v_pred = model.velocity(x_t, sigma, registers)
+            v_pred = model.velocity(x_t, sigma, registers, linear)
         target = model.velocity_target(x_t, x0, noise, sigma)
         loss = flow_loss(v_pred, target, loss_weight(sigma, self.loss_space))
         if aligned is None:
