@@ -32,7 +32,7 @@ def test_notebook_runs(path, tmp_path):
         os.environ,
         VITOK_COLAB_STEPS="4",
         VITOK_COLAB_EVAL_EXAMPLES="16",
-        VITOK_COLAB_BASELINE_EXAMPLES="64",
+        VITOK_COLAB_BASELINE_EXAMPLES="256",
         VITOK_COLAB_LINEAR_FIT_EXAMPLES="256",
         VITOK_COLAB_WORKDIR=str(tmp_path / "work"),
         VITOK_COLAB_RANDOM_FLEXTOK="1",

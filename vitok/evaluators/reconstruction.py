@@ -272,6 +272,12 @@ class ReconstructionEvaluator:
         (flipped crops make a better linear code: the stronger baseline): {"linear": k
         coefficients at the codebook size, "linear_fsq": the same bits on ``fsq``'s levels
         (where the tokenizer has an FSQ)}; every process fits the same codes by itself."""
+        needed = max(self.counts) * (fsq.dim if fsq is not None else 1)
+        if num_examples < needed:
+            raise ValueError(
+                f"evaluator {self.prefix!r}: baseline_examples={num_examples} is fewer than the "
+                f"{needed} PCA coefficients of its linear codes; use at least {needed} (or 0: off)"
+            )
         images = pipeline.training_images(self.context.config.data, num_examples)
         codes = {"linear": fit_linear_code(images, max(self.counts), self.codebook_size)}
         if fsq is not None:

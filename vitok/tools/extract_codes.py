@@ -32,11 +32,16 @@ def data_config(
     config, split: str, source: str = "", name: str = "", num_examples: int = 0, path: str = ""
 ):
     """The tokenizer run's first eval data config, for ``split`` (optionally another source,
-    which takes its own keys and keeps the pipeline's: pp, threads)."""
+    which takes its own keys and keeps the pipeline's: pp, threads). "train" is the split the
+    tokenizer trained on when its training data has the same source (photo_crops: FlexTok tiny's
+    "train_extended")."""
     evals = list(config.get("evals", {}).values())
     if not evals:
         raise ValueError("the tokenizer's config has no evals section to take a data config from")
     data = evals[0].data.copy_and_resolve_references()
+    trained = config.get("data", {})
+    if split == "train" and not source and trained.get("source") == data.get("source"):
+        split = trained.get("split") or split
     if source:
         data = ml_collections.ConfigDict(pipeline.data_section(source, data))
     data.split = split
