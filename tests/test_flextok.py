@@ -497,6 +497,14 @@ def test_linear_route_starts_as_the_pca_code_on_the_fsq_levels():
             flat(train_images).astype(np.float64), flat(test_images), (8, 5), 4, k
         )
         np.testing.assert_allclose(np.asarray(decoded).reshape(6, -1), expected, atol=2e-3)
+    # Guidance against the null condition (no code kept: the route's bias, the fitted mean).
+    keep = keep_mask(jnp.full((6,), 2), model.num_registers)
+    guided = model.sample_space(codes, keep, jax.random.key(0), steps=1, guidance=3.0)
+    cond = _hand_linear_code(flat(train_images).astype(np.float64), flat(test_images), (8, 5), 4, 2)
+    null = _hand_linear_code(flat(train_images).astype(np.float64), flat(test_images), (8, 5), 4, 0)
+    np.testing.assert_allclose(
+        np.asarray(guided).reshape(6, -1), null + 3.0 * (cond - null), atol=6e-3
+    )
     # Only the kept tokens inform the linear route: changing the others changes nothing.
     keep = keep_mask(jnp.full((6,), 2), model.num_registers)
     other = codes.at[:, 2:].set(-codes[:, 2:])
@@ -505,3 +513,36 @@ def test_linear_route_starts_as_the_pca_code_on_the_fsq_levels():
     )
     with pytest.raises(ValueError, match="linear_estimate"):
         model.velocity(jnp.zeros((1, 16, 48)), jnp.ones((1,)), model.condition(codes, keep)[:1])
+
+
+@pytest.mark.slow
+def test_the_trainer_fits_the_linear_route_and_init_from_carries_it(tmp_path):
+    """A run starting from scratch holds the maps ``data_init`` fits to its first training
+    images (fixed through training); a run started from it with ``init_from`` takes them from
+    the source, not its own fit (here from fewer images, so the two differ)."""
+    from vitok import runs
+    from vitok.data import pipeline
+
+    config = small_flextok_config(**{"mesh.data": 1, "total_steps": 2, "checkpoint_every": 2})
+    with config.unlocked():
+        config.evals = {}
+    first = str(tmp_path / "first")
+    train.train_and_evaluate(config, first, devices=jax.devices()[:1])
+    run = runs.load_run(first)
+    model = build_model(config.model, nnx.Rngs(0))
+    fitted = model.data_init(pipeline.training_images(config.data, 64))
+    for (module, name), value in fitted.items():
+        np.testing.assert_allclose(np.asarray(run.extra[module][name]), value, atol=1e-5)
+
+    second = small_flextok_config(
+        **{"mesh.data": 1, "total_steps": 2, "checkpoint_every": 2, "model.linear_fit_examples": 32}
+    )
+    with second.unlocked():
+        second.evals = {}
+        second.init_from.workdir = first
+    train.train_and_evaluate(second, str(tmp_path / "second"), devices=jax.devices()[:1])
+    carried = runs.load_run(str(tmp_path / "second"))
+    own = model.data_init(pipeline.training_images(config.data, 32))
+    kernel = np.asarray(carried.extra["enc_linear"]["kernel"])
+    np.testing.assert_allclose(kernel, np.asarray(run.extra["enc_linear"]["kernel"]), atol=1e-6)
+    assert np.abs(kernel - own[("enc_linear", "kernel")]).max() > 1e-3

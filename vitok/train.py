@@ -279,9 +279,11 @@ def _train(config, run: dict[str, Any], workdir: str, devices, lock) -> dict[str
         source = source_run(config)  # likewise a missing init_from run
         state = jax.jit(setup.init_state, out_shardings=state_shardings)(init_rng)
         state["extra"] = load_pretrained(model, state["extra"], mesh)
-        if source is None:
-            state = data_init(model, state, config.data)
-        state["params"] = init_from_run(source, model, state["params"], mesh)
+        # Fitted first: a source run without them (init_from) leaves the fitted values.
+        state = data_init(model, state, config.data)
+        state["params"], state["extra"] = init_from_run(
+            source, model, state["params"], mesh, extra=state["extra"]
+        )
         if ema_decay:  # a copy: the step donates both trees
             state["ema"] = jax.tree.map(jnp.copy, state["params"])
         start_step = 0

@@ -51,7 +51,8 @@ class Model(nnx.Module):
 
     # A data-dependent start: when a run starts from scratch (no checkpoint, no init_from), the
     # trainer reads the first ``data_init_examples`` training images (the run's preprocessing)
-    # and sets the params ``data_init(images)`` returns, {path: value} (none by default).
+    # and sets the variables ``data_init(images)`` returns, {path: value}, params or fixed
+    # ``extra`` ones alike (none by default; both hooks are needed).
     data_init_examples = 0
 
     def data_init(self, images: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:

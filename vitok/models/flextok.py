@@ -118,6 +118,9 @@ class FlowOptions:
             raise ValueError("apg_momentum needs apg_space='velocity' (x0-space APG has none)")
         if self.linear_route and self.prediction != "x0":
             raise ValueError("linear_route adds to the clean estimate: it needs prediction='x0'")
+        if self.linear_route and self.fsq_bound != "tanh":
+            raise ValueError("linear_route reads codes through the tanh bound's inverse: it needs "
+                             "fsq_bound='tanh'")  # fmt: skip
 
     def block_options(self) -> dict:
         """The encoder's ``Block`` options: FlexTok's release has LayerNorms without scale or
@@ -170,7 +173,7 @@ class FlexTok(Tokenizer):
         weighted sum of the patch embeddings [N, P], and each decoder patch token gets a learned
         weighted sum of the register tokens [P, N] (dropped registers enter as the mask token, so
         only the first k tokens inform the image). Attention learns where to read only slowly;
-        this linear route (a linear autoencoder, which nested dropout orders like PCA) carries
+        this linear path (a linear autoencoder, which nested dropout orders like PCA) carries
         spatial layout from the first steps. A CPU-budget option; full-scale presets leave it off.
       mixing_init: how the two mixing maps start: "normal" (random, N(0, 1/fan_in)) or "dct"
         (register i reads, and writes back, the i-th 2D DCT basis function over the patch grid,
@@ -686,7 +689,8 @@ class FlexTok(Tokenizer):
         of the unshifted time, see ``time_shift``), all in one ``lax.fori_loop``. ``guidance`` w
         != 1 mixes v = v_null + w (v_cond - v_null), the null condition masking every register;
         ``apg`` applies adaptive projected guidance (Sadat et al. 2024) instead, on the denoised
-        estimates or the velocities (``apg_space``, ``apg_momentum``). ``noise`` [B, P,
+        estimates or the velocities (``apg_space``, ``apg_momentum``); with ``linear_route`` the
+        null condition's linear estimate is the route's bias (no code kept). ``noise`` [B, P,
         patch_dim] replaces the draw from ``rng`` (the starting point at sigma = 1).
         """
         b = codes.shape[0]
@@ -785,6 +789,10 @@ def linear_route_init(x0: np.ndarray, fsq: FSQ, num_registers: int) -> dict:
     centred = x - mean
     _, vectors = np.linalg.eigh(centred.T @ centred / len(x))  # ascending eigenvalues
     components = vectors[:, ::-1][:, :n]  # [S, n], by decreasing variance
+    # Each direction's sign fixed (largest-magnitude entry positive), so every process fits
+    # the same maps.
+    largest = np.abs(components).argmax(axis=0)
+    components = components * np.sign(components[largest, np.arange(n)])
     coefficients = centred @ components
     scale = LINEAR_SCALE * np.maximum(coefficients.std(axis=0), 1e-8)
     enc_kernel = components / scale

@@ -125,15 +125,24 @@ def source_run(config: Any) -> SourceRun | None:
     return SourceRun(workdir, source_config, spec["skip"])
 
 
-def init_from_run(source: SourceRun | None, model: ModelHandle, params: dict, mesh) -> dict:
+def init_from_run(
+    source: SourceRun | None, model: ModelHandle, params: dict, mesh, extra: dict | None = None
+) -> dict | tuple[dict, dict]:
     """The trainer's hook: ``params`` (fresh, sharded over ``mesh``) -> the same structure and
     shardings with the weights of the ``source_run`` (unchanged when that is None). The source
     state is restored onto the trainer's mesh under the source run's sharding rules, so an FSDP
-    run never holds a replicated copy."""
+    run never holds a replicated copy.
+
+    With ``extra`` it returns (params, extra): the model's own fixed variables (a FlexTok's
+    fitted linear route, not the pretrained sub-models, which load from their own runs) come
+    from the source where it has them at the same path and shape, since its trained weights
+    were learned next to them."""
     if source is None:
-        return params
+        return params if extra is None else (params, extra)
     workdir, source_config, skip = source
     run = runs.load_run(workdir, mesh, config=source_config)
+    if extra is not None:
+        extra = _own_extra_from(run.extra, extra, set(model.module().pretrained_workdirs()))
     step = run.step
     weights = "EMA" if run.weights == "ema" else "trained"
     loaded, report = adapt_params(
@@ -147,7 +156,19 @@ def init_from_run(source: SourceRun | None, model: ModelHandle, params: dict, me
             f"vitok: initialised from the {weights} weights of {workdir} at step {step} "
             f"({counts}){adapted}"
         )
-    return jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, params)
+    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, params)
+    return params if extra is None else (params, extra)
+
+
+def _own_extra_from(source: dict, extra: dict, pretrained: set[str]) -> dict:
+    """``extra`` with each leaf outside the ``pretrained`` sub-models replaced by the source's
+    leaf at the same path, where it has one of the same shape."""
+    flat, theirs = flatten_params(extra), flatten_params(source)
+    for path, current in flat.items():
+        value = theirs.get(path)
+        if path[0] not in pretrained and value is not None and value.shape == current.shape:
+            flat[path] = jax.device_put(value, current.sharding)
+    return unflatten_like(extra, flat)
 
 
 def data_init(model: ModelHandle, state: dict, data_config: Any) -> dict:
@@ -161,7 +182,8 @@ def data_init(model: ModelHandle, state: dict, data_config: Any) -> dict:
     from vitok.data import pipeline
 
     module = model.merge(state["params"], state["extra"])  # a frozen VAE's weights included
-    values = module.data_init(pipeline.training_images(data_config, count))
+    images = pipeline.training_images(data_config, count)
+    values = module.data_init(images)
     trees = {name: flatten_params(state[name]) for name in ("params", "extra")}
     for path, value in values.items():
         key = tuple(map(str, path))
@@ -176,5 +198,5 @@ def data_init(model: ModelHandle, state: dict, data_config: Any) -> dict:
         )
     if jax.process_index() == 0:
         names = ", ".join("/".join(map(str, p)) for p in values)
-        print(f"vitok: fitted {names} to {count} training images (data_init)")
+        print(f"vitok: fitted {names} to {len(images)} training images (data_init)")
     return state | {name: unflatten_like(state[name], flat) for name, flat in trees.items()}

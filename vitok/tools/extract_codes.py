@@ -40,7 +40,8 @@ def data_config(
         raise ValueError("the tokenizer's config has no evals section to take a data config from")
     data = evals[0].data.copy_and_resolve_references()
     trained = config.get("data", {})
-    if split == "train" and not source and trained.get("source") == data.get("source"):
+    same = not (source or name) and trained.get("source") == data.get("source")
+    if split == "train" and same:
         split = trained.get("split") or split
     if source:
         data = ml_collections.ConfigDict(pipeline.data_section(source, data))
