@@ -43,6 +43,12 @@ class LinearCode:
         index = np.clip(np.round((coefficients - lo) / np.maximum(step, 1e-12)), 0, levels - 1)
         return lo + index * step
 
+    def first(self, k: int) -> LinearCode:
+        """The code of the first k coefficients (what a fit with k components gives)."""
+        return dataclasses.replace(
+            self, components=self.components[:k], lo=self.lo[:k], hi=self.hi[:k]
+        )
+
     def reconstruct(self, images: np.ndarray, k: int) -> np.ndarray:
         """images [B, ...] -> their reconstructions from k tokens (k * per_token quantized
         coefficients), same shape."""
@@ -55,9 +61,10 @@ class LinearCode:
         return (self.mean + q @ comps).reshape(images.shape).astype(np.float32)
 
 
-def fit_linear_code(images: np.ndarray, num_components: int, levels: int) -> LinearCode:
-    """images [M, ...] (training data) -> the PCA code with ``num_components`` coefficients."""
-    x = images.reshape(len(images), -1).astype(np.float64)
+def principal_components(x: np.ndarray, num_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, D] -> (mean [D], components [K, D]: orthonormal rows by decreasing variance, each
+    sign fixed so its largest-magnitude entry is positive: the same fit in every process)."""
+    x = x.astype(np.float64)
     if num_components > min(x.shape):
         raise ValueError(
             f"a linear code of {num_components} coefficients needs at least that many training "
@@ -65,13 +72,17 @@ def fit_linear_code(images: np.ndarray, num_components: int, levels: int) -> Lin
         )
     mean = x.mean(axis=0)
     centred = x - mean
-    covariance = centred.T @ centred / len(x)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # ascending
+    _, eigenvectors = np.linalg.eigh(centred.T @ centred / len(x))  # ascending
     components = eigenvectors[:, ::-1][:, :num_components].T
-    # Fix each component's sign so the fit is deterministic (largest-magnitude entry positive).
     signs = np.sign(components[np.arange(num_components), np.abs(components).argmax(axis=1)])
-    components = components * signs[:, None]
-    coefficients = centred @ components.T
+    return mean, components * signs[:, None]
+
+
+def fit_linear_code(images: np.ndarray, num_components: int, levels: int) -> LinearCode:
+    """images [M, ...] (training data) -> the PCA code with ``num_components`` coefficients."""
+    x = images.reshape(len(images), -1).astype(np.float64)
+    mean, components = principal_components(x, num_components)
+    coefficients = (x - mean) @ components.T
     return LinearCode(
         mean=mean,
         components=components,
@@ -87,8 +98,16 @@ def fit_spread_linear_code(
     """images [M, ...] -> the PCA code of ``num_tokens`` tokens of len(levels) coefficients,
     coefficient i on levels[i % d] values over mean +- clip_std std (the bits of num_tokens FSQ
     tokens with these levels)."""
+    code = fit_linear_code(images, num_tokens * len(levels), 2)
+    return spread_linear_code(code, images, levels, clip_std)
+
+
+def spread_linear_code(
+    code: LinearCode, images: np.ndarray, levels: tuple[int, ...], clip_std: float = 1.5
+) -> LinearCode:
+    """``fit_spread_linear_code`` from an existing fit ``code`` on the same ``images`` (its
+    components, every one of them used: len(components) / len(levels) tokens)."""
     d = len(levels)
-    code = fit_linear_code(images, num_tokens * d, 2)
     x = images.reshape(len(images), -1).astype(np.float64) - code.mean
     spread = clip_std * (x @ code.components.T).std(axis=0)
     return LinearCode(
@@ -96,6 +115,6 @@ def fit_spread_linear_code(
         components=code.components,
         lo=-spread,
         hi=spread,
-        levels=np.tile(np.asarray(levels, np.int64), num_tokens),
+        levels=np.tile(np.asarray(levels, np.int64), len(code.components) // d),
         per_token=d,
     )

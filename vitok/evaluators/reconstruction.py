@@ -20,7 +20,7 @@ from vitok.data import pipeline
 from vitok.evaluators import evaluator_options
 from vitok.evaluators.fid import FeatureNet, FeatureStats, fid_from_stats
 from vitok.evaluators.inception import InceptionFID
-from vitok.evaluators.linear_code import LinearCode, fit_linear_code, fit_spread_linear_code
+from vitok.evaluators.linear_code import LinearCode, fit_linear_code, spread_linear_code
 from vitok.models.base import Tokenizer, checked_options
 from vitok.registry import EVALUATORS
 
@@ -279,9 +279,10 @@ class ReconstructionEvaluator:
                 f"{needed} PCA coefficients of its linear codes; use at least {needed} (or 0: off)"
             )
         images = pipeline.training_images(self.context.config.data, num_examples)
-        codes = {"linear": fit_linear_code(images, max(self.counts), self.codebook_size)}
+        full = fit_linear_code(images, needed, self.codebook_size)  # one PCA for both codes
+        codes = {"linear": full.first(max(self.counts))}
         if fsq is not None:
-            codes["linear_fsq"] = fit_spread_linear_code(images, max(self.counts), fsq.levels)
+            codes["linear_fsq"] = spread_linear_code(full, images, fsq.levels)
         return codes
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:

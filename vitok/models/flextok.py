@@ -781,19 +781,13 @@ LINEAR_READ = 0.9
 def linear_route_init(x0: np.ndarray, fsq: FSQ, num_registers: int) -> dict:
     """Flow-space training images x0 [M, S] -> the linear route's parameters
     {(module, "kernel" | "bias"): array} at their PCA (see ``FlowOptions.linear_route``)."""
+    from vitok.evaluators.linear_code import principal_components
+
     x = x0.reshape(len(x0), -1).astype(np.float64)
     n = num_registers * fsq.dim
-    if n > min(x.shape):
-        raise ValueError(f"the linear route's {n} components need at least {n} training images")
-    mean = x.mean(axis=0)
-    centred = x - mean
-    _, vectors = np.linalg.eigh(centred.T @ centred / len(x))  # ascending eigenvalues
-    components = vectors[:, ::-1][:, :n]  # [S, n], by decreasing variance
-    # Each direction's sign fixed (largest-magnitude entry positive), so every process fits
-    # the same maps.
-    largest = np.abs(components).argmax(axis=0)
-    components = components * np.sign(components[largest, np.arange(n)])
-    coefficients = centred @ components
+    mean, rows = principal_components(x, n)  # signs fixed: every process fits the same maps
+    components = rows.T  # [S, n], by decreasing variance
+    coefficients = (x - mean) @ components
     scale = LINEAR_SCALE * np.maximum(coefficients.std(axis=0), 1e-8)
     enc_kernel = components / scale
     z = (coefficients / scale).reshape(len(x), num_registers, fsq.dim)
