@@ -282,7 +282,7 @@ def _train(config, run: dict[str, Any], workdir: str, devices, lock) -> dict[str
         # Fitted first: a source run without them (init_from) leaves the fitted values.
         state = data_init(model, state, config.data)
         state["params"], state["extra"] = init_from_run(
-            source, model, state["params"], mesh, extra=state["extra"]
+            source, model, state["params"], state["extra"], mesh
         )
         if ema_decay:  # a copy: the step donates both trees
             state["ema"] = jax.tree.map(jnp.copy, state["params"])

@@ -126,23 +126,20 @@ def source_run(config: Any) -> SourceRun | None:
 
 
 def init_from_run(
-    source: SourceRun | None, model: ModelHandle, params: dict, mesh, extra: dict | None = None
-) -> dict | tuple[dict, dict]:
-    """The trainer's hook: ``params`` (fresh, sharded over ``mesh``) -> the same structure and
-    shardings with the weights of the ``source_run`` (unchanged when that is None). The source
-    state is restored onto the trainer's mesh under the source run's sharding rules, so an FSDP
-    run never holds a replicated copy.
-
-    With ``extra`` it returns (params, extra): the model's own fixed variables (a FlexTok's
-    fitted linear route, not the pretrained sub-models, which load from their own runs) come
-    from the source where it has them at the same path and shape, since its trained weights
-    were learned next to them."""
+    source: SourceRun | None, model: ModelHandle, params: dict, extra: dict, mesh
+) -> tuple[dict, dict]:
+    """The trainer's hook: (``params``, ``extra``) (fresh, sharded over ``mesh``) -> the same
+    structures and shardings with the weights of the ``source_run`` (unchanged when that is
+    None). The source state is restored onto the trainer's mesh under the source run's sharding
+    rules, so an FSDP run never holds a replicated copy. Of ``extra``, the model's own fixed
+    variables (a FlexTok's fitted linear route; not the pretrained sub-models, which load from
+    their own runs) come from the source where it has them at the same path and shape, since
+    its trained weights were learned next to them."""
     if source is None:
-        return params if extra is None else (params, extra)
+        return params, extra
     workdir, source_config, skip = source
     run = runs.load_run(workdir, mesh, config=source_config)
-    if extra is not None:
-        extra = _own_extra_from(run.extra, extra, set(model.module().pretrained_workdirs()))
+    extra = _own_extra_from(run.extra, extra, set(model.module().pretrained_workdirs()))
     step = run.step
     weights = "EMA" if run.weights == "ema" else "trained"
     loaded, report = adapt_params(
@@ -157,7 +154,7 @@ def init_from_run(
             f"({counts}){adapted}"
         )
     params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, params)
-    return params if extra is None else (params, extra)
+    return params, extra
 
 
 def _own_extra_from(source: dict, extra: dict, pretrained: set[str]) -> dict:
