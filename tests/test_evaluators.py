@@ -188,7 +188,7 @@ def test_spread_linear_code_puts_each_tokens_bits_on_d_coefficients():
         code.reconstruct(held_out, 4)
 
 
-def test_the_linear_code_is_fit_on_the_runs_own_training_split():
+def test_training_images_read_the_runs_own_training_split():
     from vitok.data.pipeline import training_images
     from vitok.data.sources import PhotoCropsSource
 
