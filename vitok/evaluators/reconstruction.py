@@ -351,14 +351,10 @@ class ReconstructionEvaluator:
             if "mean" in means:
                 row["mean_psnr"] = float(means["mean"][i][col["psnr"]])
                 row["mean_detail_ratio"] = float(means["mean"][i][col["detail"]] / detail)
-            if "linear" in means:
-                row["baseline_psnr"] = float(means["linear"][i][col["psnr"]])
-                row["baseline_detail_ratio"] = float(means["linear"][i][col["detail"]] / detail)
-            if "linear_fsq" in means:
-                row["linear_fsq_psnr"] = float(means["linear_fsq"][i][col["psnr"]])
-                row["linear_fsq_detail_ratio"] = float(
-                    means["linear_fsq"][i][col["detail"]] / detail
-                )
+            for method, name in (("linear", "baseline"), ("linear_fsq", "linear_fsq")):
+                if method in means:
+                    row[f"{name}_psnr"] = float(means[method][i][col["psnr"]])
+                    row[f"{name}_detail_ratio"] = float(means[method][i][col["detail"]] / detail)
             rows.append(row)
             results.update({f"{self.prefix}/{key}@{k}": v for key, v in row.items() if key != "k"})
         for name, per_count in stats.items():

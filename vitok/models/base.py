@@ -49,10 +49,11 @@ class Model(nnx.Module):
         """{attribute: workdir of a training run} of frozen sub-models to load (none)."""
         return {}
 
-    # A data-dependent start: when a run starts from scratch (no checkpoint, no init_from), the
-    # trainer reads the first ``data_init_examples`` training images (the run's preprocessing)
-    # and sets the variables ``data_init(images)`` returns, {path: value}, params or fixed
-    # ``extra`` ones alike (none by default; both hooks are needed).
+    # A data-dependent start: when a run starts (no checkpoint to resume), the trainer reads the
+    # first ``data_init_examples`` training images (the run's preprocessing) and sets the
+    # variables ``data_init(images)`` returns, {path: value}, params or fixed ``extra`` ones
+    # alike (none by default; both hooks are needed); an ``init_from`` source's values then
+    # replace those it has.
     data_init_examples = 0
 
     def data_init(self, images: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:
