@@ -194,3 +194,32 @@ def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
     assert 10 <= resumed_at < 40
     assert steps_before >= 10
     assert _metrics(workdir) == _metrics(reference)
+
+
+def test_asyncio_drops_only_storage_failure_tracebacks_once_a_checkpointer_exists(tmp_path):
+    """The garbage collector can log orbax's failed writer tasks ("Task exception was never
+    retrieved") before the save that sees the full disk raises; those records are dropped (the
+    Checkpointer reports the failure as one line), any other asyncio error is kept."""
+    import logging
+
+    checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    checkpoint.Checkpointer(str(tmp_path / "other"))
+    asyncio_log = logging.getLogger("asyncio")
+    assert asyncio_log.filters.count(checkpoint._ASYNCIO_FILTER) == 1
+
+    def record(error):
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved",
+            None, (type(error), error, None),
+        )  # fmt: skip
+
+    full = ValueError(
+        "RESOURCE_EXHAUSTED: Failed to write: No space left on device [os_error_code='28']"
+    )
+    too_large = OSError("[Errno 27] File too large")
+    other = ValueError("the writer's own bug")
+    assert not asyncio_log.filter(record(full))
+    assert not asyncio_log.filter(record(too_large))
+    assert asyncio_log.filter(record(other))
+    plain = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "no exception", None, None)
+    assert asyncio_log.filter(plain)

@@ -70,13 +70,19 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a lost mount); the run stops."""
 
 
+def _storage_reason(text: str) -> str | None:
+    """The storage failure an error's text names (a full disk, a file size limit), or None."""
+    if "No space left" in text or "os_error_code='28'" in text:
+        return "no space left on device"
+    if "File too large" in text or "os_error_code='27'" in text:
+        return "file size limit exceeded"
+    return None
+
+
 def _write_failure(step: int, directory: str, last_good: int | None, error: Exception) -> str:
     text = str(error)
-    if "No space left" in text or "os_error_code='28'" in text:
-        reason = "no space left on device"
-    elif "File too large" in text or "os_error_code='27'" in text:
-        reason = "file size limit exceeded"
-    else:
+    reason = _storage_reason(text)
+    if reason is None:
         reason = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
     try:
         free = f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free there"
@@ -118,6 +124,22 @@ class _OrbaxWriteErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+class _AsyncioStorageErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" tracebacks of orbax's writer tasks
+    that failed on storage (full disk, file size limit). The garbage collector can log them
+    before the save or wait that sees the failure raises; that raise reports it as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or _storage_reason(str(error)) is None
+
+
+# One instance each: ``addFilter`` skips a filter already installed, so every Checkpointer
+# can install them without stacking copies.
+_ORBAX_FILTER = _OrbaxWriteErrors()
+_ASYNCIO_FILTER = _AsyncioStorageErrors()
+
+
 class Checkpointer:
     """Saves every ``checkpoint_every`` steps (asynchronously), keeps the last ``max_to_keep``.
 
@@ -136,7 +158,8 @@ class Checkpointer:
         )
         self._manager = self._open()
         self._pending: int | None = None  # the step of a save that may still be in flight
-        logging.getLogger("absl").addFilter(_OrbaxWriteErrors())
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)
+        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
         sys.unraisablehook = _drop_closed_loop_errors
 
     def _open(self) -> ocp.CheckpointManager:
