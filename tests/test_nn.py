@@ -249,3 +249,38 @@ def test_weight_decay_follows_the_parameter_role():
     assert not blocks["norm1"]["scale"] and not blocks["mlp"]["fc1"]["bias"]  # [layers, D]
     assert not blocks["attn"]["qkv_bias"]  # [layers, 3, H*D], a bias by name
     assert not mask["cls"]  # [1, D]
+
+
+def test_lr_multipliers_train_a_module_as_adamw_at_its_own_learning_rate():
+    """``lr_multipliers`` {"encoder": 0.1}: the encoder's weights follow AdamW at a tenth of the
+    schedule (weight decay included), computed here by a second optimizer on that part alone;
+    the rest follow the plain optimizer; a key naming no parameter is a one-line error."""
+    rng = np.random.default_rng(0)
+    params = {
+        "encoder": {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+        "decoder": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+    }
+    axes = {"encoder": {"w": (None, None)}, "decoder": {"w": (None, None)}}
+    optim = {"lr": 0.05, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 0.3}
+    tx, _ = make_optimizer({**optim, "lr_multipliers": {"encoder": 0.1}}, 10, axes)
+    slow, _ = make_optimizer({**optim, "lr": 0.005}, 10, {"w": (None, None)})
+    fast, _ = make_optimizer(optim, 10, {"w": (None, None)})
+
+    def loss(p):
+        return jnp.sum(jnp.sin(p["encoder"]["w"] @ p["decoder"]["w"]))
+
+    state = tx.init(params)
+    enc, dec = params["encoder"], params["decoder"]
+    enc_state, dec_state = slow.init(enc), fast.init(dec)
+    for _ in range(5):
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        enc_updates, enc_state = slow.update(grads["encoder"], enc_state, enc)
+        dec_updates, dec_state = fast.update(grads["decoder"], dec_state, dec)
+        params = optax.apply_updates(params, updates)
+        enc, dec = optax.apply_updates(enc, enc_updates), optax.apply_updates(dec, dec_updates)
+        enc, dec = {"w": params["encoder"]["w"]}, {"w": params["decoder"]["w"]}
+        np.testing.assert_allclose(enc_updates["w"], updates["encoder"]["w"], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(dec_updates["w"], updates["decoder"]["w"], rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match=r"no parameter under 'enc'; .*\['decoder', 'encoder'\]"):
+        make_optimizer({**optim, "lr_multipliers": {"enc": 0.1}}, 10, axes)

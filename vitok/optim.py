@@ -14,7 +14,7 @@ from vitok.config import REQUIRED, section_options
 # per learning-rate ``schedule``.
 OPTIM_KEYS = {
     "name": "adamw", "lr": REQUIRED, "warmup_steps": 0, "schedule": "cosine", "clip_norm": 0.0,
-    "ema_decay": 0.0,
+    "ema_decay": 0.0, "lr_multipliers": {},
 }  # fmt: skip
 OPTIMIZER_KEYS = {
     "adamw": {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
@@ -103,10 +103,53 @@ def decay_mask(params: Any, logical_axes: Any) -> Any:
     )
 
 
+def _path_name(path) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + "/")
+
+
+def scale_by_path(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiplies each update by the factor of the longest ``multipliers`` key (a parameter path
+    prefix such as ``encoder`` or ``decoder/blocks``) its path starts with; others by 1. After
+    AdamW this is a per-module learning rate (its weight decay included)."""
+    multipliers = {str(k).strip("/"): float(v) for k, v in multipliers.items()}
+
+    def factor(path) -> float:
+        name = _path_name(path)
+        hits = [k for k in multipliers if _has_prefix(name, k)]
+        return multipliers[max(hits, key=len)] if hits else 1.0
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def check_multipliers(multipliers: Mapping[str, float], logical_axes: Any) -> None:
+    """A ``lr_multipliers`` key that matches no parameter is an error naming the model's
+    top-level parameters (``logical_axes``: the params' tree of logical-axis tuples)."""
+    leaves = jax.tree_util.tree_flatten_with_path(
+        logical_axes, is_leaf=lambda x: isinstance(x, tuple)
+    )[0]
+    names = [_path_name(path) for path, _ in leaves]
+    unused = [k for k in multipliers if not any(_has_prefix(n, str(k).strip("/")) for n in names)]
+    if unused:
+        top = sorted({n.split("/")[0] for n in names})
+        raise ValueError(
+            f"config.optim.lr_multipliers: no parameter under {unused[0]!r}; the model's "
+            f"top-level parameters are {top}"
+        )
+
+
 def make_optimizer(
     config: Mapping[str, Any], total_steps: int, logical_axes: Any
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (or SGD-momentum) with global-norm clipping; returns (optimizer, schedule).
+    """AdamW (or SGD-momentum) with global-norm clipping and optional per-module learning-rate
+    factors (``lr_multipliers``: parameter path prefix -> factor); returns (optimizer, schedule).
     ``logical_axes``: the params' logical-axis tuples, which decide weight decay (``decay_mask``)."""
     config = optim_options(config)
     lr = schedule(config, total_steps)
@@ -121,6 +164,10 @@ def make_optimizer(
         )
     else:
         opt = optax.sgd(lr, momentum=float(config["momentum"]))
+    multipliers = dict(config["lr_multipliers"] or {})
+    if multipliers:
+        check_multipliers(multipliers, logical_axes)
+        opt = optax.chain(opt, scale_by_path(multipliers))
     clip = float(config["clip_norm"])
     if clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(clip), opt)
