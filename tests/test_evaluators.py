@@ -201,6 +201,10 @@ def test_training_images_read_the_runs_own_training_split():
     assert images.shape == (11, 16, 16, 3)
     # The eleventh crop is of grace_hopper.jpg, which only the extended split has.
     np.testing.assert_allclose(images[10], crops[10]["image"] / 255.0, atol=1e-6)
+    # A run's start-up asks twice (data_init, the linear codes): one read, shared read-only.
+    assert training_images(data, 11) is images and not images.flags.writeable
+    data.crop_size = 8
+    assert training_images(data, 11).shape == (11, 8, 8, 3)
 
 
 def test_linear_code_without_quantization_loses_the_discarded_variance():

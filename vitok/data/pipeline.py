@@ -9,6 +9,7 @@ run on 2 processes x 4 devices sees exactly what a run on 1 process x 8 devices 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import threading
@@ -247,14 +248,26 @@ def _empty_like_first(source, transform) -> dict:
     return {k: np.asarray(v)[None][:0] for k, v in example.items()}
 
 
+# The last ``training_images`` read: a run's start-up asks for the same images twice (the
+# model's data_init and the reconstruction evaluator's linear codes).
+_LAST_TRAINING_IMAGES: dict[str, np.ndarray] = {}
+
+
 def training_images(config: Mapping[str, Any], num_examples: int) -> np.ndarray:
     """The first ``num_examples`` images [n, H, W, C] of a run's training data (``config``: its
     config.data, split and preprocessing as trained, random ops seeded per example), in one
-    deterministic pass, the same in every process."""
-    batches = eval_batches(
-        config,
-        global_batch_size=256,
-        max_examples=num_examples,
-        split=config.get("split") or "train",
-    )
-    return np.concatenate([batch["image"][batch["mask"] > 0] for batch in batches])
+    deterministic pass, the same in every process. Read-only: a repeated call with the same
+    data config and count returns the same array."""
+    key = json.dumps([dict(config), num_examples], sort_keys=True, default=repr)
+    if key not in _LAST_TRAINING_IMAGES:
+        batches = eval_batches(
+            config,
+            global_batch_size=256,
+            max_examples=num_examples,
+            split=config.get("split") or "train",
+        )
+        images = np.concatenate([batch["image"][batch["mask"] > 0] for batch in batches])
+        images.setflags(write=False)
+        _LAST_TRAINING_IMAGES.clear()
+        _LAST_TRAINING_IMAGES[key] = images
+    return _LAST_TRAINING_IMAGES[key]
