@@ -115,7 +115,6 @@ def scale_by_path(multipliers: Mapping[str, float]) -> optax.GradientTransformat
     """Multiplies each update by the factor of the longest ``multipliers`` key (a parameter path
     prefix such as ``encoder`` or ``decoder/blocks``) its path starts with; others by 1. After
     AdamW this is a per-module learning rate (its weight decay included)."""
-    multipliers = {str(k).strip("/"): float(v) for k, v in multipliers.items()}
 
     def factor(path) -> float:
         name = _path_name(path)
@@ -136,7 +135,7 @@ def check_multipliers(multipliers: Mapping[str, float], logical_axes: Any) -> No
         logical_axes, is_leaf=lambda x: isinstance(x, tuple)
     )[0]
     names = [_path_name(path) for path, _ in leaves]
-    unused = [k for k in multipliers if not any(_has_prefix(n, str(k).strip("/")) for n in names)]
+    unused = [k for k in multipliers if not any(_has_prefix(n, k) for n in names)]
     if unused:
         top = sorted({n.split("/")[0] for n in names})
         raise ValueError(
@@ -164,7 +163,8 @@ def make_optimizer(
         )
     else:
         opt = optax.sgd(lr, momentum=float(config["momentum"]))
-    multipliers = dict(config["lr_multipliers"] or {})
+    # Prefixes as written in the config, without leading or trailing slashes.
+    multipliers = {str(k).strip("/"): float(v) for k, v in (config["lr_multipliers"] or {}).items()}
     if multipliers:
         check_multipliers(multipliers, logical_axes)
         opt = optax.chain(opt, scale_by_path(multipliers))
